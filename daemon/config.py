@@ -102,6 +102,22 @@ class ServeSection(Section):
             return False
 
 
+class WatchSection(Section):
+    inbox: Path | None = Field(
+        None,
+        description="Folder watched for new documents. Unset = `<state.dir>/inbox`. "
+        "Relative paths are relative to the config file.",
+    )
+
+
+class ReplaySection(Section):
+    corpus: list[Path] = Field(
+        default_factory=list,
+        description="The base model's original text: folders of .txt/.md, .jsonl or .parquet files. "
+        "Empty = synthesize a corpus from the base model itself.",
+    )
+
+
 class TrainSection(Section):
     rank: int = Field(16, ge=1, le=512, description="LoRA rank; vLLM is started to serve adapters up to it.")
 
@@ -131,6 +147,8 @@ class Settings(BaseSettings):
     state: StateSection = Field(default_factory=StateSection)
     model: ModelSection = Field(default_factory=ModelSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    watch: WatchSection = Field(default_factory=WatchSection)
+    replay: ReplaySection = Field(default_factory=ReplaySection)
     train: TrainSection = Field(default_factory=TrainSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
 
@@ -177,9 +195,14 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(describe_errors(error, path)) from None
     except ValueError as error:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
         raise ConfigError(f"{path}: {error}") from None
-    if not settings.state.dir.is_absolute():
-        settings.state.dir = (root / settings.state.dir).resolve()
+    settings.state.dir = _absolute(settings.state.dir, root)
+    settings.watch.inbox = _absolute(settings.watch.inbox or settings.state.dir / "inbox", root)
+    settings.replay.corpus = [_absolute(path, root) for path in settings.replay.corpus]
     return settings
+
+
+def _absolute(path: Path, root: Path) -> Path:
+    return path if path.is_absolute() else (root / path).resolve()
 
 
 def describe_errors(error: ValidationError, path: Path | None) -> str:
@@ -222,6 +245,8 @@ def reference_markdown() -> str:
 
 
 def _toml(value: Any) -> str:
+    if value is None:
+        return "(unset)"
     if isinstance(value, (str, Path)):
         return f'"{value}"'
     if isinstance(value, list):

@@ -1,0 +1,112 @@
+"""Shared fixtures.
+
+`live_daemon` starts the real `cld run` (real vLLM server on the embedded model) once per test
+session on free ports, in a temporary state directory; tests marked `integration` use it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = float(os.environ.get("CLD_TEST_START_TIMEOUT_S", "600"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveDaemon:
+    process: subprocess.Popen
+    config_path: Path
+    state_dir: Path
+    port: int
+    vllm_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def vllm_url(self) -> str:
+        return f"http://127.0.0.1:{self.vllm_port}"
+
+    def cld(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        """Run the `cld` CLI against this daemon's config."""
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
+        )
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Path:
+    path = folder / "config.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [state]
+        dir = "state"
+
+        [serve]
+        port = {port}
+        vllm_port = {vllm_port}
+        """) + extra)
+    return path
+
+
+def start_daemon(folder: Path, extra_config: str = "") -> LiveDaemon:
+    port, vllm_port = free_port(), free_port()
+    config = write_config(folder, port, vllm_port, extra_config)
+    log_path = folder / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+    daemon = LiveDaemon(process, config, folder / "state", port, vllm_port, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"cld run exited with {process.returncode}:\n{daemon.log_tail()}")
+        try:
+            if httpx.get(f"{daemon.url}/health", timeout=2).status_code == 200:
+                return daemon
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_daemon(daemon)
+    raise RuntimeError(f"cld run was not healthy within {START_TIMEOUT_S:.0f} s:\n{daemon.log_tail()}")
+
+
+def stop_daemon(daemon: LiveDaemon, timeout_s: float = 60) -> int:
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+    return daemon.process.returncode
+
+
+@pytest.fixture(scope="session")
+def live_daemon(tmp_path_factory: pytest.TempPathFactory):
+    daemon = start_daemon(tmp_path_factory.mktemp("live"))
+    yield daemon
+    stop_daemon(daemon)
