@@ -2,8 +2,8 @@
 
 Owns the child's process group, its log lines (relayed into ours) and its lifecycle state. The
 child runs in a session of its own so that stopping it also stops everything it spawned (vLLM's
-engine core and workers); on Linux it also dies with us (PR_SET_PDEATHSIG), so even a `kill -9`
-of the daemon leaves no orphan behind. Knows nothing of what the child serves: readiness is a
+engine core and workers), under `daemon.reaper`, which kills that group if the daemon dies, so
+even a `kill -9` of the daemon leaves no orphan behind. Knows nothing of what the child serves: readiness is a
 callable given by the caller.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -31,18 +31,6 @@ class State(str, enum.Enum):
     STARTING = "starting"
     READY = "ready"
     BACKOFF = "backoff"  # died; waiting before the next start
-
-
-try:  # loaded here, not in the child: between fork and exec only the call itself is safe
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - non-glibc platforms
-    _LIBC = None
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Supervisor:
@@ -96,12 +84,13 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop the child and everything it spawned: SIGTERM, then SIGKILL after the timeout."""
         self._stopping.set()
+        await self._terminate()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._terminate()
+        await self._terminate()  # in case a start was under way
         self.state = State.STOPPED
 
     async def _keep_running(self) -> None:
@@ -122,13 +111,12 @@ class Supervisor:
         self.state = State.STARTING
         self._ready.clear()
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
+            sys.executable, "-m", "daemon.reaper", "--", *self.argv,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         if self.pid_file is not None:
             self.pid_file.write_text(f"{self.process.pid} {_start_time(self.process.pid)}\n")
@@ -136,8 +124,13 @@ class Supervisor:
         relay = asyncio.create_task(self._relay_output(self.process))
         watch = asyncio.create_task(self._watch_health(self.process))
         try:
-            return await self.process.wait()
+            # Not process.wait(): it also waits for the output pipe, which the leader's children
+            # (vLLM's engine core) may hold open after the leader died.
+            while self.process.returncode is None:
+                await asyncio.sleep(self.poll_s)
+            return self.process.returncode
         finally:
+            _kill_group(self.process.pid, signal.SIGKILL)  # what the leader spawned dies with it
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch

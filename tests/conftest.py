@@ -21,6 +21,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("CLD_TEST_START_TIMEOUT_S", "600"))
+# The daemon builds its replay buffer in the background at start; in tests, from a few dozen
+# generations of the base model instead of hundreds (the environment overrides config.toml).
+SMALL_REPLAY_ENV = {"CLD_REPLAY__SYNTHETIC_DOCUMENTS": "16", "CLD_REPLAY__REHEARSAL_PROMPTS": "16",
+                    "CLD_REPLAY__REHEARSAL_HELD_OUT": "4"}
 
 
 def free_port() -> int:
@@ -58,6 +62,7 @@ class LiveDaemon:
 
 
 def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(textwrap.dedent(f"""\
         [state]
@@ -77,7 +82,7 @@ def start_daemon(folder: Path, extra_config: str = "") -> LiveDaemon:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**SMALL_REPLAY_ENV, **os.environ},
         )
     daemon = LiveDaemon(process, config, folder / "state", port, vllm_port, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -1,0 +1,147 @@
+"""Overhead of cld's front (OpenAI proxy) against talking to vLLM directly, side by side.
+
+    .venv/bin/python bench/front_overhead.py [--rounds 3] [--streams 16] [--tokens 64]
+
+Starts `cld run` on free ports in a temporary state directory (reusing ./var/model when it is
+already prepared), then alternates direct-vLLM and through-the-front runs so that both see the
+same machine load:
+- latency: sequential 1-token completions; p50 of each path and the median paired difference;
+- throughput: `--streams` concurrent streamed chat completions of `--tokens` tokens each
+  (ignore_eos, so both paths generate exactly the same work); tokens/s and the ratio.
+Prints a Markdown table for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
+    port, vllm_port = free_port(), free_port()
+    prepared = REPO / "var" / "model"
+    base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
+    config = folder / "config.toml"
+    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}')
+    log = open(folder / "daemon.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    front = f"http://127.0.0.1:{port}"
+    for _ in range(900):
+        if process.poll() is not None:
+            sys.exit(f"cld run exited; see {folder / 'daemon.log'}")
+        try:
+            if httpx.get(f"{front}/health", timeout=2).status_code == 200:
+                return process, front, f"http://127.0.0.1:{vllm_port}"
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    sys.exit("cld run did not become healthy")
+
+
+async def one_token(client: httpx.AsyncClient, url: str, model: str) -> float:
+    started = time.perf_counter()
+    reply = await client.post(f"{url}/v1/completions",
+                              json={"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+    reply.raise_for_status()
+    return (time.perf_counter() - started) * 1000
+
+
+async def latency(client: httpx.AsyncClient, direct: str, front: str, requests: int) -> dict[str, float]:
+    direct_ms, front_ms = [], []
+    for _ in range(requests):
+        direct_ms.append(await one_token(client, direct, "cld-base"))
+        front_ms.append(await one_token(client, front, "cld"))
+    return {
+        "direct_p50_ms": statistics.median(direct_ms),
+        "front_p50_ms": statistics.median(front_ms),
+        "added_p50_ms": statistics.median(f - d for f, d in zip(front_ms, direct_ms)),
+    }
+
+
+async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+            "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    generated = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    generated = usage["completion_tokens"]
+    return generated
+
+
+async def throughput(client: httpx.AsyncClient, url: str, model: str, streams: int, tokens: int) -> float:
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(stream_tokens(client, url, model, tokens) for _ in range(streams)))
+    if sum(counts) != streams * tokens:
+        raise RuntimeError(f"expected {streams * tokens} tokens, got {sum(counts)}")
+    return sum(counts) / (time.perf_counter() - started)
+
+
+async def measure(direct: str, front: str, args: argparse.Namespace) -> dict[str, object]:
+    limits = httpx.Limits(max_connections=args.streams * 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await throughput(client, direct, "cld-base", 4, 8)  # warm-up
+        lat = await latency(client, direct, front, args.requests)
+        direct_tps, front_tps = [], []
+        for _ in range(args.rounds):
+            direct_tps.append(await throughput(client, direct, "cld-base", args.streams, args.tokens))
+            front_tps.append(await throughput(client, front, "cld", args.streams, args.tokens))
+    ratio = statistics.mean(front_tps) / statistics.mean(direct_tps)
+    return {**lat, "direct_tok_s": statistics.mean(direct_tps), "front_tok_s": statistics.mean(front_tps),
+            "throughput_ratio": ratio, "direct_runs": direct_tps, "front_runs": front_tps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=100, help="sequential requests per path for latency")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cld-bench-") as folder:
+        process, front, direct = start_daemon(Path(folder))
+        try:
+            result = asyncio.run(measure(direct, front, args))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(json.dumps(result, indent=2))
+    print(f"\nMachine: {cpu}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print("| measure | direct vLLM | through cld front | result | target |")
+    print("|---|---|---|---|---|")
+    print(f"| p50 latency, 1-token completion | {result['direct_p50_ms']:.1f} ms | {result['front_p50_ms']:.1f} ms "
+          f"| +{result['added_p50_ms']:.1f} ms (median paired) | ≤ 5 ms |")
+    print(f"| throughput, {args.streams} streams × {args.tokens} tokens | {result['direct_tok_s']:.0f} tok/s "
+          f"| {result['front_tok_s']:.0f} tok/s | ratio {result['throughput_ratio']:.3f} | ≥ 0.95 |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The front: name mapping both ways, streaming, OpenAI-shaped errors, health, API key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from daemon.front import create_app
+from daemon.serving import Adapter, Router
+
+
+class FakeVLLM:
+    """Answers like vLLM's OpenAI server and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.post("/v1/chat/completions")(self.chat)
+        self.app.post("/v1/completions")(self.chat)
+        self.app.get("/v1/models")(self.models)
+
+    async def chat(self, request: Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        if body.get("max_tokens", 0) > 4096:
+            return JSONResponse({"error": {"message": "max_tokens too large", "type": "BadRequestError",
+                                           "param": "max_tokens", "code": 400}}, status_code=400)
+        if body.get("max_tokens") == -1:
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        if body.get("stream"):
+            async def events():
+                for word in ("Paris", " is", " it"):
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "model": model,
+                             "choices": [{"index": 0, "delta": {"content": word}}]}
+                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"id": "x", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}}]}
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "cld-base", "object": "model", "parent": None, "max_model_len": 4096}]}
+
+
+@pytest.fixture
+def fake() -> FakeVLLM:
+    return FakeVLLM()
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Router:
+    return Router("cld", "cld-base", tmp_path / "serving.json")
+
+
+def front(router: Router, upstream: httpx.AsyncClient, healthy: bool = True, api_key: str = "") -> httpx.AsyncClient:
+    async def is_healthy() -> bool:
+        return healthy
+
+    async def status() -> dict[str, Any]:
+        return {"model": {"served_name": "cld"}}
+
+    app = create_app(router, upstream, healthy=is_healthy, status=status, api_key=api_key)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front")
+
+
+def upstream_for(fake: FakeVLLM) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app), base_url="http://vllm")
+
+
+CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+async def test_stable_name_means_the_base_until_an_adapter_is_promoted(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", **CHAT})
+        assert reply.status_code == 200 and reply.json()["model"] == "cld"
+        assert fake.requests[-1]["model"] == "cld-base"
+
+        router.switch(Adapter("v0003", "cld-v0003", Path("/adapters/v0003")))
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", **CHAT})
+        assert fake.requests[-1]["model"] == "cld-v0003"
+        assert reply.json()["model"] == "cld", "clients must never see adapter version names"
+
+        reply = await client.post("/v1/completions", json={"model": "cld-base", "prompt": "Hi"})
+        assert fake.requests[-1]["model"] == "cld-base" and reply.json()["model"] == "cld-base"
+
+
+async def test_the_promoted_adapter_survives_a_restart(router: Router, tmp_path: Path) -> None:
+    router.switch(Adapter("v0001", "cld-v0001", tmp_path / "adapters" / "v0001"))
+    again = Router("cld", "cld-base", tmp_path / "serving.json")
+    assert again.resolve("cld") == "cld-v0001"
+    again.switch(None)
+    assert Router("cld", "cld-base", tmp_path / "serving.json").resolve("cld") == "cld-base"
+
+
+async def test_missing_model_field_means_the_stable_name(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", json=CHAT)
+    assert reply.status_code == 200 and reply.json()["model"] == "cld"
+
+
+async def test_streaming_renames_every_event_and_keeps_done(fake: FakeVLLM, router: Router) -> None:
+    router.switch(Adapter("v0002", "cld-v0002", Path("/a")))
+    async with front(router, upstream_for(fake)) as client:
+        async with client.stream("POST", "/v1/chat/completions", json={"model": "cld", "stream": True, **CHAT}) as reply:
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in reply.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert [event["model"] for event in events] == ["cld"] * 3
+    assert "".join(event["choices"][0]["delta"]["content"] for event in events) == "Paris is it"
+    assert "cld-v0002" not in "".join(lines)
+
+
+async def test_unknown_model_is_an_openai_404_and_never_reaches_vllm(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "gpt-4", **CHAT})
+    assert reply.status_code == 404
+    error = reply.json()["error"]
+    assert error["code"] == "model_not_found" and "cld, cld-base" in error["message"]
+    assert fake.requests == []
+
+
+async def test_vllm_errors_reach_the_client_as_openai_errors(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", "max_tokens": 10**6, **CHAT})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", "max_tokens": -1, **CHAT})
+        assert reply.status_code == 500
+        assert reply.json()["error"]["type"] == "upstream_error"
+
+
+@pytest.mark.parametrize(("body", "fragment"), [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object")])
+async def test_bad_request_bodies_are_400(fake: FakeVLLM, router: Router, body: bytes, fragment: str) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and fragment in reply.json()["error"]["message"]
+
+
+async def test_model_server_down_is_a_503_not_a_traceback(router: Router) -> None:
+    dead = httpx.AsyncClient(base_url="http://127.0.0.1:9", timeout=2)  # nothing listens on port 9
+    async with front(router, dead) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", **CHAT})
+    assert reply.status_code == 503
+    assert reply.json()["error"]["type"] == "service_unavailable"
+
+
+async def test_health_follows_the_model_server(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake), healthy=True) as client:
+        assert (await client.get("/health")).status_code == 200
+    async with front(router, upstream_for(fake), healthy=False) as client:
+        assert (await client.get("/health")).status_code == 503
+
+
+async def test_models_lists_only_the_public_names(fake: FakeVLLM, router: Router) -> None:
+    router.switch(Adapter("v0001", "cld-v0001", Path("/a")))
+    async with front(router, upstream_for(fake)) as client:
+        data = (await client.get("/v1/models")).json()["data"]
+    assert [model["id"] for model in data] == ["cld", "cld-base"]
+    assert data[0]["max_model_len"] == 4096
+
+
+async def test_api_key_guards_v1_and_api_but_not_health(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake), api_key="s3cret") as client:
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/api/status")):
+            reply = await client.request(method, path, json=CHAT)
+            assert reply.status_code == 401, path
+            assert reply.json()["error"]["code"] == "invalid_api_key"
+            wrong = await client.request(method, path, json=CHAT, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+        good = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"})
+        assert good.status_code == 200
+        assert (await client.get("/health")).status_code == 200
