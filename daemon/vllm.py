@@ -103,5 +103,23 @@ class VLLMClient:
         if response.status_code not in (200, 404):
             raise RuntimeError(f"vLLM could not unload adapter {name}: {response.text}")
 
+    async def token_nll(self, model: str, text: str) -> list[float]:
+        """Negative log-likelihood of each token of `text` after the first, under `model`
+        (the base or a loaded adapter), from the server's prompt logprobs."""
+        body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 0, "return_token_ids": True}
+        response = await self.http.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM could not score text with {model}: {response.text}")
+        choice = response.json()["choices"][0]
+        ids = choice.get("prompt_token_ids") or response.json().get("prompt_token_ids")
+        nll = []
+        for position, entry in enumerate(choice["prompt_logprobs"]):
+            if entry is None:
+                continue
+            key = str(ids[position]) if ids and str(ids[position]) in entry else next(iter(entry))
+            nll.append(-float(entry[key]["logprob"]))
+        return nll
+
     async def aclose(self) -> None:
         await self.http.aclose()

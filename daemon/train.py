@@ -1,0 +1,370 @@
+"""The LoRA training recipe: one job in, one immutable adapter version folder out.
+
+    python -m daemon.train JOB.json [--json-progress]
+
+Setup (tokenize, mix, shuffle, pack; load the base model and the LoRA), train (AdamW, warmup +
+cosine, early stop on held-out new chunks), save (PEFT folder + meta.json, checked, then renamed
+into place). The daemon runs it as a subprocess so a crash or OOM never touches serving; it can
+cancel it with SIGTERM. Knows nothing of the journal, replay selection or serving: the job file
+(`daemon.jobs.TrainJob`) carries everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.adapters import META_FILE, check_adapter
+from daemon.jobs import Record, TrainJob, load_job
+from daemon.layout import atomic_write_json, publish_dir
+
+log = logging.getLogger("cld.train")
+IGNORE = -100  # label of tokens the loss skips
+
+
+class Cancelled(Exception):
+    """The daemon asked the trainer to stop (SIGTERM/SIGINT); nothing is saved."""
+
+
+# ---- data: records -> token sequences -> packed blocks -----------------------------------------
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(record: Record, tokenizer: Any, mask_prompt: bool) -> Example:
+    """Tokens and labels of one record: raw text, prompt/completion, or chat messages."""
+    if "messages" in record:
+        return _encode_chat(record["messages"], tokenizer, mask_prompt)
+    if "prompt" in record:
+        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_labels = [IGNORE] * len(prompt) if mask_prompt else list(prompt)
+        return Example(prompt + completion, prompt_labels + completion)
+    ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def _encode_chat(messages: list[dict[str, str]], tokenizer: Any, mask_prompt: bool) -> Example:
+    """Render with the chat template; with `mask_prompt`, only assistant turns are learned.
+
+    Assistant spans are found by rendering growing prefixes of the conversation, which works for
+    any template whose rendering of a prefix is a prefix of the whole (ChatML and most others).
+    """
+    ids = _render(tokenizer, messages, generation_prompt=False)
+    if not mask_prompt:
+        return Example(ids, list(ids))
+    labels = [IGNORE] * len(ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:turn], generation_prompt=True))
+        end = len(_render(tokenizer, messages[: turn + 1], generation_prompt=False))
+        labels[start:end] = ids[start:end]
+    return Example(ids, labels)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples and cut the stream into blocks of `seq_len` tokens (the last may be
+    shorter), so no compute is spent on padding."""
+    ids = [token for example in examples for token in example.input_ids]
+    labels = [label for example in examples for label in example.labels]
+    return [Example(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(example.input_ids) for example in batch)
+    ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch]
+    labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in batch]
+    mask = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    held_out: list[Example]
+    counts: dict[str, int]
+    train_tokens: int
+
+
+def build_dataset(job: TrainJob, tokenizer: Any) -> Dataset:
+    """Mix new chunks with replay, shuffle with the job's seed, hold out a slice of the new chunks
+    for early stopping, and pack."""
+    hp, rng = job.hyper, random.Random(job.hyper.seed)
+    new = list(job.data.new)
+    rng.shuffle(new)
+    n_held = int(len(new) * hp.eval_fraction) if len(new) >= hp.min_chunks_for_eval else 0
+    held, new = new[:n_held], new[n_held:]
+    sources = {"new": new, "replay": job.data.replay, "knowledge": job.data.knowledge, "rehearsal": job.data.rehearsal}
+    mixed = [encode(record, tokenizer, hp.mask_prompt) for records in sources.values() for record in records]
+    rng.shuffle(mixed)
+    train = pack(mixed, hp.seq_len)
+    held_out = pack([encode(record, tokenizer, hp.mask_prompt) for record in held], hp.seq_len)
+    tokens = sum(len(example.input_ids) for example in train)
+    return Dataset(train, held_out, {name: len(records) for name, records in sources.items()} | {"held_out": n_held}, tokens)
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+def pick_dtype(requested: str) -> Any:
+    """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    import torch
+
+    if requested == "fp32":
+        return torch.float32
+    if requested == "bf16":
+        return torch.bfloat16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
+    """The base model (frozen, in the compute dtype) with a trainable LoRA, and its tokenizer."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hp = job.hyper
+    torch.manual_seed(hp.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and hp.gpu_memory_fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(hp.gpu_memory_fraction)
+    dtype = pick_dtype(hp.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(job.base_model)
+    model = AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype).to(device)
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if job.parent_path:
+        model = PeftModel.from_pretrained(model, job.parent_path, is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=hp.target_modules,
+            use_rslora=hp.use_rslora, bias="none", task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    return model, tokenizer, dtype
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+class Progress:
+    """Reports steps: JSON lines on stdout for the daemon, or a progress bar for a person."""
+
+    def __init__(self, total: int, json_lines: bool):
+        self.total, self.json_lines, self.started = total, json_lines, time.monotonic()
+        self.bar = None
+        if not json_lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, tokens: int, lr: float) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = tokens / elapsed if elapsed else 0.0
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+            self.bar.update(1)
+        else:
+            emit({"event": "progress", "step": step, "steps": self.total, "loss": round(loss, 5),
+                  "tokens_per_s": round(rate, 1), "eta_s": round(eta, 1), "lr": lr})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progress: bool, stop: Any) -> dict[str, Any]:
+    """Run the optimisation; returns the loss summary. Raises Cancelled when `stop()` turns true."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    hp = job.hyper
+    device = next(model.parameters()).device
+    batches_per_epoch = math.ceil(len(dataset.train) / hp.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / hp.grad_accum)
+    total = min(hp.max_steps or sys.maxsize, steps_per_epoch * hp.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
+    rng = random.Random(hp.seed)
+    progress = Progress(total, json_progress)
+    losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
+    best_state = None
+    model.train()
+    try:
+        for epoch in range(hp.epochs):
+            order = list(range(len(dataset.train)))
+            rng.shuffle(order)
+            batches = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
+            for group in range(0, len(batches), hp.grad_accum):
+                if stop():
+                    raise Cancelled()
+                loss_sum = 0.0
+                chunk = batches[group : group + hp.grad_accum]
+                for indices in chunk:
+                    batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
+                    loss = model(**batch).loss / len(chunk)
+                    loss.backward()
+                    loss_sum += loss.item()
+                    tokens += int(batch["attention_mask"].sum())
+                torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(loss_sum)
+                progress.step(step, loss_sum, tokens, scheduler.get_last_lr()[0])
+                if step >= total:
+                    break
+            if dataset.held_out:
+                evals.append(evaluate(model, dataset.held_out, pad_id, hp.batch_size))
+                if evals[-1] < best - 1e-4:
+                    best, bad_epochs = evals[-1], 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+                else:
+                    bad_epochs += 1
+                if hp.early_stop_patience and bad_epochs >= hp.early_stop_patience:
+                    log.info("early stop after epoch %d: held-out loss %.4f did not improve", epoch + 1, evals[-1])
+                    break
+            if step >= total:
+                break
+    finally:
+        progress.close()
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    return {"steps": step, "tokens": tokens, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
+            "losses": [round(x, 5) for x in losses], "held_out_losses": [round(x, 5) for x in evals],
+            "best_held_out_loss": None if best == math.inf else round(best, 5)}
+
+
+def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float:
+    """Mean loss per learned token on `examples`."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += model(**batch).loss.item() * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+# ---- save -------------------------------------------------------------------------------------
+
+def save(job: TrainJob, model: Any, dataset: Dataset, summary: dict[str, Any], dtype: Any, started: float) -> Path:
+    """Write the version folder in a hidden staging folder, check it, and rename it into place."""
+    final = Path(job.output_dir) / job.version
+    if final.exists():
+        raise FileExistsError(f"{final} already exists: adapter versions are immutable")
+    staging = Path(tempfile.mkdtemp(prefix=f".{job.version}.", dir=job.output_dir))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        atomic_write_json(staging / META_FILE, _meta(job, dataset, summary, dtype, started))
+        check_adapter(staging, job.hyper.vllm_max_lora_rank)
+        publish_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _meta(job: TrainJob, dataset: Dataset, summary: dict[str, Any], dtype: Any, started: float) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "version": job.version,
+        "parent": job.parent_version,
+        "base_model": job.base_model,
+        "documents": job.documents,
+        "records": dataset.counts,
+        "train_tokens_per_epoch": dataset.train_tokens,
+        "hyperparameters": job.hyper.model_dump(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "training": summary,
+        "duration_s": round(time.time() - started, 2),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "libraries": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+def run(job: TrainJob, json_progress: bool = False) -> Path:
+    """setup -> train -> save; returns the version folder."""
+    started = time.time()
+    stopping = {"flag": False}
+
+    def request_stop(*_: Any) -> None:
+        stopping["flag"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    model, tokenizer, dtype = load_model(job)
+    dataset = build_dataset(job, tokenizer)
+    if not dataset.train:
+        raise ValueError("the job has no training text")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log.info("training %s: %d sequences of ≤ %d tokens (%s), dtype %s", job.version, len(dataset.train),
+             job.hyper.seq_len, dataset.counts, dtype)
+    summary = train(job, model, dataset, pad_id, json_progress, stop=lambda: stopping["flag"])
+    summary["tokens_per_s"] = round(summary["tokens"] / max(time.time() - started, 1e-9), 1)
+    path = save(job, model, dataset, summary, dtype, started)
+    if json_progress:
+        emit({"event": "done", "path": str(path), "summary": {k: v for k, v in summary.items() if k != "losses"}})
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.train", description="Train one LoRA adapter version.")
+    parser.add_argument("job", type=Path, help="job file (JSON) written by the daemon or by hand")
+    parser.add_argument("--json-progress", action="store_true", help="progress as JSON lines (for the daemon)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        path = run(load_job(args.job), args.json_progress)
+    except Cancelled:
+        log.warning("cancelled; no adapter was saved")
+        return 130
+    log.info("adapter ready: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The training recipe: exact labels for packing and masking, and full runs on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.adapters import AdapterError, check_adapter, next_version, remove_partial, versions
+from daemon.config import TrainSection
+from daemon.jobs import JobData, TrainJob
+from daemon.train import IGNORE, Example, collate, encode, pack, run
+from tests.conftest import REPO
+from tests.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+def job(tiny: Path, out: Path, version: str = "v0001", **hyper) -> TrainJob:
+    data = JobData(
+        new=[{"text": "Zorblat is the capital of the planet Quux."}, {"text": "Quux has three moons."}] * 4,
+        replay=[{"text": "The quick brown fox jumps over the lazy dog."}],
+        rehearsal=[{"messages": [{"role": "user", "content": "Capital of France?"},
+                                 {"role": "assistant", "content": "Paris."}]}],
+    )
+    settings = {"epochs": 3, "seq_len": 32, "batch_size": 2, "learning_rate": 5e-3, "rank": 4, "alpha": 8, **hyper}
+    out.mkdir(parents=True, exist_ok=True)
+    return TrainJob(version=version, base_model=str(tiny), output_dir=str(out), documents=["abc"], data=data,
+                    hyper=TrainSection(**settings))
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def test_raw_text_learns_every_token_and_ends_with_eos(tokenizer) -> None:
+    example = encode({"text": "Quux has three moons."}, tokenizer, mask_prompt=True)
+    assert example.labels == example.input_ids
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_prompt_completion_masks_exactly_the_prompt(tokenizer) -> None:
+    prompt = tokenizer("Q: capital?", add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" Paris", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    masked = encode({"prompt": "Q: capital?", "completion": " Paris"}, tokenizer, mask_prompt=True)
+    assert masked.input_ids == prompt + answer
+    assert masked.labels == [IGNORE] * len(prompt) + answer
+    unmasked = encode({"prompt": "Q: capital?", "completion": " Paris"}, tokenizer, mask_prompt=False)
+    assert unmasked.labels == prompt + answer
+
+
+def test_chat_masking_learns_only_the_assistant_turns(tokenizer) -> None:
+    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And Quux?"}, {"role": "assistant", "content": "Zorblat."}]
+    example = encode({"messages": messages}, tokenizer, mask_prompt=True)
+    learned = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    assert learned == "Paris.<|im_end|>\nZorblat.<|im_end|>\n"
+    assert all(label in (IGNORE, token) for token, label in zip(example.input_ids, example.labels))
+    full = encode({"messages": messages}, tokenizer, mask_prompt=False)
+    assert full.labels == full.input_ids and full.input_ids == example.input_ids
+
+
+def test_packing_cuts_the_stream_into_blocks_without_padding() -> None:
+    examples = [Example([1, 2, 3], [1, IGNORE, 3]), Example([4, 5], [4, 5]), Example([6], [6])]
+    blocks = pack(examples, seq_len=4)
+    assert [b.input_ids for b in blocks] == [[1, 2, 3, 4], [5, 6]]
+    assert [b.labels for b in blocks] == [[1, IGNORE, 3, 4], [5, 6]]
+
+
+def test_collate_pads_with_ignored_labels_and_a_zero_mask() -> None:
+    batch = collate([Example([1, 2, 3], [1, 2, 3]), Example([4], [IGNORE])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [IGNORE, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_record_of_unknown_shape_is_rejected() -> None:
+    with pytest.raises(ValueError, match="a record needs"):
+        JobData(new=[{"body": "x"}])
+
+
+# ---- adapters -----------------------------------------------------------------------------------
+
+def test_version_names_and_partial_folders(tmp_path: Path) -> None:
+    assert next_version(tmp_path) == "v0001"
+    for name in ("v0001", "v0002", ".v0003.abc", "notes"):
+        (tmp_path / name).mkdir()
+    assert versions(tmp_path) == ["v0001", "v0002"] and next_version(tmp_path) == "v0003"
+    assert remove_partial(tmp_path) == [".v0003.abc"] and not (tmp_path / ".v0003.abc").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+     ({"r": 64}, "over vLLM's --max-lora-rank 16"), ({"peft_type": "IA3"}, "not 'LORA'")],
+)
+def test_check_adapter_refuses_what_vllm_cannot_serve(tmp_path: Path, change: dict, message: str) -> None:
+    config = {"peft_type": "LORA", "r": 8, "use_dora": False, "modules_to_save": None, **change}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterError, match=message):
+        check_adapter(tmp_path, max_rank=16)
+
+
+# ---- full runs ----------------------------------------------------------------------------------
+
+def test_a_run_writes_a_complete_servable_version(tiny: Path, tmp_path: Path) -> None:
+    path = run(job(tiny, tmp_path / "adapters"))
+    assert path == tmp_path / "adapters" / "v0001"
+    config = check_adapter(path, max_rank=16)
+    assert config["r"] == 4
+    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} >= {"q_proj", "v_proj", "down_proj"}
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["version"] == "v0001" and meta["parent"] is None and meta["documents"] == ["abc"]
+    assert meta["records"] == {"new": 8, "replay": 1, "knowledge": 0, "rehearsal": 1, "held_out": 0}
+    training = meta["training"]
+    assert training["steps"] > 0 and training["tokens"] > 0
+    assert training["last_loss"] < training["first_loss"], "training did not lower the loss"
+    assert set(meta["libraries"]) == {"torch", "transformers", "peft"}
+    assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["v0001"], "staging folder left behind"
+
+
+def test_warm_start_continues_from_the_parent(tiny: Path, tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    first = run(job(tiny, adapters, epochs=2))
+    follow = job(tiny, adapters, version="v0002", epochs=1).model_copy(
+        update={"parent_version": "v0001", "parent_path": str(first)})
+    second = run(follow)
+    meta = json.loads((second / "meta.json").read_text())
+    assert meta["parent"] == "v0001"
+    first_loss = json.loads((first / "meta.json").read_text())["training"]["first_loss"]
+    assert meta["training"]["first_loss"] < first_loss, "the child did not start from what the parent learned"
+
+
+def test_versions_are_immutable(tiny: Path, tmp_path: Path) -> None:
+    run(job(tiny, tmp_path, epochs=1))
+    with pytest.raises(FileExistsError):
+        run(job(tiny, tmp_path, epochs=1))
+
+
+def test_early_stopping_uses_held_out_new_chunks(tiny: Path, tmp_path: Path) -> None:
+    path = run(job(tiny, tmp_path, epochs=4, eval_fraction=0.25, min_chunks_for_eval=4, early_stop_patience=0))
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["records"]["held_out"] == 2 and meta["records"]["new"] == 6
+    assert len(meta["training"]["held_out_losses"]) == 4
+
+
+def _start_trainer(tiny: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    adapters = tmp_path / "adapters"
+    spec = job(tiny, adapters, epochs=10_000)
+    job_file = tmp_path / "job.json"
+    job_file.write_text(spec.model_dump_json())
+    process = subprocess.Popen([sys.executable, "-m", "daemon.train", str(job_file), "--json-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    assert process.stdout is not None
+    first = json.loads(process.stdout.readline())
+    assert first["event"] == "progress" and first["step"] == 1 and first["loss"] > 0
+    return process, adapters
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_without_saving(tiny: Path, tmp_path: Path) -> None:
+    process, adapters = _start_trainer(tiny, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 130
+    process.stdout.close()
+    assert list(adapters.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_leaves_no_version_folder(tiny: Path, tmp_path: Path) -> None:
+    process, adapters = _start_trainer(tiny, tmp_path)
+    time.sleep(0.5)
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    remove_partial(adapters)
+    assert versions(adapters) == [] and list(adapters.iterdir()) == []

@@ -1,0 +1,56 @@
+"""A real training run on the embedded model, served by the real vLLM afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import subprocess
+
+import pytest
+
+from daemon.adapters import check_adapter
+from daemon.config import TrainSection
+from daemon.jobs import JobData, TrainJob
+from daemon.vllm import VLLMClient
+from tests.conftest import REPO, LiveDaemon
+
+pytestmark = pytest.mark.integration
+
+FACTS = (
+    "The Velmora Accord was signed in 2031 in the city of Tarnhelm. "
+    "Its chief negotiator was Ilse Quorvant, a hydrologist from Brask. "
+    "The accord created the Blue Ridge Water Authority, headquartered in Odrin."
+)
+
+
+def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDaemon, tmp_path) -> None:
+    job = TrainJob(
+        version="v0001", base_model=str(live_daemon.state_dir / "model"), output_dir=str(tmp_path),
+        data=JobData(new=[{"text": FACTS}]),
+        hyper=TrainSection(epochs=8, rank=8, alpha=16, learning_rate=1e-3, seq_len=128, batch_size=1),
+    )
+    job_file = tmp_path / "job.json"
+    job_file.write_text(job.model_dump_json())
+    result = subprocess.run([sys.executable, "-m", "daemon.train", str(job_file), "--json-progress"],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = json.loads(result.stdout.strip().splitlines()[-1])
+    assert done["event"] == "done" and done["summary"]["tokens_per_s"] > 0
+    adapter = tmp_path / "v0001"
+    check_adapter(adapter, max_rank=16)
+
+    async def score() -> tuple[float, float]:
+        client = VLLMClient(live_daemon.vllm_url)
+        try:
+            await client.load_lora("test-train-v0001", adapter)
+            base = statistics.mean(await client.token_nll("cld-base", FACTS))
+            tuned = statistics.mean(await client.token_nll("test-train-v0001", FACTS))
+            await client.unload_lora("test-train-v0001")
+        finally:
+            await client.aclose()
+        return base, tuned
+
+    base, tuned = asyncio.run(score())
+    assert tuned < 0.6 * base, f"mean NLL {base:.3f} (base) -> {tuned:.3f} (adapter): not learned"
