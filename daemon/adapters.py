@@ -18,6 +18,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "meta.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+HEAD_MODULES = frozenset({"lm_head", "embed_tokens", "wte", "embed_out", "output"})
 
 
 class AdapterError(ValueError):
@@ -65,6 +66,11 @@ def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
         problems.append("DoRA is on (vLLM serves plain LoRA only)")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save is set ({config['modules_to_save']}); vLLM cannot serve it")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    head = sorted(t for t in targets if t.rsplit(".", 1)[-1] in HEAD_MODULES)
+    if head:
+        problems.append(f"it trains the embeddings or output head ({', '.join(head)}); cld serves linear layers only")
     rank = max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
     if rank > max_rank:
         problems.append(f"rank {rank} is over vLLM's --max-lora-rank {max_rank}")

@@ -11,11 +11,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from daemon.config import ConfigError, Settings, load_settings, reference_markdown
+
+if TYPE_CHECKING:
+    from daemon.watch import Outcome
 
 app = typer.Typer(
     name="cld",
@@ -47,6 +50,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def _setup_logging() -> None:
     level = os.environ.get("CLD_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
 
 
 @app.command()
@@ -107,6 +111,45 @@ def _live_status(record: dict, settings: Settings) -> dict | None:
 
 
 @app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files, or folders of files, to learn.", show_default=False)],
+    config: ConfigOption = None,
+    wait_s: Annotated[float, typer.Option("--wait-s", help="How long to wait for a running daemon to take them.")] = 60,
+) -> None:
+    """Hand documents in: they are copied into the inbox, like files dropped there.
+
+    No daemon running: they are ingested here and now. Else the daemon takes them and this waits.
+
+    Prints what became of each; exit code 1 if any was refused, quarantined or not taken yet.
+    """
+    from daemon import watch
+    from daemon.ingest import HandInError
+
+    settings = _settings(config)
+    try:
+        outcomes = watch.ingest_paths(settings, paths, wait_s)
+    except HandInError as error:
+        _fail(str(error))
+    for outcome in outcomes:
+        typer.echo(f"{outcome.source}: {_describe(outcome, settings.state.dir)}")
+    if any(o.recorded is None or o.recorded.outcome == "quarantined" for o in outcomes):
+        raise typer.Exit(1)
+
+
+def _describe(outcome: Outcome, state_dir: Path) -> str:
+    recorded = outcome.recorded
+    if outcome.refused:
+        return f"refused: {outcome.refused}"
+    if recorded is None:
+        return f"queued as {outcome.name}; not taken yet (see `cld status`)"
+    if recorded.outcome == "quarantined":
+        return f"quarantined: {recorded.reason} (see {state_dir / recorded.stored_as}.reason)"
+    if recorded.outcome == "duplicate":
+        return "already known: same text as an earlier document"
+    return f"ingested as a new document (kept in {state_dir / recorded.stored_as})"
+
+
+@app.command()
 def query(
     prompt: Annotated[str, typer.Argument(help="What to ask.")],
     config: ConfigOption = None,
@@ -138,6 +181,99 @@ def query(
     typer.echo()
 
 
+@app.command()
+def cycle(
+    config: ConfigOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the cycle ends and print its outcome.")] = False,
+) -> None:
+    """Run a learning cycle now: train on the new documents, probe, promote only if it passes."""
+    settings = _settings(config)
+    reply = _daemon_api(settings, "POST", "/api/cycles")
+    started = reply["cycle"]
+    if started is None:
+        _fail("no cycle could start (see `cld status`)", code=1)
+    verb = "started" if reply["started"] else "already running"
+    typer.echo(f"cycle {started['id']} {verb}")
+    if not wait:
+        return
+    import time
+
+    from daemon import status as status_mod
+
+    while True:
+        time.sleep(2)
+        cycles = _daemon_api(settings, "GET", "/api/status")["cycles"]
+        found = next((c for c in cycles if c["id"] == started["id"]), None)
+        if found and found["state"] != "running":
+            typer.echo(f"cycle {found['id']} {status_mod.cycle_line(found)}")
+            raise typer.Exit(0 if found["state"] in ("promoted", "rejected", "skipped") else 1)
+
+
+@app.command("adapters")
+def adapters_cmd(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (as GET /api/adapters).")] = False,
+) -> None:
+    """List adapter versions: lineage, probe results and state. Works with the daemon stopped."""
+    from daemon import status as status_mod
+
+    found = status_mod.adapters(_settings(config))
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        typer.echo("no adapter versions yet")
+    for a in found:
+        probes = a["probes"] or {}
+        cloze = probes.get("cloze_pass")
+        forgetting = probes.get("forgetting_vs_base")
+        measured = (f"cloze {cloze:.0%}" if cloze is not None else "cloze -") + (
+            f", forgetting {forgetting:+.1%}" if forgetting is not None else "")
+        typer.echo(f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
+                   f"{a['documents']} docs  {measured}")
+
+
+@app.command()
+def rollback(
+    version: Annotated[Optional[str], typer.Argument(help="Version to serve (e.g. v0002) or 'base'. "
+                                                     "Default: the previous promoted version.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Serve an earlier adapter version (or the base model) under the stable name again."""
+    from daemon import status as status_mod
+
+    settings = _settings(config)
+    if version is None:
+        history = [a["version"] for a in status_mod.adapters(settings) if a["state"] in ("promoted", "retired")]
+        version = history[-2] if len(history) >= 2 else "base"
+    reply = _daemon_api(settings, "POST", "/api/rollback", {"version": version})
+    typer.echo(f"{settings.serve.model_name} now serves {reply['serving'] or 'the base model'}")
+
+
+def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:
+    """Call the running daemon's admin API; exit with a clear message when it cannot."""
+    import httpx
+
+    from daemon import status as status_mod
+    from daemon.layout import StateDir
+
+    record = status_mod.running_daemon(StateDir(settings.state.dir))
+    if record is None:
+        _fail("the daemon is not running: start it with `cld run`", code=1)
+    headers = {"Authorization": f"Bearer {settings.security.api_key}"} if settings.security.api_key else {}
+    try:
+        reply = httpx.request(method, f"{record['url']}{path}", json=body, headers=headers, timeout=60)
+    except httpx.HTTPError as error:
+        _fail(f"the daemon did not answer at {record['url']}: {error}", code=1)
+    if reply.status_code >= 400:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text
+        _fail(f"the daemon refused: {message}", code=1)
+    return reply.json()
+
+
 @app.command("config")
 def config_cmd(
     config: ConfigOption = None,
@@ -152,6 +288,70 @@ def config_cmd(
     if data["security"]["api_key"]:
         data["security"]["api_key"] = "***"
     typer.echo(json.dumps(data, indent=2))
+
+
+# ---- cld replay ... ------------------------------------------------------------------------
+
+replay_app = typer.Typer(help="The replay buffer: the base model's own text that is mixed into training.",
+                         no_args_is_help=True)
+app.add_typer(replay_app, name="replay")
+
+
+@replay_app.command("build")
+def replay_build(config: ConfigOption = None) -> None:
+    """Build or update the replay buffer now (resumable; `cld run` also does it in the background).
+
+    Without replay.corpus the base model writes the corpus: the daemon must be running.
+    """
+    from daemon import replaybuf
+    from daemon import status as status_mod
+    from daemon.layout import StateDir
+    from replay.build import BuildError, run
+    from replay.corpus import CorpusError
+    from replay.files import BuildLocked
+    from replay.synth import GeneratorUnavailable
+
+    settings = _settings(config)
+    _setup_logging()
+    record = status_mod.running_daemon(StateDir(settings.state.dir))
+    spec = replaybuf.generator(settings, record["url"], settings.serve.base_name, settings.security.api_key) \
+        if record else None
+    if spec is None and not settings.replay.corpus:
+        _fail("replay.corpus is empty, so the base model writes the corpus, and no daemon is running: "
+              "start it with `cld run` (it builds the buffer itself) or set replay.corpus", code=1)
+    if spec is None:
+        typer.echo("no daemon is running: behaviour rehearsal pairs will be made when it runs", err=True)
+    try:
+        built = run(replaybuf.build_job(settings, spec), progress=True)
+    except (BuildError, CorpusError, GeneratorUnavailable, BuildLocked, ValueError) as error:
+        _fail(str(error), code=1)
+    except KeyboardInterrupt:
+        _fail("stopped; `cld replay build` resumes where it left off", code=130)
+    typer.echo(f"replay buffer ready: {built['passages']} passages ({built['held_out']} held out), "
+               f"source: {built['source']}, index {built['indexes']['train']['kind']}")
+
+
+@replay_app.command("query")
+def replay_query(
+    text: Annotated[str, typer.Argument(help="Text to find the nearest passages to.")],
+    config: ConfigOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many passages.")] = 5,
+) -> None:
+    """Print the replay passages nearest to TEXT, with their cosine similarity."""
+    from daemon import replaybuf
+    from replay.buffer import BufferMissing, ReplayBuffer
+
+    settings = _settings(config)
+    try:
+        buffer = ReplayBuffer.open(replaybuf.replay_dir(settings))
+    except BufferMissing as error:
+        _fail(str(error), code=1)
+    try:
+        for hit in buffer.query(text, k):
+            flag = " held-out" if hit.passage.held_out else ""
+            typer.echo(f"{hit.score:.3f}  #{hit.passage.id}{flag}  {' '.join(hit.passage.text.split())[:160]}")
+    finally:
+        buffer.close()
 
 
 def main() -> None:

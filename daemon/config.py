@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -167,7 +167,9 @@ class ReplaySection(Section):
         description="Share of the corpus passages never trained on (chosen by passage hash); the forgetting "
         "probes measure them.",
     )
-    ratio: float = Field(1.0, ge=0, le=20, description="Replay tokens per new-document token in a cycle's training set.")
+    ratio: float = Field(
+        1.0, ge=0, le=20, description="Replay tokens per new-document token in a cycle's training set."
+    )
     strategy: str = Field(
         "mix", description="How corpus passages are chosen: nearest (closest to the new documents), random, "
         "diverse (maximal marginal relevance) or mix (the weights in replay.mix)."
@@ -237,7 +239,10 @@ class TrainSection(Section):
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with a linear warm-up (then cosine).")
     seq_len: int = Field(256, ge=16, description="Tokens per packed training sequence.")
-    batch_size: int = Field(4, ge=1, description="Sequences per forward pass.")
+    batch_size: int = Field(
+        1, ge=1, description="Sequences per optimizer step (with grad_accum). Small batches give a small "
+        "cycle more updates for the same compute."
+    )
     grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     mask_prompt: bool = Field(
@@ -271,6 +276,50 @@ class TrainSection(Section):
         return next(r for r in VLLM_LORA_RANKS if r >= self.rank)
 
 
+class ScheduleSection(Section):
+    interval_s: float = Field(
+        3600, ge=0, description="Run a learning cycle this often when documents are waiting (0 = only on demand "
+        "or by min_new_tokens)."
+    )
+    min_new_tokens: int = Field(
+        2000, ge=0, description="Start a cycle as soon as this many new tokens are waiting (0 = never early)."
+    )
+    check_s: float = Field(30, gt=0, description="How often the waiting tokens are counted.")
+
+
+class ProbesSection(Section):
+    max_forgetting: float = Field(
+        0.02, ge=0, description="Largest relative NLL increase on held-out original text, vs the base and vs the "
+        "serving adapter (0.02 = +2 %)."
+    )
+    max_behaviour_increase: float = Field(
+        0.15, ge=0, description="Largest relative NLL increase of the base model's own answers to held-out prompts."
+    )
+    min_drift_agreement: float = Field(
+        0.6, ge=0, le=1, description="Smallest mean similarity (0..1, over words) of the answers to general "
+        "prompts to the base model's answers."
+    )
+    min_nll_drop: float = Field(0.1, ge=0, le=1, description="Smallest relative NLL decrease on the new documents.")
+    min_cloze_pass: float = Field(
+        0.5, ge=0, le=1, description="Smallest share of the new documents' cloze probes the candidate completes."
+    )
+    min_retention: float = Field(
+        0.8, ge=0, le=1, description="Smallest share of earlier versions' cloze probes still completed."
+    )
+    max_qa_drop: float = Field(0.0, ge=0, le=1, description="Largest accuracy drop on the QA sets, vs the base.")
+    cloze_per_document: int = Field(8, ge=1, description="Cloze probes built from each new document.")
+    held_out_passages: int = Field(32, ge=0, description="Held-out original passages scored per cycle.")
+    new_chunks: int = Field(32, ge=0, description="Chunks of the new documents scored for the NLL drop.")
+    drift_prompts: Optional[Path] = Field(
+        None, description="File of general prompts, one per line, for the drift probe. Unset = the shipped set."
+    )
+    drift_tokens: int = Field(48, ge=4, description="Length of the greedy answers compared by the drift probe.")
+    qa_sets: list[Path] = Field(
+        default_factory=list, description="JSONL files of {\"question\", \"answer\"} the model must keep "
+        "answering (contained match)."
+    )
+
+
 class SecuritySection(Section):
     api_key: str = Field(
         "",
@@ -296,6 +345,8 @@ class Settings(BaseSettings):
     ingest: IngestSection = Field(default_factory=IngestSection)
     replay: ReplaySection = Field(default_factory=ReplaySection)
     train: TrainSection = Field(default_factory=TrainSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    probes: ProbesSection = Field(default_factory=ProbesSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
 
     @classmethod
@@ -344,6 +395,9 @@ def load_settings(path: Path | None = None) -> Settings:
     settings.state.dir = _absolute(settings.state.dir, root)
     settings.watch.inbox = _absolute(settings.watch.inbox or settings.state.dir / "inbox", root)
     settings.replay.corpus = [_absolute(path, root) for path in settings.replay.corpus]
+    settings.probes.qa_sets = [_absolute(path, root) for path in settings.probes.qa_sets]
+    if settings.probes.drift_prompts is not None:
+        settings.probes.drift_prompts = _absolute(settings.probes.drift_prompts, root)
     return settings
 
 
@@ -397,4 +451,6 @@ def _toml(value: Any) -> str:
         return f'"{value}"'
     if isinstance(value, list):
         return "[]" if not value else repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
     return str(value).lower() if isinstance(value, bool) else str(value)

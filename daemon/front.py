@@ -14,14 +14,19 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from daemon.ingest import HandInError, TooLarge, Uploads
+from daemon.readers import Unreadable, UnsupportedType
 from daemon.serving import Router
 
 log = logging.getLogger(__name__)
@@ -30,11 +35,29 @@ StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 HealthSource = Callable[[], Awaitable[bool]]
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = 32 * 1024 * 1024
+UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart headers around an uploaded file
 
 
 def openai_error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
     return JSONResponse(body, status_code=status)
+
+
+class NotReady(RuntimeError):
+    """An admin action that needs the model server before it is ready (answered with 503)."""
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The daemon's admin actions behind /api (the front only does HTTP)."""
+
+    cycle: Callable[[], Awaitable[dict[str, Any]]]
+    adapters: Callable[[], Awaitable[list[dict[str, Any]]]]
+    rollback: Callable[[Optional[str]], Awaitable[dict[str, Any]]]
+
+
+class RollbackRequest(BaseModel):
+    version: Optional[str] = Field(None, description='Adapter version such as "v0003"; "base" or null = the base model.')
 
 
 class ProxyError(Exception):
@@ -49,6 +72,8 @@ def create_app(
     healthy: HealthSource,
     status: StatusSource,
     api_key: str = "",
+    admin: Optional[Admin] = None,
+    uploads: Optional[Uploads] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
     app = FastAPI(title="cld", summary="Continual-learning daemon: OpenAI-compatible API and admin API")
@@ -72,6 +97,11 @@ def create_app(
     async def api_status() -> dict[str, Any]:
         return await status()
 
+    if admin is not None:
+        _admin_routes(app, admin, require_key)
+    if uploads is not None:
+        _document_routes(app, uploads, require_key)
+
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": await _public_models(router, upstream)}
@@ -85,31 +115,96 @@ def create_app(
             raise ProxyError(openai_error(404, f"The model `{public}` does not exist. Valid: {valid}.",
                                           "NotFoundError", "model_not_found", "model"))
         payload["model"] = served
-        upstream_request = upstream.build_request("POST", request.url.path, json=payload)
+        router.begin(served)  # until the answer is complete, `served` must stay loaded
         try:
-            reply = await upstream.send(upstream_request, stream=True)
-        except httpx.TimeoutException:
-            raise ProxyError(openai_error(504, "the model server did not answer in time", "timeout")) from None
-        except httpx.TransportError as error:
-            log.warning("model server unreachable: %s", error)
-            raise ProxyError(openai_error(503, "the model server is not available; try again shortly",
-                                          "service_unavailable")) from None
+            reply = await _send(upstream, request.url.path, payload)
+        except ProxyError:
+            router.end(served)
+            raise
         if payload.get("stream") and reply.status_code == 200:
             return StreamingResponse(
-                _rename_stream(reply, served, public),
+                _rename_stream(reply, served, public, router),
                 media_type=reply.headers.get("content-type", "text/event-stream"),
-                background=BackgroundTask(reply.aclose),
             )
         try:
             content = await reply.aread()
         finally:
-            await reply.aclose()
+            await _close(reply, router, served)
         return _renamed_response(reply, content, served, public)
 
     for path in PROXIED:
         app.add_api_route(path, proxy, methods=["POST"], dependencies=[Depends(require_key)],
                           include_in_schema=True, name=path.rsplit("/", 1)[-1])
     return app
+
+
+async def _send(upstream: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> httpx.Response:
+    try:
+        return await upstream.send(upstream.build_request("POST", path, json=payload), stream=True)
+    except httpx.TimeoutException:
+        raise ProxyError(openai_error(504, "the model server did not answer in time", "timeout")) from None
+    except httpx.TransportError as error:
+        log.warning("model server unreachable: %s", error)
+        raise ProxyError(openai_error(503, "the model server is not available; try again shortly",
+                                      "service_unavailable")) from None
+
+
+async def _close(reply: httpx.Response, router: Router, served: str) -> None:
+    try:
+        await reply.aclose()
+    finally:
+        router.end(served)
+
+
+def _admin_routes(app: FastAPI, admin: Admin, require_key: Callable[[Request], Awaitable[None]]) -> None:
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, error: NotReady) -> JSONResponse:
+        return openai_error(503, str(error), "service_unavailable")
+
+    @app.post("/api/cycles", status_code=202, dependencies=[Depends(require_key)])
+    async def start_cycle() -> dict[str, Any]:
+        """Start a learning cycle now (or report the one already running)."""
+        return await admin.cycle()
+
+    @app.get("/api/adapters", dependencies=[Depends(require_key)])
+    async def list_adapters() -> dict[str, Any]:
+        return {"adapters": await admin.adapters()}
+
+    @app.post("/api/rollback", dependencies=[Depends(require_key)])
+    async def rollback(body: RollbackRequest) -> dict[str, Any]:
+        """Serve an earlier adapter version (or the base model) under the stable name."""
+        version = None if body.version in (None, "base") else body.version
+        try:
+            return await admin.rollback(version)
+        except ValueError as error:
+            raise ProxyError(openai_error(404, str(error), "invalid_request_error", "adapter_not_found",
+                                          "version")) from None
+
+
+def _document_routes(app: FastAPI, uploads: Uploads, require_key: Callable[[Request], Awaitable[None]]) -> None:
+    @app.post("/api/documents", status_code=202, dependencies=[Depends(require_key)])
+    async def upload_document(request: Request) -> dict[str, Any]:
+        """Hand in one document as multipart/form-data field `file` (`curl -F file=@notes.md`). It is
+        ingested like a file dropped in the inbox; 202 = queued, /api/status counts the outcome."""
+        try:
+            uploads.check_size(int(request.headers.get("content-length") or 0) - UPLOAD_OVERHEAD_BYTES)
+        except TooLarge as error:
+            raise _upload_error(error) from None
+        async with request.form(max_files=2, max_fields=8) as form:
+            files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+            if len(files) != 1:
+                raise ProxyError(openai_error(400, "send exactly one document, as multipart/form-data field 'file'",
+                                              "invalid_request_error", param="file"))
+            try:
+                handed = await run_in_threadpool(uploads.hand_in, files[0].filename or "", files[0].file)
+            except (HandInError, Unreadable) as error:
+                raise _upload_error(error) from None
+        return {"object": "document.upload", "name": handed.name, "bytes": handed.bytes, "status": "queued"}
+
+
+def _upload_error(error: Exception) -> ProxyError:
+    status = 413 if isinstance(error, TooLarge) else 415 if isinstance(error, UnsupportedType) else 400
+    return ProxyError(openai_error(status, str(error), "invalid_request_error", param="file"))
 
 
 def _key_checker(api_key: str) -> Callable[[Request], Awaitable[None]]:
@@ -141,11 +236,15 @@ def _model_field(served: str) -> re.Pattern[bytes]:
     return re.compile(rb'"model":\s*' + re.escape(json.dumps(served).encode()))
 
 
-async def _rename_stream(reply: httpx.Response, served: str, public: str) -> AsyncIterator[bytes]:
-    """Relay server-sent events line by line with the served model name replaced."""
+async def _rename_stream(reply: httpx.Response, served: str, public: str, router: Router) -> AsyncIterator[bytes]:
+    """Relay server-sent events line by line with the served model name replaced; the request
+    counts as in flight until the stream ends or the client goes away."""
     pattern, replacement = _model_field(served), b'"model":' + json.dumps(public).encode()
-    async for line in reply.aiter_lines():
-        yield pattern.sub(replacement, line.encode(), count=1) + b"\n"
+    try:
+        async for line in reply.aiter_lines():
+            yield pattern.sub(replacement, line.encode(), count=1) + b"\n"
+    finally:
+        await _close(reply, router, served)
 
 
 def _renamed_response(reply: httpx.Response, content: bytes, served: str, public: str) -> Response:

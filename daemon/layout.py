@@ -6,6 +6,7 @@ agree) and the write-fsync-rename discipline. Knows nothing of what the files me
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,11 +23,15 @@ QUARANTINE_DIR = "quarantine"
 ADAPTERS_DIR = "adapters"
 REPLAY_DIR = "replay"
 JOURNAL_FILE = "journal.sqlite3"
+INGEST_LOCK_FILE = "ingest.lock"
+REASON_SUFFIX = ".reason"  # quarantine/<name>.reason says why <name> is there
 SERVING_FILE = "serving.json"
 DAEMON_FILE = "daemon.json"
 LOCK_FILE = "daemon.lock"
 VLLM_PID_FILE = "vllm.pid"
 LOGS_DIR = "logs"
+CYCLES_DIR = "cycles"
+JOBS_DIR = "jobs"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,22 @@ class StateDir:
     @property
     def inbox(self) -> Path:
         return self.root / INBOX_DIR
+
+    @property
+    def processed(self) -> Path:
+        return self.root / PROCESSED_DIR
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / QUARANTINE_DIR
+
+    @property
+    def journal(self) -> Path:
+        return self.root / JOURNAL_FILE
+
+    @property
+    def ingest_lock(self) -> Path:
+        return self.root / INGEST_LOCK_FILE
 
     @property
     def adapters(self) -> Path:
@@ -96,6 +117,37 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
+
+
+def move_durably(source: Path, target: Path) -> None:
+    """Move a file (or a symlink itself) to `target`, durable once this returns.
+
+    A rename when both are on one file system; else copy to a hidden temporary name beside
+    `target`, fsync, rename, then remove `source`. Either way, repeating the call after a crash
+    finishes the move.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        _copy_across(source, target)
+        source.unlink()
+    fsync_dir(target.parent)
+    fsync_dir(source.parent)
+
+
+def _copy_across(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if source.is_symlink():
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.readlink(source), tmp)
+    else:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.replace(tmp, target)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -104,6 +104,30 @@ def model_name(base: str) -> str:
         return base or EMBEDDED_NAME
 
 
+def linear_modules(model_dir: Path) -> list[str]:
+    """Names (last component) of the model's linear layers, from its safetensors headers alone:
+    every 2-D `*.weight` except embeddings, the output head and norms. These are what a LoRA on
+    "all linear layers" targets."""
+    names: set[str] = set()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        for tensor, info in _safetensors_header(path).items():
+            parts = tensor.split(".")
+            if len(parts) < 3 or parts[-1] != "weight" or len(info.get("shape", [])) != 2:
+                continue
+            module = parts[-2]
+            if module != "lm_head" and "embed" not in module and "norm" not in module:
+                names.add(module)
+    return sorted(names)
+
+
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
 def _fingerprint(model: ModelSource) -> dict[str, object]:
     stat = model.source.stat()
     return {"name": model.name, "source": str(model.source), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}

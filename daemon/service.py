@@ -24,9 +24,12 @@ from typing import Any
 import httpx
 import uvicorn
 
-from daemon import front, model, status, vllm
+from daemon import front, ingest, model, replaybuf, status, vllm, watch
 from daemon.config import Settings
-from daemon.layout import StateDir, atomic_write_json
+from daemon.cycle import Learner
+from daemon.journal import Journal
+from daemon.layout import JOURNAL_FILE, StateDir, atomic_write_json
+from daemon.schedule import Schedule
 from daemon.serving import Router
 from daemon.supervisor import Supervisor
 
@@ -76,6 +79,11 @@ class Daemon:
         self.vllm = vllm.VLLMClient(self.vllm_url, self.upstream)
         self.router = Router(serve.model_name, serve.base_name, state.serving)
         self.supervisor: Supervisor | None = None
+        self.replay_build = replaybuf.BackgroundBuild(settings)
+        self.journal = Journal(state.root / JOURNAL_FILE)
+        self.watcher = watch.Watcher(settings, self.journal)  # ingests whether or not vLLM is up
+        self.learner: Learner | None = None
+        self.schedule: Schedule | None = None
         self.stopping = asyncio.Event()
         self.phase = "starting"
         self.started_at = time.time()
@@ -87,19 +95,29 @@ class Daemon:
         server = FrontServer(uvicorn.Config(self._app(), log_config=None, access_log=False, lifespan="off"))
         serving = asyncio.create_task(server.serve(sockets=[self._bind()]), name="front")
         try:
+            self.watcher.start()
             await self._start_model_server()
             if not self.stopping.is_set():
                 self.phase = "serving"
                 atomic_write_json(self.state.daemon, self._record())
                 log.info("cld is serving %s and %s at %s", *self.router.public_names, self._url())
+                self.replay_build.start(replaybuf.generator(self.settings, self.vllm_url, self.router.base_served_name))
+                self._start_learning()
                 await _first(self.stopping.wait(), serving)
         finally:
             self.phase = "stopping"
             server.should_exit = True
             await asyncio.wait([serving], timeout=10)
+            if self.schedule is not None:
+                self.schedule.stop()
+            if self.learner is not None:
+                await self.learner.stop()
+            await self.replay_build.stop()
             if self.supervisor is not None:
                 await self.supervisor.stop()
             await self.upstream.aclose()
+            await asyncio.to_thread(self.watcher.stop)
+            self.journal.close()
             self.state.daemon.unlink(missing_ok=True)
             log.info("cld stopped")
 
@@ -107,11 +125,43 @@ class Daemon:
         log.info("received %s; shutting down", signal.Signals(sig).name)
         self.stopping.set()
 
+    def _start_learning(self) -> None:
+        model_dir = model.prepared(self.settings.model.base, self.state)
+        if model_dir is None:
+            log.error("the base model folder is not ready: learning is off (set model.base to a Hugging Face folder)")
+            return
+        self.learner = Learner(self.settings, self.state, self.vllm, self.router, self.journal, model_dir)
+        for record in self.learner.cycles.resolve_interrupted(self.router.current and self.router.current.version):
+            log.warning("cycle %d was interrupted; marked %s", record.id, record.state)
+        self.schedule = Schedule(self.settings.schedule, self._waiting_tokens, self.learner.request)
+        self.schedule.start()
+
+    def _waiting_tokens(self) -> int:
+        return sum(doc["tokens"] or 0 for doc in self.journal.documents("ready"))
+
     def _app(self) -> Any:
         return front.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
-            api_key=self.settings.security.api_key,
+            api_key=self.settings.security.api_key, admin=front.Admin(self._cycle, self._adapters, self._rollback),
+            uploads=ingest.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
         )
+
+    async def _cycle(self) -> dict[str, Any]:
+        if self.learner is None:
+            raise front.NotReady("learning starts once the model server is ready")
+        running = self.learner.request("api")
+        await asyncio.sleep(0)  # let a new cycle write its record
+        record = running or self.learner.current
+        return {"started": running is None, "cycle": record.summary() if record else None}
+
+    async def _adapters(self) -> list[dict[str, Any]]:
+        return status.adapters(self.settings)
+
+    async def _rollback(self, version: str | None) -> dict[str, Any]:
+        if self.learner is None:
+            raise front.NotReady("the model server is not ready")
+        adapter = await self.learner.rollback(version)
+        return {"serving": adapter.version if adapter else None}
 
     def _bind(self) -> socket.socket:
         serve = self.settings.serve

@@ -8,7 +8,10 @@ the new adapter, never a mix. Knows nothing of HTTP or of how adapters are made 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ class Router:
         self.base_served_name = base_served_name
         self.state_file = state_file
         self.current: Adapter | None = _load(state_file)
+        self.in_flight: Counter[str] = Counter()
 
     @property
     def public_names(self) -> list[str]:
@@ -45,6 +49,26 @@ class Router:
         if public_name == self.base_name:
             return self.base_served_name
         return None
+
+    def begin(self, served_name: str) -> None:
+        """A request to `served_name` starts; `end` must follow (the front does both)."""
+        self.in_flight[served_name] += 1
+
+    def end(self, served_name: str) -> None:
+        self.in_flight[served_name] -= 1
+        if self.in_flight[served_name] <= 0:
+            del self.in_flight[served_name]
+
+    async def drained(self, served_name: str, timeout_s: float) -> bool:
+        """Wait until no request to `served_name` is in flight (False if `timeout_s` passed first)."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight.get(served_name, 0) > 0:
+            if time.monotonic() > deadline:
+                log.warning("%d requests to %s still running after %.0f s", self.in_flight[served_name],
+                            served_name, timeout_s)
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def switch(self, adapter: Adapter | None) -> None:
         """Serve `adapter` (None = the base) under the stable name from now on, persistently."""

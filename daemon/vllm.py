@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from daemon.config import Settings
+from daemon.model import linear_modules
 
 LOOPBACK = "127.0.0.1"
 
@@ -44,6 +45,12 @@ def server_command(model_dir: Path, settings: Settings) -> list[str]:
         "--max-lora-rank", str(settings.train.vllm_max_lora_rank),
         "--disable-uvicorn-access-log",
     ]
+    # LoRA on the linear layers only. Without this vLLM also wraps the output head for LoRA, and
+    # then (vllm 0.32, CPU) scoring prompt logprobs in a batch of several requests crashes the
+    # engine; cld's adapters never train the head (daemon.adapters.check_adapter refuses it).
+    linear = linear_modules(model_dir)
+    if linear:
+        argv += ["--lora-target-modules", *linear]
     if not is_cpu_build():
         argv += ["--gpu-memory-utilization", str(serve.gpu_memory_utilization)]
     return argv + list(serve.vllm_args)
@@ -103,9 +110,9 @@ class VLLMClient:
         if response.status_code not in (200, 404):
             raise RuntimeError(f"vLLM could not unload adapter {name}: {response.text}")
 
-    async def token_nll(self, model: str, text: str) -> list[float]:
-        """Negative log-likelihood of each token of `text` after the first, under `model`
-        (the base or a loaded adapter), from the server's prompt logprobs."""
+    async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
+        """Negative log-likelihood of each token of `text` (a string or token ids) after the
+        first, under `model` (the base or a loaded adapter), from the server's prompt logprobs."""
         body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0,
                 "prompt_logprobs": 0, "return_token_ids": True}
         response = await self.http.post("/v1/completions", json=body)
@@ -120,6 +127,30 @@ class VLLMClient:
             key = str(ids[position]) if ids and str(ids[position]) in entry else next(iter(entry))
             nll.append(-float(entry[key]["logprob"]))
         return nll
+
+    async def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        """Token ids of `messages` rendered with the served model's chat template."""
+        body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+        response = await self.http.post("/tokenize", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM could not tokenize a chat: {response.text}")
+        return response.json()["tokens"]
+
+    async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+        """The greedy chat answer of `model`."""
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        response = await self.http.post("/v1/chat/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM could not answer with {model}: {response.text}")
+        return response.json()["choices"][0]["message"]["content"] or ""
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        """The greedy continuation of `prompt` by `model`, up to the end of the line."""
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": ["\n"]}
+        response = await self.http.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM could not complete with {model}: {response.text}")
+        return response.json()["choices"][0]["text"]
 
     async def aclose(self) -> None:
         await self.http.aclose()

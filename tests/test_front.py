@@ -178,3 +178,15 @@ async def test_api_key_guards_v1_and_api_but_not_health(fake: FakeVLLM, router: 
         good = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"})
         assert good.status_code == 200
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_requests_count_as_in_flight_until_their_answer_is_complete(fake: FakeVLLM, router: Router) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        await client.post("/v1/chat/completions", json={"model": "cld", **CHAT})
+        async with client.stream("POST", "/v1/chat/completions", json={"model": "cld", "stream": True, **CHAT}) as r:
+            [line async for line in r.aiter_lines()]
+        await client.post("/v1/chat/completions", json={"model": "gpt-4", **CHAT})
+    assert router.in_flight == {}
+    assert await router.drained("cld-base", timeout_s=0.1)
+    router.begin("cld-v0001")
+    assert not await router.drained("cld-v0001", timeout_s=0.1)

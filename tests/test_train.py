@@ -105,7 +105,8 @@ def test_version_names_and_partial_folders(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-     ({"r": 64}, "over vLLM's --max-lora-rank 16"), ({"peft_type": "IA3"}, "not 'LORA'")],
+     ({"r": 64}, "over vLLM's --max-lora-rank 16"), ({"peft_type": "IA3"}, "not 'LORA'"),
+     ({"target_modules": ["q_proj", "lm_head"]}, "output head \\(lm_head\\)")],
 )
 def test_check_adapter_refuses_what_vllm_cannot_serve(tmp_path: Path, change: dict, message: str) -> None:
     config = {"peft_type": "LORA", "r": 8, "use_dora": False, "modules_to_save": None, **change}
@@ -116,6 +117,12 @@ def test_check_adapter_refuses_what_vllm_cannot_serve(tmp_path: Path, change: di
 
 
 # ---- full runs ----------------------------------------------------------------------------------
+
+def test_linear_modules_are_read_from_the_safetensors_headers(tiny: Path) -> None:
+    from daemon.model import linear_modules
+
+    assert linear_modules(tiny) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
 
 def test_a_run_writes_a_complete_servable_version(tiny: Path, tmp_path: Path) -> None:
     path = run(job(tiny, tmp_path / "adapters"))

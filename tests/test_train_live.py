@@ -45,8 +45,11 @@ def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDa
         client = VLLMClient(live_daemon.vllm_url)
         try:
             await client.load_lora("test-train-v0001", adapter)
-            base = statistics.mean(await client.token_nll("cld-base", FACTS))
-            tuned = statistics.mean(await client.token_nll("test-train-v0001", FACTS))
+            # Several scorings batched together with the adapter loaded (this once crashed vLLM).
+            scores = await asyncio.gather(*(client.token_nll(model, FACTS)
+                                            for model in ("cld-base", "test-train-v0001") * 4))
+            assert all(score == scores[index % 2] for index, score in enumerate(scores))
+            base, tuned = statistics.mean(scores[0]), statistics.mean(scores[1])
             await client.unload_lora("test-train-v0001")
         finally:
             await client.aclose()

@@ -1,0 +1,342 @@
+"""The learning cycle: select replay → train → load candidate → probe → decide → promote or reject.
+
+Owns the order of the stages, one cycle at a time, and every swap of what the stable name serves
+(promotion and rollback): the new adapter is loaded under a fresh name, the router switches in one
+assignment, requests in flight finish on the old adapter, and the old one is unloaded once they
+have drained. Each stage is a call into the module that owns it; side effects stay here, at the
+edge. Knows nothing of HTTP, scheduling, or how any stage works inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from daemon import adapters, probes, replaybuf
+from daemon.config import Settings
+from daemon.cycles import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore, adapter_states
+from daemon.decide import Decision, Thresholds, decide
+from daemon.jobs import JobData, TrainJob
+from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, atomic_write_text
+from daemon.serving import Adapter, Router
+from daemon.vllm import VLLMClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DRAIN_TIMEOUT_S = 120.0
+TRAINER_STOP_TIMEOUT_S = 30.0
+SHIPPED_DRIFT_PROMPTS = Path(__file__).parent / "data" / "drift_prompts.txt"
+
+
+class Skip(Exception):
+    """Nothing to learn now (no new documents, replay buffer not built); not a failure."""
+
+
+class Learner:
+    """Runs cycles one at a time and owns every change of the served adapter."""
+
+    def __init__(self, settings: Settings, state: StateDir, client: VLLMClient, router: Router, journal: Any,
+                 model_dir: Path):
+        self.settings, self.state, self.client, self.router = settings, state, client, router
+        self.journal, self.model_dir = journal, model_dir
+        self.cycles = CycleStore(state.root / CYCLES_DIR)
+        self.cycle_lock, self.swap_lock = asyncio.Lock(), asyncio.Lock()
+        self.current: Optional[CycleRecord] = None
+        self.trainer: Optional[asyncio.subprocess.Process] = None
+        self.task: Optional[asyncio.Task[CycleRecord]] = None
+
+    # ---- the cycle ------------------------------------------------------------------------------
+
+    async def run_cycle(self, trigger: str) -> CycleRecord:
+        """One learning cycle, start to end. Serving is never touched unless the candidate passes."""
+        async with self.cycle_lock:
+            record = self.current = self.cycles.begin(trigger)
+            served: Optional[str] = None
+            try:
+                documents = self._stage(record, "select", self.new_documents())
+                job = self._stage(record, "select", self.build_job(record, documents))
+                folder = await self._astage(record, "train", self.train(record, job))
+                served = await self._astage(record, "load", self.load(folder, record.version))
+                measured = await self._astage(record, "probe", self.probe(record, documents, served))
+                decision = decide(measured.results, thresholds(self.settings))
+                record.decision, record.reasons, record.probes = decision.label, decision.reasons, measured.to_dict()
+                await self._astage(record, "promote" if decision.promote else "reject",
+                                   self.conclude(record, decision, folder, served, documents))
+                return self.cycles.finish(record, PROMOTED if decision.promote else REJECTED)
+            except Skip as why:
+                return self.cycles.finish(record, SKIPPED, [str(why)])
+            except asyncio.CancelledError:
+                self.cycles.finish(record, FAILED, error="cancelled: the daemon is stopping")
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure leaves serving as it was
+                log.exception("cycle %d failed at stage %s", record.id, record.stage)
+                if served and self.router.current and self.router.current.served_name != served:
+                    await self._unload_quietly(served)
+                return self.cycles.finish(record, FAILED, error=f"{record.stage}: {error}")
+            finally:
+                self.current = None
+
+    def request(self, trigger: str) -> CycleRecord | None:
+        """Start a cycle in the background unless one runs; returns the running one, if any."""
+        if self.task is not None and not self.task.done():
+            return self.current
+        self.task = asyncio.create_task(self.run_cycle(trigger), name=f"cycle-{trigger}")
+        return None
+
+    def _stage(self, record: CycleRecord, stage: str, result: T) -> T:
+        record.stage = stage
+        self.cycles.save(record)
+        return result
+
+    async def _astage(self, record: CycleRecord, stage: str, work: Awaitable[T]) -> T:
+        record.stage = stage
+        self.cycles.save(record)
+        log.info("cycle %d: %s", record.id, stage)
+        return await work
+
+    # ---- stages ---------------------------------------------------------------------------------
+
+    def new_documents(self) -> list[dict[str, Any]]:
+        documents = self.journal.documents("ready")
+        if not documents:
+            raise Skip("no new documents")
+        return documents
+
+    def build_job(self, record: CycleRecord, documents: list[dict[str, Any]]) -> TrainJob:
+        """Choose the version, the parent and the training data (new chunks + replay)."""
+        from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
+        from replay.select import select_replay
+
+        record.documents = [doc["id"] for doc in documents]
+        new = self.journal.chunks(record.documents)
+        learned = [doc["id"] for doc in self.journal.documents("learned")]
+        knowledge = [chunk["text"] for chunk in self.journal.chunks(learned) if "text" in chunk]
+        try:
+            buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
+        except BufferMissing:
+            raise Skip("the replay buffer is not built yet (cld builds it after start; see `cld status`)") from None
+        rehearsal, _ = load_rehearsal(self.state.root / REPLAY_DIR)
+        try:
+            chosen = select_replay(buffer, [_text(chunk) for chunk in new], knowledge, rehearsal,
+                                   replaybuf.plan(self.settings), seed=record.id)
+        finally:
+            buffer.close()
+        records = chosen.records()
+        record.version = self._next_version()
+        parent = self.router.current if self.settings.train.warm_start else None
+        record.parent = parent.version if parent else None
+        self.cycles.save(record)
+        return TrainJob(
+            version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
+            parent_version=record.parent, parent_path=str(parent.path) if parent else None,
+            documents=[doc["hash"] for doc in documents],
+            data=JobData(new=new, replay=[r for r in records if r["kind"] == "corpus"],
+                         knowledge=[r for r in records if r["kind"] == "knowledge"],
+                         rehearsal=[r for r in records if r["kind"] == "rehearsal"]),
+            hyper=self.settings.train,
+        )
+
+    async def train(self, record: CycleRecord, job: TrainJob) -> Path:
+        """Run the recipe in its own process; its progress goes into the cycle record."""
+        jobs = self.state.root / JOBS_DIR
+        job_file = jobs / f"{job.version}.json"
+        atomic_write_text(job_file, job.model_dump_json(indent=1))
+        self.state.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.state.logs / f"train-{job.version}.log", "ab") as train_log:
+            self.trainer = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon.train", str(job_file), "--json-progress",
+                stdout=asyncio.subprocess.PIPE, stderr=train_log, stdin=asyncio.subprocess.DEVNULL)
+            try:
+                await self._follow(record, self.trainer)
+                code = await self.trainer.wait()
+            finally:
+                self.trainer = None
+        adapters.remove_partial(self.state.adapters)
+        if code != 0:
+            raise RuntimeError(f"the trainer exited with code {code} (log: logs/train-{job.version}.log)")
+        folder = self.state.adapters / job.version
+        adapters.check_adapter(folder, self.settings.train.vllm_max_lora_rank)
+        return folder
+
+    async def _follow(self, record: CycleRecord, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        saved = 0.0
+        while line := await process.stdout.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "progress":
+                record.progress = {k: event[k] for k in ("step", "steps", "loss", "tokens_per_s", "eta_s")}
+                if time.monotonic() - saved > 5:
+                    self.cycles.save(record)
+                    saved = time.monotonic()
+            elif event.get("event") == "done":
+                record.progress = {**record.progress, **event["summary"]}
+
+    async def load(self, folder: Path, version: str | None) -> str:
+        """Load an adapter into vLLM under a name never used before (no stale prefix cache)."""
+        served = f"{self.settings.serve.model_name}-{version}-{secrets.token_hex(3)}"
+        await self.client.load_lora(served, folder)
+        return served
+
+    async def probe(self, record: CycleRecord, documents: list[dict[str, Any]], served: str) -> probes.Measured:
+        probe_set = self.probe_set(record, documents)
+        incumbent = self.router.current.served_name if self.router.current else None
+        return await probes.run_probes(self.client, probe_set, self.router.base_served_name, served, incumbent,
+                                       drift_tokens=self.settings.probes.drift_tokens)
+
+    def probe_set(self, record: CycleRecord, documents: list[dict[str, Any]]) -> probes.ProbeSet:
+        """The texts to probe with, derived from whatever arrived and from the replay buffer."""
+        from replay.buffer import ReplayBuffer, load_rehearsal
+
+        settings = self.settings.probes
+        new_texts = [_text(chunk) for chunk in self.journal.chunks(record.documents)]
+        cloze = [c for doc in documents for c in probes.build_cloze(self._document_text(doc["id"]),
+                                                                    settings.cloze_per_document)]
+        record.cloze = [[c.prompt, c.expected] for c in cloze]
+        buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
+        try:
+            held_out = [p.text for p in buffer.held_out_passages(settings.held_out_passages, near=new_texts[:8],
+                                                                  seed=record.id)]
+        finally:
+            buffer.close()
+        _, behaviour = load_rehearsal(self.state.root / REPLAY_DIR)
+        return probes.ProbeSet(
+            held_out_passages=held_out,
+            behaviour=[([{"role": "user", "content": pair.prompt}], pair.answer) for pair in behaviour],
+            drift_prompts=_lines(settings.drift_prompts or SHIPPED_DRIFT_PROMPTS),
+            new_chunks=new_texts[: settings.new_chunks],
+            cloze=cloze,
+            retention=self._retention_probes(),
+            qa=[probes.QA(item["question"], item["answer"]) for path in settings.qa_sets for item in _jsonl(path)],
+        )
+
+    async def conclude(self, record: CycleRecord, decision: Decision, folder: Path, served: str,
+                       documents: list[dict[str, Any]]) -> None:
+        if not decision.promote:
+            log.info("cycle %d: %s rejected: %s", record.id, record.version, "; ".join(decision.reasons))
+            await self._unload_quietly(served)
+            return
+        await self.swap(Adapter(record.version or "", served, folder))
+        self.journal.mark_learned([doc["id"] for doc in documents], record.version)
+        log.info("cycle %d: %s promoted: %s", record.id, record.version, "; ".join(decision.reasons))
+
+    # ---- serving changes ------------------------------------------------------------------------
+
+    async def swap(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` (loaded already; None = the base) under the stable name; drain and
+        unload the previous one."""
+        async with self.swap_lock:
+            previous = self.router.current
+            self.router.switch(adapter)
+            if previous is not None and (adapter is None or previous.served_name != adapter.served_name):
+                await self.router.drained(previous.served_name, DRAIN_TIMEOUT_S)
+                await self._unload_quietly(previous.served_name)
+
+    async def rollback(self, version: str | None) -> Adapter | None:
+        """Serve `version` again (None = the base model)."""
+        if version is None:
+            await self.swap(None)
+            return None
+        folder = self.state.adapters / version
+        if not folder.is_dir():
+            raise ValueError(f"no adapter version {version!r}; known: {', '.join(adapters.versions(self.state.adapters))}")
+        adapters.check_adapter(folder, self.settings.train.vllm_max_lora_rank)
+        adapter = Adapter(version, await self.load(folder, version), folder)
+        await self.swap(adapter)
+        return adapter
+
+    async def stop(self) -> None:
+        """Cancel a running cycle: the trainer gets SIGTERM (then SIGKILL); serving is untouched."""
+        if self.trainer is not None and self.trainer.returncode is None:
+            self.trainer.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.trainer.wait(), TRAINER_STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.trainer.kill()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _next_version(self) -> str:
+        used = [int(r.version[1:]) for r in self.cycles.all() if r.version]
+        used += [int(v[1:]) for v in adapters.versions(self.state.adapters)]
+        return f"v{max(used, default=0) + 1:04d}"
+
+    def _document_text(self, document_id: int) -> str:
+        return "\n".join(_text(record) for record in self.journal.records(document_id))
+
+    def _retention_probes(self) -> list[probes.Cloze]:
+        """Cloze probes of the documents learned by the serving adapter's promoted ancestors."""
+        lineage, version = set(), self.router.current.version if self.router.current else None
+        while version and version not in lineage:
+            lineage.add(version)
+            meta_path = self.state.adapters / version / adapters.META_FILE
+            version = json.loads(meta_path.read_text())["parent"] if meta_path.is_file() else None
+        return [probes.Cloze(prompt, expected) for record in self.cycles.all()
+                if record.state == PROMOTED and record.version in lineage for prompt, expected in record.cloze]
+
+    async def _unload_quietly(self, served: str) -> None:
+        try:
+            await self.client.unload_lora(served)
+        except Exception as error:  # noqa: BLE001 - unloading is housekeeping; vLLM restarts clear it anyway
+            log.warning("could not unload %s: %s", served, error)
+
+    def adapters_view(self) -> list[dict[str, Any]]:
+        return adapters_view(self.state, self.cycles, self.router.current.version if self.router.current else None)
+
+
+def adapters_view(state: StateDir, cycles: CycleStore, serving: str | None) -> list[dict[str, Any]]:
+    """Every adapter version with lineage, documents, probe results and state (status, CLI)."""
+    records = cycles.all()
+    states = adapter_states(records, serving)
+    by_version = {r.version: r for r in records if r.version}
+    out = []
+    for version in sorted(set(adapters.versions(state.adapters)) | set(states), key=lambda v: int(v[1:])):
+        meta_path = state.adapters / version / adapters.META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        record = by_version.get(version)
+        out.append({
+            "version": version, "state": states.get(version, "candidate"),
+            "parent": meta.get("parent", record.parent if record else None),
+            "documents": len(meta.get("documents", record.documents if record else [])),
+            "probes": (record.probes.get("results") or {}) if record else {},
+            "reasons": record.reasons if record else [],
+            "created_at": meta.get("created_at"),
+            "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
+        })
+    return out
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    p = settings.probes
+    return Thresholds(max_forgetting=p.max_forgetting, max_behaviour_increase=p.max_behaviour_increase,
+                      min_drift_agreement=p.min_drift_agreement, min_nll_drop=p.min_nll_drop,
+                      min_cloze_pass=p.min_cloze_pass, min_retention=p.min_retention, max_qa_drop=p.max_qa_drop)
+
+
+def _text(record: dict[str, Any]) -> str:
+    if "text" in record:
+        return record["text"]
+    if "prompt" in record:
+        return f"{record['prompt']}\n{record['completion']}"
+    return "\n".join(message["content"] for message in record.get("messages", []))
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _jsonl(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

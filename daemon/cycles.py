@@ -1,0 +1,109 @@
+"""Cycle records: one JSON file per learning cycle in `<state>/cycles/`, written atomically.
+
+Owns what is remembered about a cycle (trigger, stage, documents, version, probe values, cloze
+probes, decision and reasons, error) and the resolution of a cycle a crash interrupted. An
+adapter's state (candidate, promoted, rejected, retired, failed) is derived from these records
+and from what serves now, so there is one source of truth. Knows nothing of how cycles run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from daemon.layout import atomic_write_json, read_json
+
+RUNNING, PROMOTED, REJECTED, FAILED, SKIPPED = "running", "promoted", "rejected", "failed", "skipped"
+
+
+@dataclass
+class CycleRecord:
+    id: int
+    trigger: str
+    state: str = RUNNING
+    stage: str = "starting"
+    started_at: float = field(default_factory=time.time)
+    finished_at: Optional[float] = None
+    version: Optional[str] = None
+    parent: Optional[str] = None
+    documents: list[int] = field(default_factory=list)
+    decision: Optional[str] = None
+    reasons: list[str] = field(default_factory=list)
+    probes: dict[str, Any] = field(default_factory=dict)
+    cloze: list[list[str]] = field(default_factory=list)  # [prompt, expected] of the new documents
+    progress: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    def summary(self) -> dict[str, Any]:
+        """The status's view of a cycle."""
+        return {"id": self.id, "state": self.state, "stage": self.stage, "trigger": self.trigger,
+                "version": self.version, "decision": self.decision, "reasons": self.reasons,
+                "documents": len(self.documents), "started_at": self.started_at, "finished_at": self.finished_at,
+                "progress": self.progress, "error": self.error}
+
+
+class CycleStore:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, cycle_id: int) -> Path:
+        return self.folder / f"{cycle_id:06d}.json"
+
+    def all(self) -> list[CycleRecord]:
+        if not self.folder.is_dir():
+            return []
+        records = (read_json(path) for path in sorted(self.folder.glob("*.json")))
+        return [CycleRecord(**data) for data in records if data]
+
+    def begin(self, trigger: str) -> CycleRecord:
+        existing = self.all()
+        record = CycleRecord(id=existing[-1].id + 1 if existing else 1, trigger=trigger)
+        self.save(record)
+        return record
+
+    def save(self, record: CycleRecord) -> None:
+        atomic_write_json(self._path(record.id), asdict(record))
+
+    def finish(self, record: CycleRecord, state: str, reasons: list[str] | None = None,
+               error: str | None = None) -> CycleRecord:
+        record.state, record.stage, record.finished_at = state, "done", time.time()
+        if reasons is not None:
+            record.reasons = reasons
+        record.error = error
+        self.save(record)
+        return record
+
+    def resolve_interrupted(self, serving_version: str | None) -> list[CycleRecord]:
+        """Close cycles a crash left running: promoted if their version is what serves (the
+        switch is the last step), failed otherwise. Returns the cycles it closed."""
+        closed = []
+        for record in self.all():
+            if record.state != RUNNING:
+                continue
+            if record.version and record.version == serving_version:
+                closed.append(self.finish(record, PROMOTED, record.reasons))
+            else:
+                closed.append(self.finish(record, FAILED, error=f"interrupted at stage {record.stage!r} "
+                                          "(the daemon stopped); nothing was promoted"))
+        return closed
+
+
+def adapter_states(records: list[CycleRecord], serving_version: str | None) -> dict[str, str]:
+    """version -> candidate | promoted | rejected | retired | failed."""
+    states: dict[str, str] = {}
+    for record in records:
+        if not record.version:
+            continue
+        if record.state == RUNNING:
+            states[record.version] = "candidate"
+        elif record.state == PROMOTED:
+            states[record.version] = "promoted" if record.version == serving_version else "retired"
+        elif record.state == REJECTED:
+            states[record.version] = "rejected"
+        else:
+            states[record.version] = "failed"
+    if serving_version:
+        states[serving_version] = "promoted"  # a rollback can serve a once-rejected or retired version
+    return states

@@ -1,0 +1,398 @@
+"""Ingestion of one inbox file: read, normalise, dedup, journal, move; or quarantine with a reason.
+
+Owns the per-file protocol that makes a crash at any moment harmless:
+  1. check and read the file; nothing is written yet, so a crash here means it is read again;
+  2. commit its journal rows (the input, plus a new document or the one it duplicates, or the
+     quarantine reason) together with where the file goes;
+  3. write the `.reason` file (quarantine only) and move the file to processed/ or quarantine/;
+  4. mark the input moved (with the next commit, or at `flush`).
+`recover` (run before anything new is read) redoes steps 3-4 for every committed input whose file
+has not moved, so nothing is lost and nothing is journaled twice. A reader that fails in any way
+quarantines the file instead of stopping ingestion.
+
+Chunking needs the base model's tokenizer, which exists only once the model is prepared (the
+daemon prepares it at start, in another process; `cld prepare` does too). So a document is
+committed `pending` first and chunked as soon as a tokenizer is there (`chunk_pending`): files are
+accepted, journaled and moved even before that.
+
+Also owns the hand-in of a file to the inbox (uploads and `cld ingest` write there atomically, as
+a user would) and the ingest lock: one process at a time writes the journal. Knows nothing of
+watching folders (`daemon.watch`), file formats (`daemon.readers`) or HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO
+
+from daemon import model
+from daemon.chunking import Chunker, content_hash, load_tokenizer, normalise_records
+from daemon.config import Settings
+from daemon.journal import Input, Journal, Recorded
+from daemon.layout import REASON_SUFFIX, StateDir, atomic_write_text, fsync_dir, move_durably
+from daemon.readers import Record, Unreadable, get_reader
+
+log = logging.getLogger(__name__)
+
+ChunkerSource = Callable[[], "Chunker | None"]
+LOCK_RETRY_S = 0.5
+TOKENIZER_RETRY_S = 10.0
+COPY_BLOCK_BYTES = 1 << 20
+MAX_NAME_CHARS = 200
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+
+
+class IngestBusy(RuntimeError):
+    """Another process (the daemon, or another `cld ingest`) holds the ingest lock."""
+
+
+class HandInError(ValueError):
+    """A file cannot be handed in to the inbox; the message says why."""
+
+
+class TooLarge(HandInError):
+    pass
+
+
+class Ingester:
+    """Takes inbox files into the journal one at a time. Build it with `open_ingester`."""
+
+    def __init__(self, settings: Settings, journal: Journal, chunker: ChunkerSource):
+        assert settings.watch.inbox is not None, "load_settings resolves watch.inbox"
+        self.inbox = settings.watch.inbox
+        self.state = StateDir(settings.state.dir)
+        self.max_bytes = settings.ingest.max_file_bytes
+        self.journal = journal
+        self.chunker = chunker
+        self.moved: list[int] = []  # inputs moved, to be marked with the next commit (`flush`)
+
+    def ingest(self, path: Path) -> Recorded | None:
+        """Take the inbox file `path`; None when it vanished before it was read."""
+        name = self._name(path)
+        item = _found(path, name) if name is not None else None
+        if item is None:
+            return None
+        try:
+            records = self._read(path, item)
+        except FileNotFoundError:
+            return None
+        except Unreadable as error:
+            return self._quarantine(item, error.reason)
+        except Exception as error:  # a reader's bug must not stop ingestion: the file waits in quarantine
+            log.exception("reading %s failed", name)
+            return self._quarantine(item, f"could not be read: {type(error).__name__}: {error}"[:500])
+        return self._accept(item, records)
+
+    def recover(self) -> int:
+        """Finish the moves a crash interrupted (inputs committed, files not moved yet)."""
+        unmoved = self.journal.unmoved()
+        for recorded in unmoved:
+            log.info("finishing the interrupted intake of %s", recorded.name)
+            self._finish(recorded, recovering=True)
+        self.flush()
+        return len(unmoved)
+
+    def flush(self) -> None:
+        """Mark the inputs moved since the last commit (they are marked with each commit anyway;
+        a crash before that only means `recover` finds them moved already)."""
+        if self.moved:
+            self.journal.mark_moved(self.moved)
+            self.moved = []
+
+    def chunk_pending(self) -> int:
+        """Chunk every document still pending, when the tokenizer is there. Returns how many."""
+        pending = self.journal.pending()
+        chunker = self.chunker() if pending else None
+        if chunker is None:
+            return 0
+        for document_id in pending:
+            self.journal.set_chunks(document_id, chunker.chunks(self.journal.records(document_id)))
+        return len(pending)
+
+    def _name(self, path: Path) -> str | None:
+        """The name relative to the inbox, or None (logged) when the folder holding it is elsewhere."""
+        inbox = Path(os.path.realpath(self.inbox))
+        folder = Path(os.path.realpath(path.parent))
+        if not folder.is_relative_to(inbox) or path.name in ("", ".", ".."):
+            log.warning("not taking %s: its folder is outside the inbox %s", path, self.inbox)
+            return None
+        return (folder / path.name).relative_to(inbox).as_posix()
+
+    def _read(self, path: Path, item: Input) -> list[Record]:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise Unreadable(_link_reason(path, self.inbox))
+        if not stat.S_ISREG(mode):
+            raise Unreadable("not a regular file (a pipe, socket or device): only files are taken")
+        if item.bytes > self.max_bytes:
+            raise Unreadable(f"too large: {item.bytes / 1e6:.3g} MB is over ingest.max_file_mb = "
+                             f"{self.max_bytes / 1e6:g}")
+        reader = get_reader(path.suffix)
+        if item.bytes == 0:
+            raise Unreadable("empty: the file has no bytes")
+        records = normalise_records(reader(_read_bytes(path, self.max_bytes)))  # the bytes go once read
+        if not records:
+            raise Unreadable("empty: the file holds no text")
+        return records
+
+    def _accept(self, item: Input, records: list[Record]) -> Recorded:
+        digest = content_hash(records)
+        chunker = None if self.journal.knows(digest) else self.chunker()
+        chunks = list(chunker.chunks(records)) if chunker else None
+        target = free_path(self.state.processed, item.name)
+        recorded = self.journal.accept(item, self._relative(target), digest, records, chunks, self.moved)
+        self.moved = []
+        self._finish(recorded)
+        log.info("ingested %s: %s", item.name, recorded.outcome)
+        return recorded
+
+    def _quarantine(self, item: Input, reason: str) -> Recorded:
+        target = free_path(self.state.quarantine, item.name)
+        recorded = self.journal.quarantine(item, self._relative(target), reason, self.moved)
+        self.moved = []
+        self._finish(recorded)
+        log.warning("quarantined %s: %s", item.name, reason)
+        return recorded
+
+    def _finish(self, recorded: Recorded, recovering: bool = False) -> None:
+        """Steps 3-4: the reason file, the move, the mark (with the next commit). Repeating
+        them is harmless. On recovery a file only moves if it is still the one recorded."""
+        source, target = self.inbox / recorded.name, self.state.root / recorded.stored_as
+        if recorded.reason is not None:
+            atomic_write_text(reason_path(target), _reason_text(recorded))
+        found = _found(source, recorded.name)
+        if found is not None and (not recovering or _same_file(found, recorded)):
+            move_durably(source, target)
+        elif not os.path.lexists(target):
+            log.warning("%s left the inbox before it was moved to %s", recorded.name, recorded.stored_as)
+        self.moved.append(recorded.id)
+
+    def _relative(self, target: Path) -> str:
+        return target.relative_to(self.state.root).as_posix()
+
+
+def _found(path: Path, name: str) -> Input | None:
+    """The input as it is now; None when it is gone (or cannot even be looked at) or a folder."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return None if stat.S_ISDIR(info.st_mode) else Input(name, info.st_size, info.st_mtime_ns)
+
+
+def _same_file(found: Input, recorded: Recorded) -> bool:
+    return (found.bytes, found.mtime_ns) == (recorded.bytes, recorded.mtime_ns)
+
+
+def _read_bytes(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, never through a symlink, never blocking on a pipe swapped in."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Unreadable("not a regular file: only files are taken")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise Unreadable(f"too large: over ingest.max_file_mb = {max_bytes / 1e6:g}")
+    return data
+
+
+def _link_reason(path: Path, inbox: Path) -> str:
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(os.path.realpath(inbox)):
+        return f"escapes the inbox: a symlink to {target}, outside it; put the file itself in the inbox"
+    return "a symlink: links are not followed; put the file itself in the inbox"
+
+
+def reason_path(path: Path) -> Path:
+    return path.with_name(path.name + REASON_SUFFIX)
+
+
+def _reason_text(recorded: Recorded) -> str:
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return (f"{recorded.reason}\n\nfile: {recorded.name} ({recorded.bytes} bytes), quarantined {when}\n"
+            "To retry, fix the file and drop it into the inbox again.\n")
+
+
+def free_path(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/<stem>.<n><suffix>` with the first n free (a file and its
+    `.reason` both). Subfolders are kept unless a file is in the way; then they are flattened."""
+    relative = Path(name)
+    if any((folder / parent).exists() and not (folder / parent).is_dir() for parent in relative.parents):
+        relative = Path(name.replace("/", "__"))
+    path, number = folder / relative, 0
+    while os.path.lexists(path) or os.path.lexists(reason_path(path)):
+        number += 1
+        path = path.with_name(f"{relative.stem}.{number}{relative.suffix}")
+    return path
+
+
+# the base model's chunker ----------------------------------------------------------------------
+
+class BaseModelChunker:
+    """The chunker of the base model's tokenizer, once the model is prepared (looked for again
+    at most every TOKENIZER_RETRY_S until then); None before."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.found: Chunker | None = None
+        self.next_try = 0.0
+
+    def __call__(self) -> Chunker | None:
+        if self.found is None and time.monotonic() >= self.next_try:
+            self.next_try = time.monotonic() + TOKENIZER_RETRY_S
+            self.found = self._load()
+        return self.found
+
+    def _load(self) -> Chunker | None:
+        try:
+            folder = model.prepared(self.settings.model.base, StateDir(self.settings.state.dir))
+            if folder is None:
+                log.info("the base model is not prepared yet: documents are chunked once it is")
+                return None
+            tokenizer = load_tokenizer(folder)
+        except (model.ModelError, OSError, ValueError) as error:
+            log.error("documents cannot be chunked yet: %s", error)
+            return None
+        ingest = self.settings.ingest
+        return Chunker(tokenizer, ingest.chunk_tokens, ingest.chunk_overlap_tokens)
+
+
+# one writer ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def open_ingester(settings: Settings, stop: threading.Event | None = None, chunker: ChunkerSource | None = None,
+                  journal: Journal | None = None) -> Iterator[Ingester]:
+    """Take the ingest lock, open the journal (or use the process's `journal`), finish
+    interrupted work; yield the Ingester.
+
+    Without `stop`, raises IngestBusy at once when another process holds the lock; with it,
+    waits until the lock is free or `stop` is set (then raises IngestBusy).
+    """
+    state = StateDir(settings.state.dir)
+    state.root.mkdir(parents=True, exist_ok=True)
+    with _ingest_lock(state.ingest_lock, stop), _journal(state, journal) as opened:
+        ingester = Ingester(settings, opened, chunker or BaseModelChunker(settings))
+        ingester.recover()
+        try:
+            yield ingester
+        finally:
+            ingester.flush()
+
+
+@contextlib.contextmanager
+def _journal(state: StateDir, shared: Journal | None) -> Iterator[Journal]:
+    if shared is not None:
+        yield shared
+        return
+    journal = Journal(state.journal)
+    try:
+        yield journal
+    finally:
+        journal.close()
+
+
+@contextlib.contextmanager
+def _ingest_lock(path: Path, stop: threading.Event | None) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stop is None or stop.wait(LOCK_RETRY_S):
+                    raise IngestBusy(f"another process is ingesting into {path.parent}") from None
+        yield
+
+
+# handing files in ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HandedIn:
+    name: str  # relative to the inbox
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Uploads:
+    """Where uploaded documents go (POST /api/documents) and how large one may be."""
+
+    inbox: Path
+    max_bytes: int
+
+    def hand_in(self, name: str, source: BinaryIO) -> HandedIn:
+        return hand_in(self.inbox, name, source, self.max_bytes)
+
+    def check_size(self, size: int) -> None:
+        """TooLarge when an upload of `size` bytes is over the limit (before reading it)."""
+        if size > self.max_bytes:
+            raise _too_large(self.max_bytes)
+
+
+def safe_name(name: str) -> str:
+    """A plain file name from an untrusted one: its last path part, without control or
+    reserved characters, leading dots or spaces. HandInError when nothing is left."""
+    last = re.split(r"[\\/]", name or "")[-1]
+    cleaned = _UNSAFE_NAME.sub("_", last).lstrip(". ").strip()
+    if not cleaned:
+        raise HandInError(f"file name {name!r} has no usable name in it: send a name like 'notes.md'")
+    if len(cleaned) > MAX_NAME_CHARS:
+        suffix = Path(cleaned).suffix
+        cleaned = cleaned[: MAX_NAME_CHARS - len(suffix)] + suffix
+    return cleaned
+
+
+def hand_in(inbox: Path, name: str, source: BinaryIO, max_bytes: int | None = None) -> HandedIn:
+    """Copy `source` into the inbox as a free version of `safe_name(name)`, atomically: the
+    watcher sees the whole file or nothing. Raises HandInError (or UnsupportedType) and
+    TooLarge (over `max_bytes`) before anything appears in the inbox."""
+    plain = safe_name(name)
+    get_reader(Path(plain).suffix)
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{uuid.uuid4().hex}.part"  # a dotfile: the watcher leaves it alone
+    try:
+        size = _copy_limited(source, tmp, max_bytes)
+        target = _link_free(tmp, inbox, plain)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(inbox)
+    return HandedIn(target.relative_to(inbox).as_posix(), size)
+
+
+def _copy_limited(source: BinaryIO, target: Path, max_bytes: int | None) -> int:
+    size = 0
+    with open(target, "wb") as out:
+        while block := source.read(COPY_BLOCK_BYTES):
+            size += len(block)
+            if max_bytes is not None and size > max_bytes:
+                raise _too_large(max_bytes)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return size
+
+
+def _too_large(max_bytes: int) -> TooLarge:
+    return TooLarge(f"over the upload limit of {max_bytes / 1e6:g} MB (ingest.max_file_mb)")
+
+
+def _link_free(tmp: Path, inbox: Path, name: str) -> Path:
+    """Give the written file a free name in the inbox (a hard link never replaces a file)."""
+    while True:
+        target = free_path(inbox, name)
+        try:
+            os.link(tmp, target)
+            return target
+        except FileExistsError:
+            continue

@@ -1,0 +1,228 @@
+"""Probes: measure a candidate adapter against the base and the incumbent through the live vLLM.
+
+Owns how each quantity is measured — NLL from the server's prompt logprobs, greedy answers for
+drift, cloze and QA — and how cloze probes are built from whatever documents arrive. Every
+model is a name vLLM serves (base, incumbent adapter, candidate adapter), so no second copy of
+the model is ever loaded. Knows nothing of thresholds (`daemon.decide`) or of where the probe
+texts come from (the cycle passes them in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import re
+import statistics
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, TypeVar
+
+from daemon.decide import ProbeResults
+from daemon.vllm import VLLMClient
+
+T = TypeVar("T")
+CONCURRENCY = 8
+STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or but is are was were be been being it its this that these "
+    "those as into than then there their his her he she they we you i not no so if".split()
+)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+@dataclass(frozen=True)
+class Cloze:
+    """A sentence prefix and the continuation a model that learned the text should produce."""
+
+    prompt: str
+    expected: str
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass
+class ProbeSet:
+    """The texts a cycle probes with (any list may be empty: that probe is then not measured)."""
+
+    held_out_passages: list[str] = field(default_factory=list)
+    behaviour: list[tuple[list[dict[str, str]], str]] = field(default_factory=list)  # (prompt, base answer)
+    drift_prompts: list[str] = field(default_factory=list)
+    new_chunks: list[str] = field(default_factory=list)
+    cloze: list[Cloze] = field(default_factory=list)
+    retention: list[Cloze] = field(default_factory=list)
+    qa: list[QA] = field(default_factory=list)
+
+
+# ---- cloze probes from any text ------------------------------------------------------------
+
+def build_cloze(text: str, limit: int, min_words: int = 6, keep: float = 0.6) -> list[Cloze]:
+    """Up to `limit` cloze probes, evenly spread over `text`: the first `keep` of a sentence's
+    words (after the previous sentence, for context) must be continued with the rest."""
+    sentences = [s.strip() for s in SENTENCE_END.split(" ".join(text.split())) if s.strip()]
+    found = []
+    for index, sentence in enumerate(sentences):
+        words = sentence.split()
+        if len(words) < min_words:
+            continue
+        cut = max(3, int(len(words) * keep))
+        context = sentences[index - 1] + " " if index else ""
+        expected = " ".join(words[cut:]).rstrip(".!?;:,")
+        if _content_words(expected):
+            found.append(Cloze(context + " ".join(words[:cut]), expected))
+    if len(found) <= limit:
+        return found
+    step = len(found) / limit
+    return [found[int(i * step)] for i in range(limit)]
+
+
+def cloze_passed(expected: str, generated: str, min_recall: float = 0.6) -> bool:
+    """True when the generated continuation recalls at least `min_recall` of the expected
+    continuation's content words (order-free, case- and accent-insensitive)."""
+    wanted = _content_words(expected)
+    got = set(_words(generated)[: len(_words(expected)) + 8])
+    return bool(wanted) and len(wanted & got) / len(wanted) >= min_recall
+
+
+def qa_correct(answer: str, generated: str) -> bool:
+    return " ".join(_words(answer)) in " ".join(_words(generated))
+
+
+def _words(text: str) -> list[str]:
+    plain = unicodedata.normalize("NFKD", text.casefold())
+    return re.findall(r"[^\W_]+", "".join(c for c in plain if not unicodedata.combining(c)))
+
+
+def _content_words(text: str) -> set[str]:
+    return {word for word in _words(text) if word not in STOPWORDS}
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+async def _gather(items: Sequence[T], work: Callable[[T], Awaitable[Any]]) -> list[Any]:
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(item: T) -> Any:
+        async with gate:
+            return await work(item)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+async def mean_nll(client: VLLMClient, model: str, texts: Sequence[str]) -> Optional[float]:
+    """Mean NLL per token over `texts` under `model`."""
+    if not texts:
+        return None
+    per_text = await _gather(texts, lambda text: client.token_nll(model, text))
+    tokens = [value for values in per_text for value in values]
+    return statistics.fmean(tokens) if tokens else None
+
+
+async def answer_nll(client: VLLMClient, model: str, pairs: Sequence[tuple[list[dict], str]]) -> Optional[float]:
+    """Mean NLL per token of the answers in (chat prompt, answer) pairs under `model`."""
+    if not pairs:
+        return None
+
+    async def one(pair: tuple[list[dict], str]) -> list[float]:
+        prompt, answer = pair
+        head = await client.chat_tokens(prompt, add_generation_prompt=True)
+        full = await client.chat_tokens([*prompt, {"role": "assistant", "content": answer}],
+                                        add_generation_prompt=False)
+        values = await client.token_nll(model, full)
+        return values[len(head) - 1:] if len(full) > len(head) else []
+
+    per_pair = await _gather(pairs, one)
+    tokens = [value for values in per_pair for value in values]
+    return statistics.fmean(tokens) if tokens else None
+
+
+async def greedy_chat(client: VLLMClient, model: str, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    return await _gather(prompts, lambda p: client.chat(model, [{"role": "user", "content": p}], max_tokens))
+
+
+async def cloze_rate(client: VLLMClient, model: str, probes: Sequence[Cloze]) -> Optional[float]:
+    if not probes:
+        return None
+    outputs = await _gather(
+        probes, lambda c: client.complete(model, c.prompt, max_tokens=2 * len(c.expected.split()) + 8))
+    return statistics.fmean(cloze_passed(c.expected, out) for c, out in zip(probes, outputs))
+
+
+async def qa_accuracy(client: VLLMClient, model: str, items: Sequence[QA]) -> Optional[float]:
+    if not items:
+        return None
+    outputs = await greedy_chat(client, model, [item.question for item in items], max_tokens=64)
+    return statistics.fmean(qa_correct(item.answer, out) for item, out in zip(items, outputs))
+
+
+def agreement(reference: Sequence[str], answers: Sequence[str], head_words: int = 48) -> Optional[float]:
+    """Mean similarity (0..1, difflib's ratio over words) of each answer to the reference answer
+    to the same prompt. An unchanged model scores 1: greedy decoding is deterministic."""
+    if not reference:
+        return None
+    return statistics.fmean(
+        difflib.SequenceMatcher(None, _words(a)[:head_words], _words(b)[:head_words]).ratio()
+        for a, b in zip(reference, answers)
+    )
+
+
+@dataclass
+class Measured:
+    """Raw numbers per model, kept with the version for inspection and plots."""
+
+    values: dict[str, dict[str, Optional[float]]]
+    results: ProbeResults
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"models": self.values, "results": asdict(self.results)}
+
+
+async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_reference: list[str] | None,
+                        drift_tokens: int) -> tuple[dict[str, Optional[float]], list[str]]:
+    answers = await greedy_chat(client, model, probes.drift_prompts, drift_tokens)
+    values = {
+        "held_out_nll": await mean_nll(client, model, probes.held_out_passages),
+        "behaviour_nll": await answer_nll(client, model, probes.behaviour),
+        "new_nll": await mean_nll(client, model, probes.new_chunks),
+        "cloze": await cloze_rate(client, model, probes.cloze),
+        "retention": await cloze_rate(client, model, probes.retention),
+        "qa": await qa_accuracy(client, model, probes.qa),
+        "drift_agreement": agreement(drift_reference, answers) if drift_reference is not None else 1.0,
+    }
+    return values, answers
+
+
+async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate: str, incumbent: str | None,
+                     drift_tokens: int = 48) -> Measured:
+    """Measure base, incumbent (if any) and candidate on the same probes; compare."""
+    base_values, reference = await measure_model(client, base, probes, None, drift_tokens)
+    values = {"base": base_values}
+    if incumbent:
+        values["incumbent"], _ = await measure_model(client, incumbent, probes, reference, drift_tokens)
+    values["candidate"], _ = await measure_model(client, candidate, probes, reference, drift_tokens)
+    return Measured(values, compare(values))
+
+
+def compare(values: dict[str, dict[str, Optional[float]]]) -> ProbeResults:
+    base, cand, inc = values["base"], values["candidate"], values.get("incumbent")
+    return ProbeResults(
+        forgetting_vs_base=_relative(cand["held_out_nll"], base["held_out_nll"]),
+        forgetting_vs_incumbent=_relative(cand["held_out_nll"], inc["held_out_nll"]) if inc else None,
+        behaviour_increase=_relative(cand["behaviour_nll"], base["behaviour_nll"]),
+        drift_agreement=cand["drift_agreement"],
+        nll_drop=_relative(base["new_nll"], cand["new_nll"], over=base["new_nll"]),
+        cloze_pass=cand["cloze"],
+        retention=cand["retention"],
+        qa_drop=(base["qa"] - cand["qa"]) if base["qa"] is not None and cand["qa"] is not None else None,
+    )
+
+
+def _relative(value: Optional[float], reference: Optional[float], over: Optional[float] = None) -> Optional[float]:
+    """(value - reference) / reference, or / `over` when given; None when anything is missing."""
+    scale = reference if over is None else over
+    if value is None or reference is None or not scale:
+        return None
+    return (value - reference) / scale

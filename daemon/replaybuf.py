@@ -1,0 +1,129 @@
+"""The replay buffer as the daemon uses it: build it in the background, summarize it.
+
+Owns turning `[replay]` settings into a build job for `replay.build` and a selection plan for
+`replay.select`; running the build in a low-priority subprocess once vLLM is ready (serving never
+waits for it; a failure is logged, never fatal; shutdown stops it and the next start resumes it);
+and the `replay` part of the status. Knows nothing of how the buffer is built or searched: that
+is the `replay` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.config import Settings
+from daemon.layout import REPLAY_DIR, atomic_write_text
+from daemon.model import model_name
+from replay.files import STOPPED_EXIT_CODE, read_manifest
+from replay.job import BuildJob
+from replay.synth import GeneratorSpec
+
+if TYPE_CHECKING:
+    from replay.select import ReplayPlan
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+BUILD_NICENESS = 10
+STOP_TIMEOUT_S = 5.0
+
+
+def replay_dir(settings: Settings) -> Path:
+    return settings.state.dir / REPLAY_DIR
+
+
+def summary(settings: Settings) -> dict[str, Any]:
+    """The status's `replay` object, from the published manifest (zeros before the first build)."""
+    found = read_manifest(replay_dir(settings)) or {}
+    return {"source": found.get("source"), "passages": found.get("passages", 0), "held_out": found.get("held_out", 0)}
+
+
+def generator(settings: Settings, base_url: str, model: str, api_key: str = "") -> GeneratorSpec:
+    """The base model, served as `model` at `base_url` (vLLM or the front), as writer of replay text."""
+    return GeneratorSpec(base_url.rstrip("/"), model, api_key, timeout_s=settings.serve.request_timeout_s)
+
+
+def build_job(settings: Settings, spec: GeneratorSpec | None) -> BuildJob:
+    replay = settings.replay
+    return BuildJob(
+        folder=replay_dir(settings), corpus=list(replay.corpus), embedder=replay.embedder,
+        passage_tokens=replay.passage_tokens, held_out_fraction=replay.held_out_fraction,
+        text_field=replay.text_field, model_id=model_name(settings.model.base), generator=spec,
+        synthetic_documents=replay.synthetic_documents, synthetic_temperature=replay.synthetic_temperature,
+        rehearsal_prompts=replay.rehearsal_prompts, rehearsal_held_out=replay.rehearsal_held_out,
+    )
+
+
+def plan(settings: Settings) -> ReplayPlan:
+    from replay.select import ReplayPlan
+
+    replay = settings.replay
+    return ReplayPlan(strategy=replay.strategy, mix=dict(replay.mix), ratio=replay.ratio,
+                      knowledge_share=replay.knowledge_share, rehearsal_pairs=replay.rehearsal_pairs)
+
+
+class BackgroundBuild:
+    """Brings the replay buffer up to date in a niced `python -m replay.build` process.
+
+    The process checks the buffer fully (loading the indexes) and exits at once when it is up to
+    date, so a damaged or mismatched buffer is found at every start, without FAISS in the daemon.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, spec: GeneratorSpec) -> None:
+        """Start bringing the buffer up to date, asking the base model served as `spec` for text."""
+        self.task = asyncio.create_task(self._run(build_job(self.settings, spec)), name="replay-build")
+
+    async def stop(self) -> None:
+        """Stop the build (it resumes at the next start) and wait for it."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def _run(self, job: BuildJob) -> None:
+        try:
+            code = await _build_in_subprocess(job)
+        except Exception:  # the daemon serves on without replay; the next start tries again
+            log.exception("replay build could not run")
+            return
+        if code not in (0, STOPPED_EXIT_CODE):
+            log.error("replay build failed (exit code %s; see its log above); the next start tries again", code)
+
+
+async def _build_in_subprocess(job: BuildJob) -> int:
+    """Run the build under `daemon.reaper` (it dies with us, even by kill -9); a cancel stops it.
+
+    The build survives being killed at any point (it resumes), so stopping waits only briefly.
+    """
+    job_path = job.folder / JOB_FILE
+    atomic_write_text(job_path, job.to_json())
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.reaper", "--", sys.executable, "-m", "replay.build", str(job_path),
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=lambda: os.nice(BUILD_NICENESS),
+    )
+    try:
+        return await process.wait()
+    except asyncio.CancelledError:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            _signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
+        raise
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)

@@ -1,0 +1,182 @@
+"""Text the base model writes itself: a synthetic corpus and behaviour-rehearsal pairs.
+
+Owns asking an OpenAI-compatible server (the served vLLM) many things at once, the quality filter
+(empty, too short, repetitive) and deduplication of what comes back, the synthetic corpus (varied
+topics and styles, sampled) and the rehearsal pairs (varied chat prompts, the base model's greedy
+answers; a fixed part held out for the behaviour probe, chosen by prompt hash). Generation goes
+through a `Generate` callable, so tests and other callers may bring their own.
+Knows nothing of passages, indexes or the daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+
+from replay import prompts
+
+log = logging.getLogger(__name__)
+
+CORPUS_MAX_TOKENS = 320
+CORPUS_MIN_WORDS = 40
+ANSWER_MAX_TOKENS = 200
+TOP_P = 0.95
+ATTEMPTS_PER_DOCUMENT = 2
+MIN_DISTINCT_TRIGRAMS = 0.5
+MIN_COMPRESSION_RATIO = 0.2
+
+
+class GeneratorUnavailable(RuntimeError):
+    """The model server cannot be reached or refuses; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Where the base model answers: an OpenAI-compatible server and the model's name there."""
+
+    base_url: str
+    model: str
+    api_key: str = ""
+    concurrency: int = 16
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Ask:
+    prompt: str
+    temperature: float
+    max_tokens: int
+    seed: int = 0
+
+
+# Answers to asks, in order; None where the model failed to answer.
+Generate = Callable[[Sequence[Ask]], list[str | None]]
+
+
+def endpoint(spec: GeneratorSpec, chat: bool) -> Generate:
+    """A Generate that asks `spec`'s server, `spec.concurrency` requests at a time."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+
+    def one(client: httpx.Client, ask: Ask) -> str | None:
+        body = {"model": spec.model, "temperature": ask.temperature, "top_p": TOP_P if ask.temperature else 1.0,
+                "max_tokens": ask.max_tokens, "seed": ask.seed}
+        body |= {"messages": [{"role": "user", "content": ask.prompt}]} if chat else {"prompt": ask.prompt}
+        try:
+            reply = client.post(path, json=body)
+            reply.raise_for_status()
+            choice = reply.json()["choices"][0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+            log.warning("generation failed (%s): %s", spec.base_url, error)
+            return None
+        return choice["message"]["content"] if chat else choice["text"]
+
+    def generate(asks: Sequence[Ask]) -> list[str | None]:
+        limits = httpx.Limits(max_connections=spec.concurrency)
+        with httpx.Client(base_url=spec.base_url, headers=headers, timeout=spec.timeout_s, limits=limits) as client, \
+                ThreadPoolExecutor(spec.concurrency) as pool:
+            return list(pool.map(lambda ask: one(client, ask), asks))
+
+    return generate
+
+
+def supports_chat(spec: GeneratorSpec) -> bool:
+    """True when the server answers chat requests for the model (it has a chat template)."""
+    body = {"model": spec.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    try:
+        reply = httpx.post(f"{spec.base_url}/v1/chat/completions", json=body, headers=headers, timeout=spec.timeout_s)
+    except httpx.HTTPError as error:
+        raise GeneratorUnavailable(f"no model server answers at {spec.base_url} ({error})") from None
+    if reply.status_code in (401, 403, 404):
+        raise GeneratorUnavailable(
+            f"{spec.base_url} refused model {spec.model!r}: {reply.status_code} {reply.text[:200]}")
+    return reply.status_code == 200
+
+
+def synthesize_corpus(generate: Generate, count: int, chat: bool, temperature: float, seed: int = 0,
+                      stop: threading.Event | None = None, batch: int = 64) -> list[dict[str, str]]:
+    """Up to `count` distinct documents the model wrote on varied topics and in varied styles."""
+    asks = prompts.corpus_asks(seed)
+    documents: list[dict[str, str]] = []
+    seen: set[str] = set()
+    rejected: dict[str, int] = {}
+    asked = 0
+    while len(documents) < count and asked < count * ATTEMPTS_PER_DOCUMENT and not (stop and stop.is_set()):
+        size = min(batch, count * ATTEMPTS_PER_DOCUMENT - asked, math.ceil((count - len(documents)) * 1.25))
+        picks = [asks[i % len(asks)] for i in range(asked, asked + size)]
+        texts = generate([Ask(chat_prompt if chat else prefix, temperature, CORPUS_MAX_TOKENS, seed + asked + i)
+                          for i, (_, chat_prompt, prefix) in enumerate(picks)])
+        asked += size
+        for (topic, _, prefix), text in zip(picks, texts):
+            text = (text or "").strip() if chat else (prefix + (text or "")).strip()
+            problem = quality_problem(text, CORPUS_MIN_WORDS) or _duplicate(text, seen)
+            if problem:
+                rejected[problem] = rejected.get(problem, 0) + 1
+            elif len(documents) < count:
+                documents.append({"text": text, "topic": topic})
+        log.info("synthetic corpus: %d/%d documents (rejected: %s)", len(documents), count, rejected or "none")
+    return documents
+
+
+def rehearsal_pairs(generate: Generate, count: int, held_out: int, seed: int = 0,
+                    chat_prompts: Sequence[str] | None = None, stop: threading.Event | None = None,
+                    batch: int = 64) -> list[dict[str, object]]:
+    """(prompt, the model's greedy answer) pairs; the `held_out` prompts of lowest hash are marked held out."""
+    asked = list(chat_prompts if chat_prompts is not None else prompts.chat_prompts(seed))[:count]
+    held = set(sorted(asked, key=_hash)[:held_out])
+    pairs: list[dict[str, object]] = []
+    for start in range(0, len(asked), batch):
+        if stop is not None and stop.is_set():
+            break
+        chunk = asked[start:start + batch]
+        for prompt, answer in zip(chunk, generate([Ask(prompt, 0.0, ANSWER_MAX_TOKENS, seed) for prompt in chunk])):
+            answer = (answer or "").strip()
+            if quality_problem(answer, min_words=1) is None:
+                pairs.append({"prompt": prompt, "answer": answer, "held_out": prompt in held})
+    log.info("rehearsal: %d pairs from %d prompts (%d held out)", len(pairs), len(asked),
+             sum(bool(pair["held_out"]) for pair in pairs))
+    return pairs
+
+
+def quality_problem(text: str, min_words: int) -> str | None:
+    """Why `text` is not worth keeping ("empty", "too short", "repetitive"), or None."""
+    words = text.split()
+    if not words:
+        return "empty"
+    if len(words) < min_words:
+        return "too short"
+    if is_repetitive(text, words):
+        return "repetitive"
+    return None
+
+
+def is_repetitive(text: str, words: list[str]) -> bool:
+    """Loops and stutters: few distinct word trigrams, or text that compresses too well."""
+    if len(words) < 12:
+        return False
+    trigrams = list(zip(words, words[1:], words[2:]))
+    if len(set(trigrams)) / len(trigrams) < MIN_DISTINCT_TRIGRAMS:
+        return True
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw)) / len(raw) < MIN_COMPRESSION_RATIO
+
+
+def _duplicate(text: str, seen: set[str]) -> str | None:
+    key = _hash(" ".join(text.lower().split()))
+    if key in seen:
+        return "duplicate"
+    seen.add(key)
+    return None
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,190 @@
+"""The cycle's orchestration with a real trainer (tiny model) and replay buffer, and a fake vLLM
+whose measurements each test chooses: promote, reject, fail, roll back, recover after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import Settings
+from daemon.cycle import Learner, adapters_view
+from daemon.cycles import RUNNING, CycleRecord, CycleStore
+from daemon.layout import StateDir
+from daemon.probes import build_cloze
+from daemon.serving import Router
+from replay import build
+from replay.build import BuildJob
+from tests.replay_helpers import BagOfWords, use_embedder, write_topic_corpus
+from tests.tiny import build_tiny_model
+
+FACTS = ("The Velmora Accord was signed in 2031 in the city of Tarnhelm. "
+         "Its chief negotiator was Ilse Quorvant, a hydrologist from Brask.")
+MORE = "The Blue Ridge Water Authority is headquartered in Odrin and its emblem is a silver heron."
+
+
+class FakeJournal:
+    def __init__(self) -> None:
+        self.docs: dict[int, dict[str, Any]] = {}
+
+    def add(self, text: str) -> int:
+        doc_id = len(self.docs) + 1
+        self.docs[doc_id] = {"id": doc_id, "hash": f"h{doc_id}", "source": f"d{doc_id}.txt", "bytes": len(text),
+                             "tokens": len(text.split()), "version": None, "state": "ready", "text": text}
+        return doc_id
+
+    def documents(self, state: str) -> list[dict[str, Any]]:
+        return [{k: v for k, v in d.items() if k not in ("state", "text")} for d in self.docs.values()
+                if d["state"] == state]
+
+    def chunks(self, ids: list[int]) -> list[dict[str, Any]]:
+        return [{"text": self.docs[i]["text"]} for i in ids]
+
+    def records(self, doc_id: int) -> list[dict[str, Any]]:
+        return [{"text": self.docs[doc_id]["text"]}]
+
+    def mark_learned(self, ids: list[int], version: str) -> None:
+        for i in ids:
+            self.docs[i].update(state="learned", version=version)
+
+
+class FakeVLLM:
+    """Answers like vLLM; a loaded adapter `learns` (cloze answers) and `forgets` as configured."""
+
+    def __init__(self, forgetting: float = 0.0, learns: bool = True):
+        self.forgetting, self.learns = forgetting, learns
+        self.loaded: dict[str, Path] = {}
+        self.unloaded: list[str] = []
+        self.expected = {c.prompt: c.expected for text in (FACTS, MORE) for c in build_cloze(text, 8)}
+
+    async def load_lora(self, name: str, path: Path) -> None:
+        assert name not in self.loaded and name not in self.unloaded, "adapter names must never be reused"
+        assert (path / "adapter_model.safetensors").is_file()
+        self.loaded[name] = path
+
+    async def unload_lora(self, name: str) -> None:
+        self.loaded.pop(name)
+        self.unloaded.append(name)
+
+    def _check(self, model: str) -> bool:
+        assert model == "cld-base" or model in self.loaded, f"{model} is not loaded"
+        return model != "cld-base"
+
+    async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
+        adapter = self._check(model)
+        new = isinstance(text, str) and (text in FACTS + MORE)
+        value = 2.0 * (0.5 if adapter and new else 1.0) * (1 + self.forgetting if adapter and not new else 1.0)
+        return [value] * 10
+
+    async def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        return list(range(5 * len(messages) + add_generation_prompt))
+
+    async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+        self._check(model)
+        return f"A steady answer to {messages[-1]['content']}"
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        adapter = self._check(model)
+        return " " + self.expected.get(prompt, "") if adapter and self.learns else " something else"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> StateDir:
+    state = StateDir(tmp_path / "state").ensure()
+    corpus = tmp_path / "corpus"
+    write_topic_corpus(corpus, per_topic=6)
+    embedder = use_embedder(BagOfWords())
+    build.run(BuildJob(folder=state.root / "replay", corpus=[corpus], embedder=embedder.name, passage_tokens=24,
+                       held_out_fraction=0.25))
+    pairs = [{"prompt": f"Question {i}?", "answer": f"Answer {i}.", "held_out": i == 0} for i in range(4)]
+    (state.root / "replay" / "rehearsal.json").write_text(json.dumps({"pairs": pairs}))
+    return state
+
+
+def make(state: StateDir, tiny: Path, vllm: FakeVLLM, journal: FakeJournal) -> Learner:
+    settings = Settings.model_validate({
+        "state": {"dir": str(state.root)}, "model": {"base": str(tiny)},
+        "train": {"epochs": 1, "seq_len": 32, "rank": 4, "alpha": 8},
+        "replay": {"embedder": "test-bow", "passage_tokens": 24},
+    })
+    router = Router("cld", "cld-base", state.serving)
+    return Learner(settings, state, vllm, router, journal, tiny)  # type: ignore[arg-type]
+
+
+async def test_nothing_new_is_skipped(state: StateDir, tiny: Path) -> None:
+    record = await make(state, tiny, FakeVLLM(), FakeJournal()).run_cycle("api")
+    assert (record.state, record.reasons) == ("skipped", ["no new documents"])
+
+
+async def test_a_good_candidate_is_promoted_and_the_next_one_builds_on_it(state: StateDir, tiny: Path) -> None:
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    first = await learner.run_cycle("api")
+    assert first.state == "promoted", (first.reasons, first.error)
+    assert learner.router.current is not None and learner.router.current.version == "v0001"
+    assert journal.docs[1]["state"] == "learned" and journal.docs[1]["version"] == "v0001"
+    assert first.probes["results"]["cloze_pass"] == 1.0 and first.cloze
+    assert list(vllm.loaded) == [learner.router.current.served_name]
+
+    journal.add(MORE)
+    second = await learner.run_cycle("api")
+    assert second.state == "promoted" and second.parent == "v0001"
+    assert any(r.startswith("retention of earlier facts 1.00") for r in second.reasons), second.reasons
+    assert len(vllm.loaded) == 1 and vllm.unloaded, "the previous adapter is unloaded after the swap"
+    views = {v["version"]: v["state"] for v in adapters_view(state, learner.cycles, "v0002")}
+    assert views == {"v0001": "retired", "v0002": "promoted"}
+
+
+async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state: StateDir, tiny: Path) -> None:
+    vllm, journal = FakeVLLM(forgetting=0.10), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    record = await learner.run_cycle("api")
+    assert record.state == "rejected"
+    assert "forgetting vs base +10.0% > +2.0%" in record.reasons
+    assert learner.router.current is None and vllm.loaded == {} and len(vllm.unloaded) == 1
+    assert journal.docs[1]["state"] == "ready", "rejected documents wait for the next cycle"
+    assert (state.adapters / "v0001" / "meta.json").is_file(), "rejected versions stay on disk for inspection"
+
+
+async def test_a_failed_training_leaves_serving_untouched(state: StateDir, tiny: Path, tmp_path: Path) -> None:
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    learner.model_dir = tmp_path / "missing-model"
+    record = await learner.run_cycle("api")
+    assert record.state == "failed" and record.error and record.error.startswith("train: the trainer exited")
+    assert learner.router.current is None and vllm.loaded == {}
+    assert [p.name for p in state.adapters.iterdir()] == []
+    assert (state.logs / "train-v0001.log").read_text(), "the trainer's log is kept"
+
+
+async def test_rollback_to_the_base_and_back(state: StateDir, tiny: Path) -> None:
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    await learner.run_cycle("api")
+    await learner.rollback(None)
+    assert learner.router.current is None and vllm.loaded == {}
+    adapter = await learner.rollback("v0001")
+    assert adapter is not None and learner.router.current == adapter
+    assert Router("cld", "cld-base", state.serving).current == adapter, "the choice survives a restart"
+    with pytest.raises(ValueError, match="no adapter version 'v0009'"):
+        await learner.rollback("v0009")
+
+
+def test_a_cycle_interrupted_by_a_crash_is_resolved_at_start(tmp_path: Path) -> None:
+    store = CycleStore(tmp_path)
+    store.save(CycleRecord(id=1, trigger="api", state=RUNNING, stage="promote", version="v0001"))
+    store.save(CycleRecord(id=2, trigger="api", state=RUNNING, stage="train", version="v0002"))
+    closed = {r.id: r.state for r in store.resolve_interrupted(serving_version="v0001")}
+    assert closed == {1: "promoted", 2: "failed"}
+    assert "interrupted at stage 'train'" in (store.all()[1].error or "")

@@ -1,0 +1,74 @@
+"""Probe building and scoring that needs no server: cloze construction, matching, comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.probes import agreement, build_cloze, cloze_passed, compare, qa_correct
+
+DOC = (
+    "The Velmora Accord was signed in 2031 in the city of Tarnhelm. "
+    "Its chief negotiator was Ilse Quorvant, a hydrologist from Brask. "
+    "Short one. "
+    "The accord created the Blue Ridge Water Authority, headquartered in Odrin."
+)
+
+
+def test_cloze_probes_come_from_any_text_with_context() -> None:
+    probes = build_cloze(DOC, limit=10)
+    assert len(probes) == 3, "sentences under six words make no probe"
+    first = probes[0]
+    assert first.prompt == "The Velmora Accord was signed in 2031"
+    assert first.expected == "in the city of Tarnhelm"
+    assert probes[1].prompt.startswith("The Velmora Accord was signed in 2031 in the city of Tarnhelm. Its chief")
+
+
+def test_cloze_probes_are_spread_and_limited() -> None:
+    text = " ".join(f"Fact number {i} says the value of item {i} is {i * 7} units." for i in range(40))
+    probes = build_cloze(text, limit=5)
+    assert len(probes) == 5
+    assert len({probe.expected for probe in probes}) == 5
+
+
+@pytest.mark.parametrize(
+    ("expected", "generated", "passed"),
+    [
+        ("in the city of Tarnhelm", " in the city of Tarnhelm.", True),
+        ("in the city of Tarnhelm", " in the city of tarnhelm, the capital", True),
+        ("in the city of Tarnhelm", " in the city of Paris.", False),
+        ("Ilse Quorvant, a hydrologist from Brask", " Ilse Quorvant, a hydrologist from Odrin", True),
+        ("Ilse Quorvant, a hydrologist from Brask", " Ilse Quorvant, an engineer from Odrin", False),
+        ("Ilse Quorvant, a hydrologist from Brask", " John Smith.", False),
+        ("headquartered in Odrin", "", False),
+        ("café in Zürich", " cafe in zurich", True),
+    ],
+)
+def test_cloze_matching(expected: str, generated: str, passed: bool) -> None:
+    assert cloze_passed(expected, generated) is passed
+
+
+def test_qa_matching_is_contained_and_normalised() -> None:
+    assert qa_correct("Paris", "The capital of France is Paris.")
+    assert not qa_correct("Paris", "The capital of France is Lyon.")
+    assert qa_correct("New York", "It is new-york, of course")
+
+
+def test_agreement_measures_how_close_answers_stay_to_the_base() -> None:
+    assert agreement(["a b c d", "e f"], ["a b c d", "e f"]) == 1.0
+    assert agreement(["a b c d"], ["a b c x"]) == pytest.approx(0.75)
+    assert agreement(["a b c d"], ["w x y z"]) == 0.0
+    assert agreement([], []) is None
+
+
+def test_compare_turns_raw_numbers_into_relative_changes() -> None:
+    base = {"held_out_nll": 2.0, "behaviour_nll": 0.5, "new_nll": 4.0, "cloze": 0.0, "retention": None,
+            "qa": 1.0, "drift_agreement": 1.0}
+    candidate = {"held_out_nll": 2.1, "behaviour_nll": 0.6, "new_nll": 1.0, "cloze": 0.75, "retention": None,
+                 "qa": 0.9, "drift_agreement": 0.8}
+    results = compare({"base": base, "candidate": candidate})
+    assert results.forgetting_vs_base == pytest.approx(0.05)
+    assert results.forgetting_vs_incumbent is None
+    assert results.behaviour_increase == pytest.approx(0.2)
+    assert results.nll_drop == pytest.approx(0.75)
+    assert results.cloze_pass == 0.75 and results.retention is None
+    assert results.qa_drop == pytest.approx(0.1) and results.drift_agreement == 0.8

@@ -1,0 +1,144 @@
+"""Text the base model writes: quality filter, dedup, held-out prompts; and against the real served model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from replay import prompts, synth
+from replay.synth import Ask, GeneratorSpec
+from tests.conftest import LiveDaemon
+
+GOOD = " ".join(f"word{i}" for i in range(60))
+
+
+@pytest.mark.parametrize(("text", "min_words", "problem"), [
+    ("", 1, "empty"),
+    ("   \n ", 1, "empty"),
+    ("Paris.", 1, None),
+    ("too few words here", 40, "too short"),
+    ("the cat sat " * 30, 10, "repetitive"),
+    ("a " * 200, 10, "repetitive"),
+    (GOOD, 40, None),
+])
+def test_quality_filter(text: str, min_words: int, problem: str | None) -> None:
+    assert synth.quality_problem(text, min_words) == problem
+
+
+class FakeModel:
+    """Answers from a script, in order; records what it was asked."""
+
+    def __init__(self, answers: list[str | None]):
+        self.answers = list(answers)
+        self.asked: list[Ask] = []
+
+    def __call__(self, asks: Sequence[Ask]) -> list[str | None]:
+        self.asked += asks
+        return [self.answers.pop(0) if self.answers else f"{GOOD} extra{len(self.asked)}{i}"
+                for i, _ in enumerate(asks)]
+
+
+def test_synthetic_corpus_filters_dedups_and_varies_the_asks() -> None:
+    model = FakeModel([GOOD, GOOD.upper(), "", None, "loop " * 100, GOOD + " two"])
+    documents = synth.synthesize_corpus(model, count=5, chat=True, temperature=0.9)
+    texts = [d["text"] for d in documents]
+    assert len(texts) == 5 and texts[:2] == [GOOD, GOOD + " two"]
+    assert len(set(texts)) == 5
+    assert len({a.prompt for a in model.asked}) == len(model.asked)  # no prompt asked twice
+    assert len({a.seed for a in model.asked}) == len(model.asked)
+    assert all(a.temperature == 0.9 for a in model.asked)
+
+
+def test_synthetic_corpus_gives_up_after_too_many_bad_answers() -> None:
+    model = FakeModel([""] * 100)
+    assert synth.synthesize_corpus(model, count=10, chat=True, temperature=1.0) == []
+    assert len(model.asked) == 10 * synth.ATTEMPTS_PER_DOCUMENT
+
+
+def test_synthetic_corpus_stops_when_asked() -> None:
+    stop = threading.Event()
+    stop.set()
+    model = FakeModel([])
+    assert synth.synthesize_corpus(model, count=10, chat=True, temperature=1.0, stop=stop) == []
+    assert model.asked == []
+
+
+def test_completion_models_continue_a_prefix() -> None:
+    model = FakeModel([GOOD])
+    [document] = synth.synthesize_corpus(model, count=1, chat=False, temperature=1.0)
+    prefix = model.asked[0].prompt
+    assert not prefix.startswith(("Write", "Explain", "Describe", "List"))
+    assert document["text"].startswith(prefix.strip())
+
+
+def test_rehearsal_pairs_are_greedy_and_hold_out_a_fixed_part() -> None:
+    asked = prompts.chat_prompts(0)[:23]
+    model = FakeModel([f"answer {i}" for i in range(23)])
+    pairs = synth.rehearsal_pairs(model, 23, held_out=5, chat_prompts=asked)
+    assert [p["prompt"] for p in pairs] == asked and all(a.temperature == 0 for a in model.asked)
+    held = {p["prompt"] for p in pairs if p["held_out"]}
+    assert len(held) == 5
+    again = synth.rehearsal_pairs(FakeModel([f"answer {i}" for i in range(23)]), 23, held_out=5,
+                                  chat_prompts=list(reversed(asked)))
+    assert {p["prompt"] for p in again if p["held_out"]} == held  # by prompt, not by position
+
+
+def test_rehearsal_drops_empty_answers() -> None:
+    model = FakeModel(["Paris.", "", "  ", "Four."])
+    pairs = synth.rehearsal_pairs(model, 4, held_out=0, chat_prompts=["a?", "b?", "c?", "d?"])
+    assert [(p["prompt"], p["answer"]) for p in pairs] == [("a?", "Paris."), ("d?", "Four.")]
+
+
+def test_chat_prompts_are_varied_and_many() -> None:
+    asked = prompts.chat_prompts(0)
+    assert len(asked) == len(set(asked)) >= 120
+    assert asked == prompts.chat_prompts(0) and asked != prompts.chat_prompts(1)
+    assert any("capital of France" in p for p in asked) and any("Python" in p for p in asked)
+
+
+def test_unreachable_server_is_named() -> None:
+    with pytest.raises(synth.GeneratorUnavailable, match="127.0.0.1:9"):
+        synth.supports_chat(GeneratorSpec("http://127.0.0.1:9", "m", timeout_s=2))
+
+
+# ---- against the real served model ------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_served_model_writes_a_corpus_and_answers_rehearsal_prompts(live_daemon: LiveDaemon) -> None:
+    spec = GeneratorSpec(live_daemon.vllm_url, "cld-base", concurrency=8)
+    assert synth.supports_chat(spec)
+    generate = synth.endpoint(spec, chat=True)
+    documents = synth.synthesize_corpus(generate, count=4, chat=True, temperature=0.9)
+    assert len(documents) >= 3
+    assert len({d["text"] for d in documents}) == len(documents)
+    assert all(synth.quality_problem(d["text"], synth.CORPUS_MIN_WORDS) is None for d in documents)
+    pairs = synth.rehearsal_pairs(generate, 2, held_out=1,
+                                  chat_prompts=["What is the capital of France?", "What is 2 plus 2?"])
+    assert "Paris" in pairs[0]["answer"]
+    assert sum(p["held_out"] for p in pairs) == 1
+
+
+@pytest.mark.integration
+def test_the_daemon_builds_a_synthetic_replay_buffer_in_the_background(live_daemon: LiveDaemon) -> None:
+    replay = live_daemon.state_dir / "replay"
+    deadline = time.monotonic() + 600
+    while not (replay / "manifest.json").is_file():
+        assert time.monotonic() < deadline, f"no replay buffer after 600 s:\n{live_daemon.log_tail()}"
+        time.sleep(2)
+    status = json.loads(live_daemon.cld("status", "--json").stdout)["replay"]
+    assert status["source"] == "synthetic" and status["passages"] >= 10
+    assert 0 <= status["held_out"] < status["passages"]
+    rehearsal = json.loads((replay / "rehearsal.json").read_text())
+    assert rehearsal["chat"] and len(rehearsal["pairs"]) >= 12
+    assert sum(p["held_out"] for p in rehearsal["pairs"]) == 4
+    query = live_daemon.cld("replay", "query", "the history of ancient Egypt", "-k", "3")
+    assert query.returncode == 0, query.stderr
+    lines = query.stdout.splitlines()
+    assert len(lines) == 3 and all(0 < float(line.split()[0]) <= 1.0001 for line in lines)
+    again = live_daemon.cld("replay", "build")
+    assert again.returncode == 0 and "source: synthetic" in again.stdout, again.stderr
