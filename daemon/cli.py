@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from daemon.config import ConfigError, Settings, load_settings, reference_markdown
+from daemon.layout import StateDir
 
 if TYPE_CHECKING:
     from daemon.watch import Outcome
@@ -27,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 ConfigOption = Annotated[
     Optional[Path],
@@ -68,9 +70,13 @@ def run(config: ConfigOption = None) -> None:
 
 @app.command()
 def prepare(config: ConfigOption = None) -> None:
-    """Make the base model ready (converts the embedded GGUF once; `run` does it when needed)."""
+    """Make the base model and the replay buffer ready (`run` does both when they are missing).
+
+    The base model is converted once (the embedded GGUF) or checked (a Hugging Face folder). The
+    replay buffer is built from replay.corpus; with no corpus the base model writes one, which
+    needs the model server, so `cld run` builds it in the background instead.
+    """
     from daemon import model
-    from daemon.layout import StateDir
 
     settings = _settings(config)
     _setup_logging()
@@ -79,6 +85,10 @@ def prepare(config: ConfigOption = None) -> None:
     except model.ModelError as error:
         _fail(str(error), code=1)
     typer.echo(f"base model ready: {path}")
+    if not settings.replay.corpus:
+        typer.echo("replay.corpus is empty: `cld run` has the base model write the replay corpus once it serves")
+        return
+    replay_build(config)
 
 
 @app.command()
@@ -88,7 +98,6 @@ def status(
 ) -> None:
     """Show what the daemon serves and knows. Works whether or not the daemon runs."""
     from daemon import status as status_mod
-    from daemon.layout import StateDir
 
     settings = _settings(config)
     record = status_mod.running_daemon(StateDir(settings.state.dir))
@@ -255,7 +264,6 @@ def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = 
     import httpx
 
     from daemon import status as status_mod
-    from daemon.layout import StateDir
 
     record = status_mod.running_daemon(StateDir(settings.state.dir))
     if record is None:
@@ -305,7 +313,6 @@ def replay_build(config: ConfigOption = None) -> None:
     """
     from daemon import replaybuf
     from daemon import status as status_mod
-    from daemon.layout import StateDir
     from replay.build import BuildError, run
     from replay.corpus import CorpusError
     from replay.files import BuildLocked

@@ -67,7 +67,7 @@ CREATE INDEX IF NOT EXISTS inputs_name ON inputs (name);
 CREATE INDEX IF NOT EXISTS inputs_unmoved ON inputs (moved) WHERE moved = 0;
 """
 BUSY_TIMEOUT_MS = 10_000
-EMPTY_COUNTS = {"ingested": 0, "pending": 0, "quarantined": 0, "learned": 0, "duplicates": 0}
+EMPTY_COUNTS = {"ingested": 0, "pending": 0, "quarantined": 0, "learned": 0, "duplicates": 0, "ready": 0}
 
 Record = dict[str, Any]
 Chunks = list[tuple[int, Record]]  # (tokens, training record), in order
@@ -270,8 +270,9 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection | None]:
 
 
 def counts(path: Path) -> dict[str, int]:
-    """The status counts: unique documents `ingested`, of them `pending` (not learned yet) and
-    `learned`; input files `quarantined`, and `duplicates` (files whose content was already known)."""
+    """The status counts: unique documents `ingested`, of them `pending` (not learned yet; `ready`
+    of those are chunked and wait for the next cycle) and `learned`; input files `quarantined`,
+    and `duplicates` (files whose content was already known)."""
     with _reading(path) as db:
         if db is None:
             return dict(EMPTY_COUNTS)
@@ -283,6 +284,7 @@ def counts(path: Path) -> dict[str, int]:
         "quarantined": outcomes.get("quarantined", 0),
         "learned": states.get("learned", 0),
         "duplicates": outcomes.get("duplicate", 0),
+        "ready": states.get("ready", 0),
     }
 
 

@@ -41,8 +41,7 @@ def wait_for(condition, timeout_s: float, what: str, daemon: LiveDaemon) -> dict
 def test_invented_facts_are_learned_promoted_and_served_then_rolled_back(live_daemon: LiveDaemon) -> None:
     (live_daemon.state_dir / "inbox" / "velmora-accord.txt").write_text(FACTS)
     wait_for(lambda s: s["replay"]["source"] == "synthetic", 900, "the replay buffer", live_daemon)
-    wait_for(lambda s: s["documents"]["ingested"] >= 1 and s["documents"]["pending"] == 0, 120,
-             "the document to be ingested", live_daemon)
+    wait_for(lambda s: s["documents"]["ready"] >= 1, 300, "the document to be ingested and chunked", live_daemon)
 
     result = live_daemon.cld("cycle", "--wait", timeout_s=2400)
     after = status(live_daemon)
@@ -52,7 +51,7 @@ def test_invented_facts_are_learned_promoted_and_served_then_rolled_back(live_da
     assert any(reason.startswith("cloze probes passed") for reason in cycle["reasons"])
     version = cycle["version"]
     assert after["model"]["current_adapter"] == version
-    assert after["documents"]["learned"] == 1
+    assert after["documents"]["learned"] >= 1
     [adapter] = [a for a in after["adapters"] if a["version"] == version]
     assert adapter["state"] == "promoted" and adapter["probes"]["cloze_pass"] >= 0.5
 

@@ -135,7 +135,7 @@ def test_the_daemon_builds_a_synthetic_replay_buffer_in_the_background(live_daem
     assert 0 <= status["held_out"] < status["passages"]
     rehearsal = json.loads((replay / "rehearsal.json").read_text())
     assert rehearsal["chat"] and len(rehearsal["pairs"]) >= 12
-    assert sum(p["held_out"] for p in rehearsal["pairs"]) == 4
+    assert sum(p["held_out"] for p in rehearsal["pairs"]) == 6  # replay.rehearsal_held_out in conftest
     query = live_daemon.cld("replay", "query", "the history of ancient Egypt", "-k", "3")
     assert query.returncode == 0, query.stderr
     lines = query.stdout.splitlines()
