@@ -44,7 +44,10 @@ def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     config = folder / "config.toml"
-    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}')
+    # A one-document replay build, finished before measuring, so it does not load vLLM meanwhile.
+    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}'
+                      '[replay]\nsynthetic_documents = 1\nrehearsal_prompts = 2\nrehearsal_held_out = 1\n'
+                      '[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n')
     log = open(folder / "daemon.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -53,7 +56,8 @@ def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
         if process.poll() is not None:
             sys.exit(f"cld run exited; see {folder / 'daemon.log'}")
         try:
-            if httpx.get(f"{front}/health", timeout=2).status_code == 200:
+            healthy = httpx.get(f"{front}/health", timeout=2).status_code == 200
+            if healthy and httpx.get(f"{front}/api/status", timeout=5).json()["replay"]["source"]:
                 return process, front, f"http://127.0.0.1:{vllm_port}"
         except httpx.HTTPError:
             pass
