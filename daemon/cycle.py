@@ -92,12 +92,12 @@ class Learner:
         return None
 
     def _stage(self, record: CycleRecord, stage: str, result: T) -> T:
-        record.stage = stage
+        record.enter(stage)
         self.cycles.save(record)
         return result
 
     async def _astage(self, record: CycleRecord, stage: str, work: Awaitable[T]) -> T:
-        record.stage = stage
+        record.enter(stage)
         self.cycles.save(record)
         log.info("cycle %d: %s", record.id, stage)
         return await work

@@ -35,13 +35,21 @@ class CycleRecord:
     cloze: list[list[str]] = field(default_factory=list)  # [prompt, expected] of the new documents
     progress: dict[str, Any] = field(default_factory=dict)
     error: Optional[str] = None
+    timings_s: dict[str, float] = field(default_factory=dict)  # seconds spent in each stage
+    stage_started: float = field(default_factory=time.time)
+
+    def enter(self, stage: str) -> None:
+        """Move to `stage`, adding the time spent in the previous one to `timings_s`."""
+        now = time.time()
+        self.timings_s[self.stage] = round(self.timings_s.get(self.stage, 0.0) + now - self.stage_started, 3)
+        self.stage, self.stage_started = stage, now
 
     def summary(self) -> dict[str, Any]:
         """The status's view of a cycle."""
         return {"id": self.id, "state": self.state, "stage": self.stage, "trigger": self.trigger,
                 "version": self.version, "decision": self.decision, "reasons": self.reasons,
                 "documents": len(self.documents), "started_at": self.started_at, "finished_at": self.finished_at,
-                "progress": self.progress, "error": self.error}
+                "progress": self.progress, "error": self.error, "timings_s": self.timings_s}
 
 
 class CycleStore:
@@ -68,7 +76,8 @@ class CycleStore:
 
     def finish(self, record: CycleRecord, state: str, reasons: list[str] | None = None,
                error: str | None = None) -> CycleRecord:
-        record.state, record.stage, record.finished_at = state, "done", time.time()
+        record.enter("done")
+        record.state, record.finished_at = state, time.time()
         if reasons is not None:
             record.reasons = reasons
         record.error = error

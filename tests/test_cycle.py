@@ -132,6 +132,8 @@ async def test_a_good_candidate_is_promoted_and_the_next_one_builds_on_it(state:
     assert learner.router.current is not None and learner.router.current.version == "v0001"
     assert journal.docs[1]["state"] == "learned" and journal.docs[1]["version"] == "v0001"
     assert first.probes["results"]["cloze_pass"] == 1.0 and first.cloze
+    assert {"select", "train", "load", "probe", "promote"} <= set(first.timings_s)
+    assert first.timings_s["train"] > 0
     assert list(vllm.loaded) == [learner.router.current.served_name]
 
     journal.add(MORE)

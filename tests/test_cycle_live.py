@@ -4,14 +4,16 @@ inbox is learned, probed through vLLM, promoted, served under the stable name, a
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from daemon.probes import build_cloze, cloze_passed
-from tests.conftest import LiveDaemon
+from tests.conftest import LiveDaemon, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -38,44 +40,86 @@ def wait_for(condition, timeout_s: float, what: str, daemon: LiveDaemon) -> dict
     raise AssertionError(f"timed out waiting for {what}; status: {json.dumps(status(daemon))[:2000]}")
 
 
-def test_invented_facts_are_learned_promoted_and_served_then_rolled_back(live_daemon: LiveDaemon) -> None:
+@pytest.fixture(scope="module")
+def learned(live_daemon: LiveDaemon) -> str:
+    """Drop a document of invented facts into the inbox and run a cycle; the promoted version."""
     (live_daemon.state_dir / "inbox" / "velmora-accord.txt").write_text(FACTS)
     wait_for(lambda s: s["replay"]["source"] == "synthetic", 900, "the replay buffer", live_daemon)
     wait_for(lambda s: s["documents"]["ready"] >= 1, 300, "the document to be ingested and chunked", live_daemon)
-
     result = live_daemon.cld("cycle", "--wait", timeout_s=2400)
-    after = status(live_daemon)
-    cycle = after["cycles"][-1]
+    cycle = status(live_daemon)["cycles"][-1]
     assert result.returncode == 0, result.stdout + result.stderr
     assert cycle["state"] == "promoted", f"rejected: {cycle['reasons']} {cycle.get('error')}"
+    return cycle["version"]
+
+
+def recall(daemon: LiveDaemon, model: str) -> float:
+    """Share of the facts' cloze probes that `model` completes through the front."""
+    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    probes = build_cloze(FACTS, limit=8)
+    hits = 0
+    for probe in probes:
+        reply = client.completions.create(model=model, prompt=probe.prompt, max_tokens=24, temperature=0,
+                                          stop=["\n"])
+        assert reply.model == model
+        hits += cloze_passed(probe.expected, reply.choices[0].text)
+    return hits / len(probes)
+
+
+def test_invented_facts_are_learned_promoted_and_served_then_rolled_back(live_daemon: LiveDaemon,
+                                                                         learned: str) -> None:
+    after = status(live_daemon)
+    cycle = after["cycles"][-1]
     assert any(reason.startswith("cloze probes passed") for reason in cycle["reasons"])
-    version = cycle["version"]
-    assert after["model"]["current_adapter"] == version
+    assert {"select", "train", "load", "probe", "promote"} <= set(cycle["timings_s"])
+    assert after["model"]["current_adapter"] == learned
     assert after["documents"]["learned"] >= 1
-    [adapter] = [a for a in after["adapters"] if a["version"] == version]
+    [adapter] = [a for a in after["adapters"] if a["version"] == learned]
     assert adapter["state"] == "promoted" and adapter["probes"]["cloze_pass"] >= 0.5
 
     # Clients of the stable name now get the learned facts; the base does not know them.
-    client = openai.OpenAI(base_url=f"{live_daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    probes = build_cloze(FACTS, limit=8)
-
-    def recall(model: str) -> float:
-        hits = 0
-        for probe in probes:
-            reply = client.completions.create(model=model, prompt=probe.prompt, max_tokens=24, temperature=0,
-                                              stop=["\n"])
-            assert reply.model == model
-            hits += cloze_passed(probe.expected, reply.choices[0].text)
-        return hits / len(probes)
-
-    learned, base = recall("cld"), recall("cld-base")
-    assert learned >= 0.5 and learned > base, f"cloze recall: cld {learned:.2f}, cld-base {base:.2f}"
+    learned_recall, base_recall = recall(live_daemon, "cld"), recall(live_daemon, "cld-base")
+    assert learned_recall >= 0.5 and learned_recall > base_recall, (learned_recall, base_recall)
 
     # Rollback to the base and back again, through the CLI; the stable name follows at once.
     assert live_daemon.cld("rollback", "base").returncode == 0
     assert status(live_daemon)["model"]["current_adapter"] is None
-    assert recall("cld") == base
-    assert live_daemon.cld("rollback", version).returncode == 0
-    assert status(live_daemon)["model"]["current_adapter"] == version
+    assert recall(live_daemon, "cld") == base_recall
+    assert live_daemon.cld("rollback", learned).returncode == 0
+    assert status(live_daemon)["model"]["current_adapter"] == learned
+    assert recall(live_daemon, "cld") == learned_recall
     listing = live_daemon.cld("adapters")
-    assert version in listing.stdout and "promoted" in listing.stdout
+    assert learned in listing.stdout and "promoted" in listing.stdout
+
+
+def test_a_wrecking_cycle_is_rejected_and_the_incumbent_keeps_serving(live_daemon: LiveDaemon, learned: str,
+                                                                      tmp_path: Path) -> None:
+    # A second daemon on a copy of the first one's state: it must serve the promoted adapter after
+    # its start, and a cycle trained with an absurd learning rate must not replace it.
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("replay", "adapters", "cycles"):
+        shutil.copytree(live_daemon.state_dir / name, state / name)
+    serving = json.loads((live_daemon.state_dir / "serving.json").read_text())
+    serving["current"]["path"] = str(state / "adapters" / learned)
+    (state / "serving.json").write_text(json.dumps(serving))
+    wrecker = start_daemon(tmp_path, extra_config=(
+        f'\n[model]\nbase = "{live_daemon.state_dir / "model"}"\n[train]\nlearning_rate = 0.1\nepochs = 3\n'))
+    try:
+        assert status(wrecker)["model"]["current_adapter"] == learned
+        served_recall = recall(wrecker, "cld")
+        assert served_recall >= 0.5, "the promoted adapter was not served again after a restart"
+
+        (state / "inbox" / "more.txt").write_text(
+            "The Odrin ferry crosses the Sael estuary twice a day. Its captain in 2032 was Rhea Valdomir.")
+        wait_for(lambda s: s["replay"]["source"] and s["documents"]["ready"] >= 1, 900, "ingestion", wrecker)
+        result = wrecker.cld("cycle", "--wait", timeout_s=2400)
+        cycle = status(wrecker)["cycles"][-1]
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert cycle["state"] == "rejected", cycle
+        assert any(r.startswith("forgetting vs base") and ">" in r for r in cycle["reasons"]), cycle["reasons"]
+        assert any(r.startswith("forgetting vs incumbent") and ">" in r for r in cycle["reasons"]), cycle["reasons"]
+        assert status(wrecker)["model"]["current_adapter"] == learned
+        assert recall(wrecker, "cld") == served_recall, "the incumbent's answers changed"
+    finally:
+        stop_daemon(wrecker)

@@ -39,7 +39,13 @@ class FakeVLLM:
                 for word in ("Paris", " is", " it"):
                     chunk = {"id": "x", "object": "chat.completion.chunk", "model": model,
                              "choices": [{"index": 0, "delta": {"content": word}}]}
-                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                    event = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                    if body.get("split"):  # the network may cut an event anywhere, the name too
+                        cut = event.index(model) + 3
+                        yield event[:cut]
+                        yield event[cut:]
+                    else:
+                        yield event
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         return {"id": "x", "object": "chat.completion", "model": model,
@@ -106,10 +112,12 @@ async def test_missing_model_field_means_the_stable_name(fake: FakeVLLM, router:
     assert reply.status_code == 200 and reply.json()["model"] == "cld"
 
 
-async def test_streaming_renames_every_event_and_keeps_done(fake: FakeVLLM, router: Router) -> None:
+@pytest.mark.parametrize("split", [False, True])
+async def test_streaming_renames_every_event_and_keeps_done(fake: FakeVLLM, router: Router, split: bool) -> None:
     router.switch(Adapter("v0002", "cld-v0002", Path("/a")))
+    body = {"model": "cld", "stream": True, "split": split, **CHAT}
     async with front(router, upstream_for(fake)) as client:
-        async with client.stream("POST", "/v1/chat/completions", json={"model": "cld", "stream": True, **CHAT}) as reply:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
             assert reply.headers["content-type"].startswith("text/event-stream")
             lines = [line async for line in reply.aiter_lines() if line]
     assert lines[-1] == "data: [DONE]"

@@ -1,0 +1,160 @@
+"""Knowledge latency and hot-swap under load, on the real daemon with the embedded model.
+
+    .venv/bin/python bench/cycle_latency.py [--swaps 5] [--clients 16]
+
+1. Knowledge latency: a 2 KB document of invented facts lands in the inbox; seconds until an
+   adapter that learned it is promoted, split by stage (ingest, then the cycle's own stages).
+   The probe limits are loosened here (as in the live tests): this measures the pipeline's
+   speed, not whether the default limits accept a cycle on the 135M model.
+2. Hot-swap under load: `--clients` streaming chat clients loop on the stable name while the
+   promoted adapter is swapped `--swaps` times (each swap loads it under a fresh name, switches,
+   drains and unloads the old one — the same path as a promotion). Counts failed or cut-off
+   requests (target 0) and the swap latency.
+Starts `cld run` in a temporary state directory, reusing ./var/model when it is prepared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+FACTS = " ".join(
+    f"In the year {2040 + i}, the guild of {name} moved its archive to {city}, where {person} kept "
+    f"{count} ledgers in a vault under the {place}."
+    for i, (name, city, person, count, place) in enumerate([
+        ("glassmakers", "Varnholt", "Edda Murrow", 312, "clock tower"),
+        ("cartographers", "Selbrin", "Tomas Quill", 87, "old mint"),
+        ("bellfounders", "Orrick", "Ysolde Fenn", 1204, "salt market"),
+        ("ropewalkers", "Dunmere", "Cael Abernathy", 45, "river gate"),
+        ("lamplighters", "Kestova", "Inge Larkspur", 660, "north bridge"),
+        ("papermakers", "Thrale", "Osric Vane", 23, "grain hall"),
+        ("dyers", "Morrowfield", "Petra Sallow", 998, "weavers' court"),
+        ("clockwrights", "Aubrenne", "Lucan Hollis", 141, "customs house"),
+        ("tanners", "Felgate", "Mira Oakes", 77, "east wall"),
+        ("printers", "Halvard", "Joss Penrose", 503, "cathedral steps"),
+        ("brewers", "Ostlake", "Runa Thistle", 219, "fish market"),
+        ("masons", "Corvel", "Anselm Drake", 36, "harbour light"),
+    ])
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(folder: Path) -> tuple[subprocess.Popen, str]:
+    port, vllm_port = free_port(), free_port()
+    prepared = REPO / "var" / "model"
+    base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
+    (folder / "config.toml").write_text(
+        f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}'
+        "[replay]\nsynthetic_documents = 24\nrehearsal_prompts = 24\nrehearsal_held_out = 6\n"
+        "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n"
+        "[probes]\nmax_forgetting = 1.0\nmax_behaviour_increase = 2.0\nmin_drift_agreement = 0.05\n")
+    log = open(folder / "daemon.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(folder / "config.toml")],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def status(url: str) -> dict:
+    return httpx.get(f"{url}/api/status", timeout=30).json()
+
+
+def wait(url: str, condition, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            current = status(url)
+            if condition(current):
+                return current
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    sys.exit("timed out; see the daemon log")
+
+
+def knowledge_latency(url: str, inbox: Path) -> dict:
+    landed = time.monotonic()
+    (inbox / "guild-archives.txt").write_text(FACTS)
+    wait(url, lambda s: s["documents"]["ready"] >= 1, 600)
+    ingested = time.monotonic()
+    httpx.post(f"{url}/api/cycles", timeout=30).raise_for_status()
+    final = wait(url, lambda s: s["cycles"] and s["cycles"][-1]["state"] != "running", 3600)
+    done = time.monotonic()
+    cycle = final["cycles"][-1]
+    return {"state": cycle["state"], "version": cycle["version"], "total_s": round(done - landed, 1),
+            "ingest_s": round(ingested - landed, 1), "stages_s": cycle["timings_s"], "reasons": cycle["reasons"],
+            "document_bytes": len(FACTS.encode())}
+
+
+async def client_loop(url: str, stop: asyncio.Event, outcome: dict) -> None:
+    body = {"model": "cld", "messages": [{"role": "user", "content": "Where did the glassmakers move?"}],
+            "max_tokens": 24, "temperature": 0, "stream": True}
+    async with httpx.AsyncClient(timeout=300) as client:
+        while not stop.is_set():
+            try:
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+                    lines = [line async for line in reply.aiter_lines()]
+                ok = reply.status_code == 200 and lines and "data: [DONE]" in lines
+            except httpx.HTTPError:
+                ok = False
+            outcome["ok" if ok else "failed"] += 1
+
+
+async def hot_swap(url: str, version: str, swaps: int, clients: int) -> dict:
+    stop, outcome = asyncio.Event(), {"ok": 0, "failed": 0}
+    workers = [asyncio.create_task(client_loop(url, stop, outcome)) for _ in range(clients)]
+    latencies = []
+    async with httpx.AsyncClient(timeout=300) as admin:
+        await asyncio.sleep(5)
+        for _ in range(swaps):
+            started = time.perf_counter()
+            (await admin.post(f"{url}/api/rollback", json={"version": version})).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(3)
+    stop.set()
+    await asyncio.gather(*workers)
+    return {"swaps": swaps, "clients": clients, "requests_ok": outcome["ok"], "requests_failed": outcome["failed"],
+            "swap_s": [round(x, 3) for x in latencies], "swap_p50_s": round(statistics.median(latencies), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--swaps", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cld-bench-") as folder:
+        process, url = start(Path(folder))
+        try:
+            wait(url, lambda s: s["replay"]["source"] and s["daemon"].get("vllm") == "ready", 1800)
+            knowledge = knowledge_latency(url, Path(folder) / "state" / "inbox")
+            print(json.dumps({"knowledge_latency": knowledge}, indent=2), flush=True)
+            if knowledge["state"] != "promoted":
+                sys.exit("the cycle was not promoted; no adapter to swap")
+            swap = asyncio.run(hot_swap(url, knowledge["version"], args.swaps, args.clients))
+            print(json.dumps({"hot_swap": swap}, indent=2))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(120)
+    print(f"\nMachine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+
+
+if __name__ == "__main__":
+    main()
