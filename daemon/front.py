@@ -235,8 +235,7 @@ async def _rename_stream(reply: httpx.Response, served: str, public: str, router
     """Relay server-sent events with the served model name replaced, whole events at a time (a
     byte replace per event: the proxy must cost vLLM as little CPU as possible). The request
     counts as in flight until the stream ends or the client goes away."""
-    renames = [(f'"model":{sep}{json.dumps(served)}'.encode(), f'"model":{sep}{json.dumps(public)}'.encode())
-               for sep in ("", " ")]
+    renames = _renames(served, public)
     pending = b""
     try:
         async for chunk in reply.aiter_bytes():
@@ -251,6 +250,12 @@ async def _rename_stream(reply: httpx.Response, served: str, public: str, router
         await _close(reply, router, served)
 
 
+def _renames(served: str, public: str) -> list[tuple[bytes, bytes]]:
+    """The `"model": "<served>"` fields to rewrite, as vLLM (compact) or others (spaced) write them."""
+    return [(f'"model":{sep}{json.dumps(served)}'.encode(), f'"model":{sep}{json.dumps(public)}'.encode())
+            for sep in ("", " ")]
+
+
 def _rename(data: bytes, renames: list[tuple[bytes, bytes]]) -> bytes:
     for old, new in renames:
         data = data.replace(old, new)
@@ -260,10 +265,7 @@ def _rename(data: bytes, renames: list[tuple[bytes, bytes]]) -> bytes:
 def _renamed_response(reply: httpx.Response, content: bytes, served: str, public: str) -> Response:
     media_type = reply.headers.get("content-type", "application/json")
     if reply.status_code == 200 and media_type.startswith("application/json"):
-        data = json.loads(content)
-        if isinstance(data, dict) and data.get("model") == served:
-            data["model"] = public
-            return JSONResponse(data)
+        return Response(_rename(content, _renames(served, public)), media_type=media_type)
     if reply.status_code >= 400 and not media_type.startswith("application/json"):
         text = content.decode(errors="replace")[:500]
         return openai_error(reply.status_code, f"model server error: {text}", "upstream_error")
