@@ -101,7 +101,7 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             failures = 0 if time.monotonic() - started > self.stable_s else failures + 1
-            delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** max(failures - 1, 0))
+            delay = backoff_delay(failures, *self.backoff_s)
             log.error("%s exited with code %s; restarting in %.0f s", self.name, code, delay)
             self.state = State.BACKOFF
             self.restarts += 1
@@ -178,6 +178,12 @@ class Supervisor:
     def _forget_pid(self) -> None:
         if self.pid_file is not None:
             self.pid_file.unlink(missing_ok=True)
+
+
+def backoff_delay(failures: int, first_s: float, most_s: float) -> float:
+    """Seconds to wait before the next start after `failures` quick exits in a row: doubling
+    from `first_s`, at most `most_s`."""
+    return min(most_s, first_s * 2 ** max(failures - 1, 0))
 
 
 def _kill_group(pgid: int | None, sig: int) -> None:
