@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -41,7 +42,7 @@ def wait_for(condition, timeout_s: float, what: str, daemon: LiveDaemon) -> dict
 
 
 @pytest.fixture(scope="module")
-def learned(live_daemon: LiveDaemon) -> str:
+def learned(live_daemon: LiveDaemon) -> Iterator[str]:
     """Drop a document of invented facts into the inbox and run a cycle; the promoted version."""
     (live_daemon.state_dir / "inbox" / "velmora-accord.txt").write_text(FACTS)
     wait_for(lambda s: s["replay"]["source"] == "synthetic", 900, "the replay buffer", live_daemon)
@@ -50,7 +51,9 @@ def learned(live_daemon: LiveDaemon) -> str:
     cycle = status(live_daemon)["cycles"][-1]
     assert result.returncode == 0, result.stdout + result.stderr
     assert cycle["state"] == "promoted", f"rejected: {cycle['reasons']} {cycle.get('error')}"
-    return cycle["version"]
+    yield cycle["version"]
+    # The daemon is shared with the other live tests: leave it serving the base model again.
+    assert live_daemon.cld("rollback", "base").returncode == 0
 
 
 def recall(daemon: LiveDaemon, model: str) -> float:

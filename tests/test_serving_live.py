@@ -58,10 +58,12 @@ def test_cli_status_and_query(live_daemon: LiveDaemon) -> None:
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["daemon"]["running"] and status["daemon"]["vllm"] == "ready"
-    assert status["model"] == {"base": "SmolLM2-135M-Instruct", "served_name": "cld", "current_adapter": None}
+    # current_adapter depends on what other tests on this shared daemon promoted.
+    assert {k: status["model"][k] for k in ("base", "served_name")} == {"base": "SmolLM2-135M-Instruct",
+                                                                         "served_name": "cld"}
     assert httpx.get(f"{live_daemon.url}/api/status").json()["model"] == status["model"]
     human = live_daemon.cld("status")
-    assert "running" in human.stdout and "cld = base" in human.stdout
+    assert "running" in human.stdout and f"cld = {status['model']['current_adapter'] or 'base'}" in human.stdout
     answer = live_daemon.cld("query", "What is the capital of France?", "--max-tokens", "30")
     assert answer.returncode == 0 and "Paris" in answer.stdout
 

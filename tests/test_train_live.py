@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import sys
 import subprocess
@@ -48,8 +49,10 @@ def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDa
             # Several scorings batched together with the adapter loaded (this once crashed vLLM).
             scores = await asyncio.gather(*(client.token_nll(model, FACTS)
                                             for model in ("cld-base", "test-train-v0001") * 4))
-            assert all(score == scores[index % 2] for index, score in enumerate(scores))
-            base, tuned = statistics.mean(scores[0]), statistics.mean(scores[1])
+            means = [statistics.mean(score) for score in scores]
+            # Batches of different make-up round bf16 differently: equal to within a percent.
+            assert all(math.isclose(mean, means[index % 2], rel_tol=0.01) for index, mean in enumerate(means)), means
+            base, tuned = means[0], means[1]
             await client.unload_lora("test-train-v0001")
         finally:
             await client.aclose()
