@@ -110,7 +110,7 @@ def status(
 def _live_status(record: dict, settings: Settings) -> dict | None:
     import httpx
 
-    headers = {"Authorization": f"Bearer {settings.security.api_key}"} if settings.security.api_key else {}
+    headers = _auth_headers(settings)
     try:
         reply = httpx.get(f"{record['url']}/api/status", headers=headers, timeout=5)
         reply.raise_for_status()
@@ -259,6 +259,11 @@ def rollback(
     typer.echo(f"{settings.serve.model_name} now serves {reply['serving'] or 'the base model'}")
 
 
+def _auth_headers(settings: Settings) -> dict[str, str]:
+    key = settings.security.api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:
     """Call the running daemon's admin API; exit with a clear message when it cannot."""
     import httpx
@@ -268,7 +273,7 @@ def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = 
     record = status_mod.running_daemon(StateDir(settings.state.dir))
     if record is None:
         _fail("the daemon is not running: start it with `cld run`", code=1)
-    headers = {"Authorization": f"Bearer {settings.security.api_key}"} if settings.security.api_key else {}
+    headers = _auth_headers(settings)
     try:
         reply = httpx.request(method, f"{record['url']}{path}", json=body, headers=headers, timeout=60)
     except httpx.HTTPError as error:
