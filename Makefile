@@ -9,6 +9,7 @@ PIP     := $(BIN)/python -m pip
 # pip's extra local indexes on some machines print one warning per package: hide only those lines.
 QUIET   := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" ; test $${PIPESTATUS[0]} -eq 0
 SHELL   := /bin/bash
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install run test test-unit bench clean
 
@@ -28,13 +29,20 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The status page test renders /status in Debian's headless Chromium: installed when missing (as root).
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core; \
+	else echo "chromium is missing and this is not root on Debian: the status page test will fail;" \
+		"install Debian's chromium package (sudo apt-get install chromium)" >&2; fi
+
 run: install
 	$(BIN)/cld run --config $(CONFIG)
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest
 
-test-unit: install
+test-unit: install $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not integration"
 
 bench: install

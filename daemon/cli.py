@@ -7,9 +7,6 @@ Owns argument parsing and what the user sees; every command calls into the daemo
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -49,10 +46,10 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     raise typer.Exit(code)
 
 
-def _setup_logging() -> None:
-    level = os.environ.get("CLD_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+def _setup_logging(settings: Settings) -> None:
+    from daemon import logs
+
+    logs.setup(settings.log)
 
 
 @app.command()
@@ -61,7 +58,7 @@ def run(config: ConfigOption = None) -> None:
     from daemon import model, service
 
     settings = _settings(config)
-    _setup_logging()
+    _setup_logging(settings)
     try:
         service.run(settings)
     except (service.StartupError, model.ModelError) as error:
@@ -79,7 +76,7 @@ def prepare(config: ConfigOption = None) -> None:
     from daemon import model
 
     settings = _settings(config)
-    _setup_logging()
+    _setup_logging(settings)
     try:
         path = model.prepare(settings.model.base, StateDir(settings.state.dir))
     except model.ModelError as error:
@@ -104,7 +101,12 @@ def status(
     result = _live_status(record, settings) if record else None
     if result is None:
         result = status_mod.collect(settings)
-    typer.echo(json.dumps(result, indent=2) if as_json else status_mod.render(result))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+
+    Console(soft_wrap=False).print(status_mod.render(result))
 
 
 def _live_status(record: dict, settings: Settings) -> dict | None:
@@ -324,7 +326,7 @@ def replay_build(config: ConfigOption = None) -> None:
     from replay.synth import GeneratorUnavailable
 
     settings = _settings(config)
-    _setup_logging()
+    _setup_logging(settings)
     record = status_mod.running_daemon(StateDir(settings.state.dir))
     spec = replaybuf.generator(settings, record["url"], settings.serve.base_name, settings.security.api_key) \
         if record else None

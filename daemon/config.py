@@ -328,6 +328,20 @@ class SecuritySection(Section):
     )
 
 
+class LogSection(Section):
+    format: Literal["text", "json"] = Field(
+        "text", description="Log lines on stderr: text (for people; without the time under systemd, whose "
+        "journal adds it) or json (one object per line: time, level, logger, message, and cycle, version and "
+        "stage during a learning cycle)."
+    )
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level logged.")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
 class Settings(BaseSettings):
     """All settings. Build with `load_settings`, which also resolves relative paths."""
 
@@ -348,6 +362,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     probes: ProbesSection = Field(default_factory=ProbesSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
+    log: LogSection = Field(default_factory=LogSection)
 
     @classmethod
     def settings_customise_sources(

@@ -20,12 +20,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from daemon import adapters, probes, replaybuf
+from daemon import adapters, logs, probes, replaybuf
 from daemon.config import Settings
 from daemon.cycles import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore, adapter_states
 from daemon.decide import Decision, Thresholds, decide
 from daemon.jobs import JobData, TrainJob
 from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, atomic_write_text
+from daemon.metrics import Metrics
 from daemon.serving import Adapter, Router
 from daemon.vllm import VLLMClient
 
@@ -44,9 +45,10 @@ class Learner:
     """Runs cycles one at a time and owns every change of the served adapter."""
 
     def __init__(self, settings: Settings, state: StateDir, client: VLLMClient, router: Router, journal: Any,
-                 model_dir: Path):
+                 model_dir: Path, metrics: Optional[Metrics] = None):
         self.settings, self.state, self.client, self.router = settings, state, client, router
         self.journal, self.model_dir = journal, model_dir
+        self.metrics = metrics or Metrics()
         self.cycles = CycleStore(state.root / CYCLES_DIR)
         self.cycle_lock, self.swap_lock = asyncio.Lock(), asyncio.Lock()
         self.current: Optional[CycleRecord] = None
@@ -59,6 +61,7 @@ class Learner:
         """One learning cycle, start to end. Serving is never touched unless the candidate passes."""
         async with self.cycle_lock:
             record = self.current = self.cycles.begin(trigger)
+            logged = logs.current_cycle.set(record)  # log lines carry the cycle's id, version and stage
             served: Optional[str] = None
             try:
                 documents = self._stage(record, "select", self.new_documents())
@@ -83,6 +86,7 @@ class Learner:
                 return self.cycles.finish(record, FAILED, error=f"{record.stage}: {error}")
             finally:
                 self.current = None
+                logs.current_cycle.reset(logged)
 
     def request(self, trigger: str) -> CycleRecord | None:
         """Start a cycle in the background unless one runs; returns the running one, if any."""
@@ -236,11 +240,13 @@ class Learner:
         """Serve `adapter` (loaded already; None = the base) under the stable name; drain and
         unload the previous one."""
         async with self.swap_lock:
+            started_s = time.perf_counter()
             previous = self.router.current
             self.router.switch(adapter)
             if previous is not None and (adapter is None or previous.served_name != adapter.served_name):
                 await self.router.drained(previous.served_name, DRAIN_TIMEOUT_S)
                 await self._unload_quietly(previous.served_name)
+            self.metrics.swap_duration.observe(time.perf_counter() - started_s)
 
     async def rollback(self, version: str | None) -> Adapter | None:
         """Serve `version` again (None = the base model)."""

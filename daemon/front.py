@@ -18,13 +18,16 @@ from typing import Any, Optional
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from daemon import statuspage
 from daemon.ingest import HandInError, TooLarge, Uploads
+from daemon.metrics import OTHER_MODEL, Metrics
 from daemon.readers import Unreadable, UnsupportedType
 from daemon.serving import Router
 
@@ -73,10 +76,13 @@ def create_app(
     api_key: str = "",
     admin: Optional[Admin] = None,
     uploads: Optional[Uploads] = None,
+    metrics: Optional[Metrics] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
     app = FastAPI(title="cld", summary="Continual-learning daemon: OpenAI-compatible API and admin API")
     require_key = _key_checker(api_key)
+    metrics = metrics or Metrics()
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, error: ProxyError) -> JSONResponse:
@@ -96,6 +102,7 @@ def create_app(
     async def api_status() -> dict[str, Any]:
         return await status()
 
+    _observe_routes(app, metrics, status, require_key, _page_key_checker(api_key))
     if admin is not None:
         _admin_routes(app, admin, require_key)
     if uploads is not None:
@@ -109,6 +116,7 @@ def create_app(
         payload = await _read_payload(request)
         public = payload.get("model") or router.model_name
         served = router.resolve(public)
+        request.scope[MODEL_LABEL] = public if served else OTHER_MODEL  # for RequestMetrics
         if served is None:
             valid = ", ".join(router.public_names)
             raise ProxyError(openai_error(404, f"The model `{public}` does not exist. Valid: {valid}.",
@@ -204,6 +212,67 @@ def _document_routes(app: FastAPI, uploads: Uploads, require_key: Callable[[Requ
 def _upload_error(error: Exception) -> ProxyError:
     status = 413 if isinstance(error, TooLarge) else 415 if isinstance(error, UnsupportedType) else 400
     return ProxyError(openai_error(status, str(error), "invalid_request_error", param="file"))
+
+
+# ---- observability: /metrics, /status and request metrics (daemon.metrics, daemon.statuspage) ------
+
+MODEL_LABEL = "cld.model"  # the ASGI scope key under which the proxy names a request's public model
+PAGE_CHALLENGE = {"WWW-Authenticate": 'Basic realm="cld", charset="UTF-8"'}
+
+
+def _observe_routes(app: FastAPI, metrics: Metrics, status: StatusSource,
+                    require_key: Callable[..., Awaitable[None]], page_key: Callable[..., Awaitable[None]]) -> None:
+    @app.get("/metrics", dependencies=[Depends(require_key)], include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        body, content_type = await run_in_threadpool(metrics.expose, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    @app.get("/status", dependencies=[Depends(page_key)], response_class=HTMLResponse, include_in_schema=False)
+    async def status_page() -> HTMLResponse:
+        return HTMLResponse(await run_in_threadpool(statuspage.render, await status()))
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times the inference requests (`PROXIED`), by the public model
+    name the proxy puts in the scope and the status code sent; the time runs to the answer's end."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in PROXIED:
+            return await self.app(scope, receive, send)
+        started_s, code = time.perf_counter(), 500
+
+        async def send_noting_status(message: dict[str, Any]) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            self.metrics.request_done(scope.get(MODEL_LABEL, OTHER_MODEL), code, started_s)
+
+
+def _page_key_checker(api_key: str) -> Callable[..., Awaitable[None]]:
+    """The status page's guard: the API key as a bearer token, or as the password of HTTP Basic
+    (any user name), so that a browser asks for it (nothing when no key is set)."""
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request, basic: Optional[HTTPBasicCredentials] = Depends(HTTPBasic(auto_error=False))
+                    ) -> None:
+        if not api_key:
+            return
+        if basic is not None and secrets.compare_digest(basic.password.encode(), api_key.encode()):
+            return
+        if secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return
+        raise ProxyError(PlainTextResponse("the status page needs the API key (as the password)", 401,
+                                           headers=PAGE_CHALLENGE))
+
+    return check
 
 
 def _key_checker(api_key: str) -> Callable[[Request], Awaitable[None]]:

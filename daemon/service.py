@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from daemon import front, ingest, model, replaybuf, status, vllm, watch
+from daemon import front, ingest, metrics, model, replaybuf, status, vllm, watch
 from daemon.config import Settings
 from daemon.cycle import Learner
 from daemon.journal import Journal
@@ -97,6 +97,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.phase = "starting"
         self.started_at = time.time()
+        self.metrics = metrics.Metrics()  # /metrics; the state part is read from the state directory at scrape time
+        self.metrics.watch(metrics.StateCollector(settings, lambda: self.supervisor.restarts if self.supervisor else 0))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,7 +142,8 @@ class Daemon:
         if model_dir is None:
             log.error("the base model folder is not ready: learning is off (set model.base to a Hugging Face folder)")
             return
-        self.learner = Learner(self.settings, self.state, self.vllm, self.router, self.journal, model_dir)
+        self.learner = Learner(self.settings, self.state, self.vllm, self.router, self.journal, model_dir,
+                               metrics=self.metrics)
         for record in self.learner.cycles.resolve_interrupted(self.router.current and self.router.current.version):
             log.warning("cycle %d was interrupted; marked %s", record.id, record.state)
         self.schedule = Schedule(self.settings.schedule, self._waiting_tokens, self.learner.request)
@@ -153,7 +156,7 @@ class Daemon:
         return front.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
             api_key=self.settings.security.api_key, admin=front.Admin(self._cycle, self._adapters, self._rollback),
-            uploads=ingest.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
+            uploads=ingest.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes), metrics=self.metrics,
         )
 
     async def _cycle(self) -> dict[str, Any]:

@@ -1,24 +1,33 @@
 """The status object (`cld status --json`, `GET /api/status`), gathered from the state directory.
 
-Owns the shape of the status JSON (see DESIGN.md). Works whether or not the daemon runs: the
-parts only a running daemon knows (vLLM's state) are passed in by it. Knows nothing of HTTP.
+Owns the shape of the status JSON (see DESIGN.md) and its view at a glance for `cld status`
+(rich). Works whether or not the daemon runs: the parts only a running daemon knows (vLLM's
+state) are passed in by it. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import asdict
 from typing import Any
+
+from rich import box
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 
 from daemon import journal
 from daemon.config import Settings
 from daemon.layout import CYCLES_DIR, StateDir, read_json
 from daemon.model import model_name
 from daemon.replaybuf import summary as replay_summary
-from daemon.cycle import adapters_view
+from daemon.cycle import adapters_view, thresholds
 from daemon.cycles import CycleStore
 from daemon.serving import Router
 
 RECENT_CYCLES = 20
+RECENT_IN_TABLE = 8
 
 
 def collect(settings: Settings, daemon: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -35,6 +44,7 @@ def collect(settings: Settings, daemon: dict[str, Any] | None = None) -> dict[st
         "replay": replay_summary(settings),
         "adapters": adapters(settings),
         "cycles": [record.summary() for record in CycleStore(state.root / CYCLES_DIR).all()[-RECENT_CYCLES:]],
+        "thresholds": asdict(thresholds(settings)),
         "daemon": daemon or {"running": False},
     }
 
@@ -66,24 +76,111 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def render(status: dict[str, Any]) -> str:
-    """Human-readable status, a few lines at a glance."""
+# probe -> (its threshold in `thresholds`, True when the value must be at most the threshold)
+PROBE_LIMITS = {
+    "forgetting_vs_base": ("max_forgetting", True),
+    "forgetting_vs_incumbent": ("max_forgetting", True),
+    "behaviour_increase": ("max_behaviour_increase", True),
+    "drift_agreement": ("min_drift_agreement", False),
+    "nll_drop": ("min_nll_drop", False),
+    "cloze_pass": ("min_cloze_pass", False),
+    "retention": ("min_retention", False),
+    "qa_drop": ("max_qa_drop", True),
+}
+# The key probe numbers `cld status` shows per cycle: (probe, column title).
+KEY_PROBES = (("forgetting_vs_base", "forgetting"), ("behaviour_increase", "behaviour"),
+              ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"))
+OUTCOME_STYLES = {"promoted": "bold green", "rejected": "red", "failed": "bold red", "skipped": "dim",
+                  "running": "bold yellow"}
+
+
+def passes(probe: str, value: float | None, thresholds: dict[str, float]) -> bool | None:
+    """Whether a probe value is within its threshold (None: not measured or no threshold)."""
+    limit_key, at_most = PROBE_LIMITS.get(probe, (None, True))
+    if value is None or limit_key not in thresholds:
+        return None
+    return value <= thresholds[limit_key] if at_most else value >= thresholds[limit_key]
+
+
+def render(status: dict[str, Any], now_s: float | None = None) -> Group:
+    """Human-readable status (rich): a few lines at a glance, then the last cycles with their key
+    probe numbers; values over their threshold in red."""
     model, docs, daemon = status["model"], status["documents"], status["daemon"]
-    if daemon.get("running"):
-        vllm = daemon.get("vllm", "?")
-        where = f"running (pid {daemon['pid']}) at {daemon['url']}; model server: {vllm}"
-    else:
-        where = "not running"
-    lines = [
-        f"daemon     {where}",
-        f"model      {model['served_name']} = {model['current_adapter'] or 'base'}  (base: {model['base']})",
-        f"documents  {docs['ingested']} ingested, {docs['pending']} pending, "
-        f"{docs['learned']} learned, {docs['quarantined']} quarantined, {docs.get('duplicates', 0)} duplicates",
-        f"replay     {_replay_line(status['replay'])}",
-        f"adapters   {_adapters_line(status['adapters'])}",
-    ]
-    lines += [f"cycle {c['id']:<4} {cycle_line(c)}" for c in status["cycles"][-5:]]
-    return "\n".join(lines)
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("daemon", _daemon_line(daemon, now_s or time.time()))
+    facts.add_row("model", Text.assemble((model["served_name"], "bold"), " = ",
+                                         (model["current_adapter"] or "base", "bold cyan"), f"   (base {model['base']})"))
+    facts.add_row("documents", f"{docs['ingested']} ingested · {docs['pending']} pending ({docs.get('ready', 0)} "
+                  f"ready) · {docs['learned']} learned · {docs['quarantined']} quarantined · "
+                  f"{docs.get('duplicates', 0)} duplicates")
+    facts.add_row("replay", _replay_line(status["replay"]))
+    facts.add_row("adapters", _adapters_line(status["adapters"]))
+    running = [c for c in status["cycles"] if c["state"] == "running"]
+    if running:
+        facts.add_row("now", Text(f"cycle {running[-1]['id']} {cycle_line(running[-1])}", style="yellow"))
+    return Group(facts, _cycles_table(status, now_s or time.time()))
+
+
+def _daemon_line(daemon: dict[str, Any], now_s: float) -> Text:
+    if not daemon.get("running"):
+        return Text("not running", style="bold red")
+    phase = daemon.get("phase", "?")
+    line = Text.assemble((phase, "bold green" if phase == "serving" else "bold yellow"),
+                         f" at {daemon['url']} (pid {daemon['pid']}")
+    if daemon.get("started_at"):
+        line.append(f", up {span(now_s - daemon['started_at'])}")
+    restarts = daemon.get("vllm_restarts", 0)
+    line.append(f") · model server {daemon.get('vllm', '?')}, {restarts} restart{'s' * (restarts != 1)}")
+    return line
+
+
+def _cycles_table(status: dict[str, Any], now_s: float) -> Table:
+    table = Table(title="last cycles", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    for title, justify in (("cycle", "right"), ("ended", "right"), ("outcome", "left"), ("version", "left"),
+                           *((name, "right") for _, name in KEY_PROBES), ("why", "left")):
+        table.add_column(title, justify=justify, overflow="fold")
+    probes = {a["version"]: a.get("probes") or {} for a in status["adapters"]}
+    limits = status.get("thresholds") or {}
+    for cycle in status["cycles"][-RECENT_IN_TABLE:]:
+        measured = probes.get(cycle.get("version"), {})
+        ended = f"{span(now_s - cycle['finished_at'])} ago" if cycle.get("finished_at") else "-"
+        values = [_probe_cell(probe, measured.get(probe), limits) for probe, _ in KEY_PROBES]
+        table.add_row(str(cycle["id"]), ended, Text(cycle["state"], style=OUTCOME_STYLES.get(cycle["state"], "")),
+                      cycle.get("version") or "-", *values, _why(cycle))
+    return table
+
+
+def _probe_cell(probe: str, value: float | None, limits: dict[str, float]) -> Text:
+    if value is None:
+        return Text("-", style="dim")
+    shown = f"{value:.0%}" if probe == "cloze_pass" else f"{value:+.1%}"
+    return Text(shown, style="red" if passes(probe, value, limits) is False else "")
+
+
+def failed_checks(reasons: list[str]) -> list[str]:
+    """The reasons that failed a candidate: `daemon.decide` writes them with > or <, or as a
+    required probe not measured."""
+    return [r for r in reasons if " > " in r or " < " in r or "(required)" in r]
+
+
+def _why(cycle: dict[str, Any]) -> str:
+    """The failed checks of a rejected cycle, the error of a failed one, the reason of a skipped one."""
+    if cycle.get("error"):
+        return cycle["error"]
+    reasons = cycle.get("reasons") or []
+    if cycle["state"] == "rejected":
+        return "\n".join(failed_checks(reasons))
+    return "\n".join(reasons) if cycle["state"] != "promoted" else ""
+
+
+def span(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _replay_line(replay: dict[str, Any]) -> str:
