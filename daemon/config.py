@@ -27,6 +27,8 @@ ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM options that would make it listen somewhere else than loopback:serve.vllm_port.
+VLLM_BIND_ARGS = ("--host", "--port", "--uds")
 
 
 class ConfigError(ValueError):
@@ -76,10 +78,24 @@ class ServeSection(Section):
     )
     max_loras: int = Field(2, ge=2, description="Adapters vLLM holds at once (incumbent + candidate ≥ 2).")
     vllm_args: list[str] = Field(
-        default_factory=list, description="Extra command-line arguments for the vLLM server."
+        default_factory=list, description="Extra command-line arguments for the vLLM server (not --host or "
+        "--port: vLLM listens on loopback only, at serve.vllm_port)."
     )
     startup_timeout_s: float = Field(900, gt=0, description="How long vLLM may take to answer /health at start.")
     request_timeout_s: float = Field(600, gt=0, description="Longest a proxied request may take.")
+    max_request_mb: float = Field(
+        32.0, gt=0, description="Largest request body to /v1 and /api, in MB (10^6 bytes), with or without a "
+        "Content-Length; larger requests get 413. Uploads to POST /api/documents have ingest.max_file_mb."
+    )
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _loopback_only(cls, value: list[str]) -> list[str]:
+        bound = [arg for arg in value if arg.split("=", 1)[0] in VLLM_BIND_ARGS]
+        if bound:
+            raise ValueError(f"serve.vllm_args may not set {', '.join(bound)}: vLLM only listens on loopback "
+                             "(set serve.vllm_port for its port, serve.host and serve.port for the front)")
+        return value
 
     @field_validator("vllm_url")
     @classmethod
@@ -87,6 +103,10 @@ class ServeSection(Section):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https:// (or be empty to start our own vLLM)")
         return value.rstrip("/")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1_000_000)
 
     @property
     def base_name(self) -> str:
@@ -324,8 +344,30 @@ class SecuritySection(Section):
     api_key: str = Field(
         "",
         description="Bearer key for /v1 and /api. Required when serve.host is not loopback. "
-        "Prefer the environment (CLD_SECURITY__API_KEY) or a systemd EnvironmentFile.",
+        "Prefer the environment (CLD_SECURITY__API_KEY), a systemd EnvironmentFile or security.api_key_file.",
     )
+    api_key_file: Optional[Path] = Field(
+        None,
+        description="File holding the bearer key (surrounding whitespace ignored), instead of security.api_key. "
+        "It must not be readable by other users (chmod 600 or 640). Relative paths are relative to the config file.",
+    )
+
+    def read_key_file(self) -> None:
+        """Set api_key from api_key_file; ValueError naming the key when the file is unsafe or unusable."""
+        if self.api_key_file is None:
+            return
+        path = self.api_key_file
+        try:
+            mode = path.stat().st_mode
+            if mode & 0o007:
+                raise ValueError(f"security.api_key_file {path} is accessible to other users "
+                                 f"(mode {mode & 0o777:o}): chmod 600 it")
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"security.api_key_file {path} cannot be read: {error}") from None
+        if not key:
+            raise ValueError(f"security.api_key_file {path} is empty: write the API key into it")
+        self.api_key = key
 
 
 class LogSection(Section):
@@ -377,10 +419,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        if not self.serve.is_loopback and not self.security.api_key:
+        if self.security.api_key and self.security.api_key_file is not None:
+            raise ValueError("security.api_key and security.api_key_file are both set: keep one")
+        if not self.serve.is_loopback and not self.security.api_key and self.security.api_key_file is None:
             raise ValueError(
                 f"serve.host = {self.serve.host!r} is reachable from other machines: set security.api_key "
-                f"(or {ENV_PREFIX}SECURITY{ENV_DELIMITER}API_KEY), or bind serve.host = '127.0.0.1'"
+                f"(or {ENV_PREFIX}SECURITY{ENV_DELIMITER}API_KEY, or security.api_key_file), "
+                f"or bind serve.host = '127.0.0.1'"
             )
         if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
             raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
@@ -413,6 +458,12 @@ def load_settings(path: Path | None = None) -> Settings:
     settings.probes.qa_sets = [_absolute(path, root) for path in settings.probes.qa_sets]
     if settings.probes.drift_prompts is not None:
         settings.probes.drift_prompts = _absolute(settings.probes.drift_prompts, root)
+    if settings.security.api_key_file is not None:
+        settings.security.api_key_file = _absolute(settings.security.api_key_file, root)
+        try:
+            settings.security.read_key_file()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return settings
 
 

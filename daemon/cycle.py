@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DRAIN_TIMEOUT_S = 120.0
 TRAINER_STOP_TIMEOUT_S = 30.0
+PROMOTE_FINISH_TIMEOUT_S = 15.0  # at shutdown the front is closed already, so nothing is left to drain
+CANCEL_TIMEOUT_S = 5.0  # a cancelled cycle only writes its record
 SHIPPED_DRIFT_PROMPTS = Path(__file__).parent / "data" / "drift_prompts.txt"
 
 
@@ -262,16 +264,24 @@ class Learner:
         return adapter
 
     async def stop(self) -> None:
-        """Cancel a running cycle: the trainer gets SIGTERM (then SIGKILL); serving is untouched."""
-        if self.trainer is not None and self.trainer.returncode is None:
-            self.trainer.send_signal(signal.SIGTERM)
+        """Cancel a running cycle, journaled as failed "cancelled: the daemon is stopping"; the
+        trainer gets SIGTERM (then SIGKILL) and no staging folder stays. A promotion under way
+        finishes first (up to PROMOTE_FINISH_TIMEOUT_S), so serving.json and the journal agree."""
+        task, trainer = self.task, self.trainer
+        if task is None or task.done():
+            return
+        if self.current is not None and self.current.stage == "promote":
+            await asyncio.wait([task], timeout=PROMOTE_FINISH_TIMEOUT_S)
+        task.cancel()
+        if trainer is not None and trainer.returncode is None:
+            trainer.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.trainer.wait(), TRAINER_STOP_TIMEOUT_S)
+                await asyncio.wait_for(trainer.wait(), TRAINER_STOP_TIMEOUT_S)
             except asyncio.TimeoutError:
-                self.trainer.kill()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+                trainer.kill()
+                await trainer.wait()
+        await asyncio.wait([task], timeout=CANCEL_TIMEOUT_S)
+        adapters.remove_partial(self.state.adapters)
 
     # ---- helpers --------------------------------------------------------------------------------
 

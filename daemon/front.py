@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from daemon.bodylimit import BodyLimit, Limit
 from daemon import statuspage
 from daemon.ingest import HandInError, TooLarge, Uploads
 from daemon.metrics import OTHER_MODEL, Metrics
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 HealthSource = Callable[[], Awaitable[bool]]
 PROXIED = ("/v1/completions", "/v1/chat/completions")
-MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_BYTES = 32_000_000  # serve.max_request_mb's default
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart headers around an uploaded file
 
 
@@ -76,11 +77,13 @@ def create_app(
     api_key: str = "",
     admin: Optional[Admin] = None,
     uploads: Optional[Uploads] = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
     metrics: Optional[Metrics] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
     app = FastAPI(title="cld", summary="Continual-learning daemon: OpenAI-compatible API and admin API")
     require_key = _key_checker(api_key)
+    _limit_bodies(app, max_body_bytes, uploads)
     metrics = metrics or Metrics()
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -193,10 +196,6 @@ def _document_routes(app: FastAPI, uploads: Uploads, require_key: Callable[[Requ
     async def upload_document(request: Request) -> dict[str, Any]:
         """Hand in one document as multipart/form-data field `file` (`curl -F file=@notes.md`). It is
         ingested like a file dropped in the inbox; 202 = queued, /api/status counts the outcome."""
-        try:
-            uploads.check_size(int(request.headers.get("content-length") or 0) - UPLOAD_OVERHEAD_BYTES)
-        except TooLarge as error:
-            raise _upload_error(error) from None
         async with request.form(max_files=2, max_fields=8) as form:
             files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
             if len(files) != 1:
@@ -212,6 +211,16 @@ def _document_routes(app: FastAPI, uploads: Uploads, require_key: Callable[[Requ
 def _upload_error(error: Exception) -> ProxyError:
     status = 413 if isinstance(error, TooLarge) else 415 if isinstance(error, UnsupportedType) else 400
     return ProxyError(openai_error(status, str(error), "invalid_request_error", param="file"))
+
+
+def _limit_bodies(app: FastAPI, max_body_bytes: int, uploads: Optional[Uploads]) -> None:
+    """413 for bodies over the limit, announced or chunked; an upload may be a file of
+    ingest.max_file_mb plus its multipart headers."""
+    paths = {}
+    if uploads is not None:
+        paths["/api/documents"] = Limit(uploads.max_bytes + UPLOAD_OVERHEAD_BYTES, str(uploads.too_large()))
+    default = Limit(max_body_bytes, f"request body over {max_body_bytes / 1e6:g} MB (serve.max_request_mb)")
+    app.add_middleware(BodyLimit, default=default, paths=paths)
 
 
 # ---- observability: /metrics, /status and request metrics (daemon.metrics, daemon.statuspage) ------
@@ -276,21 +285,24 @@ def _page_key_checker(api_key: str) -> Callable[..., Awaitable[None]]:
 
 
 def _key_checker(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    """The dependency that guards /v1 and /api: `Authorization: Bearer <api_key>` (nothing when no key is set)."""
+    expected = f"Bearer {api_key}".encode()
+
     async def check(request: Request) -> None:
         if not api_key:
             return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ProxyError(openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                          "authentication_error", "invalid_api_key"))
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):
+            response = openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                    "authentication_error", "invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            raise ProxyError(response)
 
     return check
 
 
 async def _read_payload(request: Request) -> dict[str, Any]:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ProxyError(openai_error(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error"))
-    body = await request.body()
+    body = await request.body()  # BodyLimit refuses one over serve.max_request_mb
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -30,6 +30,7 @@ import re
 import stat
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ ChunkerSource = Callable[[], "Chunker | None"]
 LOCK_RETRY_S = 0.5
 TOKENIZER_RETRY_S = 10.0
 COPY_BLOCK_BYTES = 1 << 20
-MAX_NAME_CHARS = 200
-_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+MAX_NAME_BYTES = 200  # of a handed-in file's name, in UTF-8 (file systems allow 255)
+MAX_SUFFIX_CHARS = 16  # a longer "suffix" is not a file type, just part of the name
+_RESERVED_NAME_CHARS = frozenset('/\\:*?"<>|')
 
 
 class IngestBusy(RuntimeError):
@@ -334,23 +336,29 @@ class Uploads:
     def hand_in(self, name: str, source: BinaryIO) -> HandedIn:
         return hand_in(self.inbox, name, source, self.max_bytes)
 
-    def check_size(self, size: int) -> None:
-        """TooLarge when an upload of `size` bytes is over the limit (before reading it)."""
-        if size > self.max_bytes:
-            raise _too_large(self.max_bytes)
+    def too_large(self) -> TooLarge:
+        return _too_large(self.max_bytes)
 
 
 def safe_name(name: str) -> str:
-    """A plain file name from an untrusted one: its last path part, without control or
-    reserved characters, leading dots or spaces. HandInError when nothing is left."""
-    last = re.split(r"[\\/]", name or "")[-1]
-    cleaned = _UNSAFE_NAME.sub("_", last).lstrip(". ").strip()
+    """A plain file name from an untrusted one: its last path part, with control, format and
+    reserved characters replaced, without leading dots or spaces, at most MAX_NAME_BYTES long
+    (keeping its suffix). HandInError when nothing is left."""
+    last = re.split(r"[\\/]", unicodedata.normalize("NFC", name or ""))[-1]
+    cleaned = "".join(_safe_char(char) for char in last).lstrip(". ").strip()
     if not cleaned:
         raise HandInError(f"file name {name!r} has no usable name in it: send a name like 'notes.md'")
-    if len(cleaned) > MAX_NAME_CHARS:
-        suffix = Path(cleaned).suffix
-        cleaned = cleaned[: MAX_NAME_CHARS - len(suffix)] + suffix
+    if len(cleaned.encode()) > MAX_NAME_BYTES:
+        suffix = Path(cleaned).suffix if len(Path(cleaned).suffix) <= MAX_SUFFIX_CHARS else ""
+        stem = cleaned[: len(cleaned) - len(suffix)].encode()[: MAX_NAME_BYTES - len(suffix.encode())]
+        cleaned = stem.decode(errors="ignore") + suffix
     return cleaned
+
+
+def _safe_char(char: str) -> str:
+    """`char`, or "_" for a path or shell-reserved character or any Unicode control, format
+    (bidi overrides, zero-width), surrogate, private-use or unassigned code point."""
+    return "_" if char in _RESERVED_NAME_CHARS or unicodedata.category(char).startswith("C") else char
 
 
 def hand_in(inbox: Path, name: str, source: BinaryIO, max_bytes: int | None = None) -> HandedIn:

@@ -1,9 +1,11 @@
 """The daemon process (`cld run`): wires the stages together and owns start-up and shutdown.
 
 Start-up: take the state directory's lock, open the front (so /health and /api/status answer at
-once), prepare the base model, start (or reach) vLLM and wait for it. Shutdown on SIGTERM/SIGINT:
-stop taking requests, stop vLLM and everything it spawned, release the lock. Knows nothing of
-HTTP routes (`daemon.front`) or of process supervision details (`daemon.supervisor`).
+once), prepare the base model, start (or reach) vLLM and wait for it, then tell systemd READY=1.
+Shutdown on SIGTERM/SIGINT (`_shut_down`): stop taking documents, then requests, cancel a cycle,
+stop vLLM and everything it spawned, close the journal, release the lock. Knows nothing of HTTP
+routes (`daemon.front`), process supervision details (`daemon.supervisor`) or the sd_notify
+protocol (`daemon.systemd`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any
 import httpx
 import uvicorn
 
-from daemon import front, ingest, metrics, model, replaybuf, status, vllm, watch
+from daemon import front, ingest, metrics, model, replaybuf, status, systemd, vllm, watch
 from daemon.config import Settings
 from daemon.cycle import Learner
+from daemon.cycles import CycleRecord
 from daemon.journal import Journal
 from daemon.layout import JOURNAL_FILE, StateDir, atomic_write_json
 from daemon.schedule import Schedule
@@ -34,6 +37,14 @@ from daemon.serving import Router
 from daemon.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+FRONT_START_TIMEOUT_S = 30.0
+FRONT_STOP_TIMEOUT_S = 10.0  # requests in flight get this long to finish at shutdown
+# While starting, systemd is asked for more time at each status tick, for at most this long beyond
+# serve.startup_timeout_s (preparing the base model comes first; its conversion takes ~20 s on CPU).
+PREPARE_ALLOWANCE_S = 600.0
+# What systemd's status line says in each start-up phase (`systemctl status cld`).
+PHASE_STATUS = {"starting": "starting", "preparing model": "preparing model",
+                "starting model server": "starting vLLM", "stopping": "stopping"}
 
 
 class StartupError(RuntimeError):
@@ -99,6 +110,7 @@ class Daemon:
         self.started_at = time.time()
         self.metrics = metrics.Metrics()  # /metrics; the state part is read from the state directory at scrape time
         self.metrics.watch(metrics.StateCollector(settings, lambda: self.supervisor.restarts if self.supervisor else 0))
+        self.notifier = systemd.notifier()  # does nothing unless systemd started cld (Type=notify)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -106,6 +118,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         server = FrontServer(uvicorn.Config(self._app(), log_config=None, access_log=False, lifespan="off"))
         serving = asyncio.create_task(server.serve(sockets=[self._bind()]), name="front")
+        told = self._tell_systemd()
         try:
             self.watcher.start()
             await self._start_model_server()
@@ -115,27 +128,58 @@ class Daemon:
                 log.info("cld is serving %s and %s at %s", *self.router.public_names, self._url())
                 self.replay_build.start(replaybuf.generator(self.settings, self.vllm_url, self.router.base_served_name))
                 self._start_learning()
+                await _listening(server, serving)
+                self.notifier.ready(self._status_line())
                 await _first(self.stopping.wait(), serving)
         finally:
-            self.phase = "stopping"
-            server.should_exit = True
-            await asyncio.wait([serving], timeout=10)
-            if self.schedule is not None:
-                self.schedule.stop()
-            if self.learner is not None:
-                await self.learner.stop()
-            await self.replay_build.stop()
-            if self.supervisor is not None:
-                await self.supervisor.stop()
-            await self.upstream.aclose()
-            await asyncio.to_thread(self.watcher.stop)
-            self.journal.close()
-            self.state.daemon.unlink(missing_ok=True)
-            log.info("cld stopped")
+            await self._shut_down(server, serving)
+            for task in told:
+                task.cancel()
+            self.notifier.close()
+
+    async def _shut_down(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+        """Stop in the order that loses nothing. Each step has a timeout; systemd/cld.service's
+        TimeoutStopSec is above their sum (the arithmetic is there)."""
+        self.phase = "stopping"
+        await asyncio.to_thread(self.watcher.stop)  # no new documents; a file half taken stays in the inbox
+        server.should_exit = True  # no new requests; those in flight get FRONT_STOP_TIMEOUT_S
+        await asyncio.wait([serving], timeout=FRONT_STOP_TIMEOUT_S)
+        if self.schedule is not None:
+            self.schedule.stop()
+        if self.learner is not None:
+            await self.learner.stop()  # a running cycle is cancelled and journaled so; nothing half-written stays
+        await self.replay_build.stop()  # resumable: it continues at the next start
+        if self.supervisor is not None:
+            await self.supervisor.stop()  # vLLM and all it spawned
+        await self.upstream.aclose()
+        self.journal.close()
+        self.state.daemon.unlink(missing_ok=True)
+        log.info("cld stopped")
 
     def _request_stop(self, sig: int) -> None:
         log.info("received %s; shutting down", signal.Signals(sig).name)
+        if not self.stopping.is_set():
+            self.notifier.stopping()
         self.stopping.set()
+
+    # ---- systemd (daemon.systemd): status line, start-up time, watchdog ----------------------------
+
+    def _tell_systemd(self) -> list[asyncio.Task[None]]:
+        """Background tasks on this event loop (a stuck loop stops them, and the watchdog notices)."""
+        return [asyncio.create_task(systemd.report_status(self.notifier, self._status_line, self._starting),
+                                    name="systemd-status"),
+                asyncio.create_task(systemd.ping_watchdog(self.notifier), name="systemd-watchdog")]
+
+    def _starting(self) -> bool:
+        """Still starting, within the time start-up may take (then systemd is asked for more)."""
+        limit_s = self.settings.serve.startup_timeout_s + PREPARE_ALLOWANCE_S
+        return self.phase not in ("serving", "stopping") and time.time() - self.started_at < limit_s
+
+    def _status_line(self) -> str:
+        if self.stopping.is_set() or self.phase != "serving":
+            return PHASE_STATUS.get("stopping" if self.stopping.is_set() else self.phase, self.phase)
+        current = self.router.current
+        return status_line(current.version if current else None, self.learner.current if self.learner else None)
 
     def _start_learning(self) -> None:
         model_dir = model.prepared(self.settings.model.base, self.state)
@@ -156,7 +200,8 @@ class Daemon:
         return front.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
             api_key=self.settings.security.api_key, admin=front.Admin(self._cycle, self._adapters, self._rollback),
-            uploads=ingest.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes), metrics=self.metrics,
+            uploads=ingest.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
+            max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
         )
 
     async def _cycle(self) -> dict[str, Any]:
@@ -197,12 +242,19 @@ class Daemon:
         serve = self.settings.serve
         if serve.vllm_url:
             log.info("using the external vLLM server at %s", serve.vllm_url)
+            self.phase = "starting model server"
             await _first(self._wait_external(), self.stopping.wait())
             return
         if not vllm.vllm_installed():
             raise StartupError("vLLM is not installed: run `make install` (FLAVOUR=cpu or gpu) or set serve.vllm_url")
         self.phase = "preparing model"
-        model_dir = await _prepare_in_subprocess(self.settings.model.base, self.state)
+        preparing = asyncio.create_task(_prepare_in_subprocess(self.settings.model.base, self.state))
+        await _first(preparing, self.stopping.wait())
+        if not preparing.done():  # stopping: the preparation is killed (it starts over next time)
+            preparing.cancel()
+            await asyncio.gather(preparing, return_exceptions=True)
+            return
+        model_dir = preparing.result()
         self.phase = "starting model server"
         self.supervisor = Supervisor(
             "vllm", vllm.server_command(model_dir, self.settings), vllm.server_env(self.settings),
@@ -256,6 +308,31 @@ class Daemon:
         serve = self.settings.serve
         host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
         return f"http://{host}:{serve.port}"
+
+
+def status_line(serving: str | None, cycle: CycleRecord | None) -> str:
+    """systemd's status line while serving: "serving v0003; cycle 4: train step 30/120"."""
+    line = f"serving {serving or 'the base model'}"
+    if cycle is None:
+        return line
+    line += f"; cycle {cycle.id}: {cycle.stage}"
+    step, steps = cycle.progress.get("step"), cycle.progress.get("steps")
+    return line + (f" step {step}/{steps}" if cycle.stage == "train" and step is not None else "")
+
+
+async def _listening(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+    """Return once the front accepts connections; StartupError if it stopped or never started."""
+    async def started() -> None:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(started(), FRONT_START_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise StartupError(f"the front did not start listening within {FRONT_START_TIMEOUT_S:.0f} s") from None
+    if not server.started:
+        serving.result()  # re-raise why it stopped
+        raise StartupError("the front stopped before it listened")
 
 
 async def _first(*awaitables: Any) -> None:

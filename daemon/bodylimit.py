@@ -1,0 +1,65 @@
+"""Request body size limits for the front, as ASGI middleware.
+
+Owns one rule: a request whose body is over its limit is refused with 413, whether it announced
+its length (refused before a byte is read) or streams it chunked (refused as soon as the limit is
+passed, so it is never held whole in memory or on disk). The refusal is an HTTPException raised
+where the app reads the body, so the app's own error handler shapes the answer. Knows nothing of
+the routes beyond the path → limit table it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+@dataclass(frozen=True)
+class Limit:
+    max_bytes: int
+    message: str  # what the 413 answer says (name the setting that raises the limit)
+
+
+class BodyLimit:
+    """`app.add_middleware(BodyLimit, default=Limit(...), paths={"/api/documents": Limit(...)})`."""
+
+    def __init__(self, app: ASGIApp, default: Limit, paths: Mapping[str, Limit] | None = None):
+        self.app = app
+        self.default = default
+        self.paths = dict(paths or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.paths.get(scope["path"], self.default)
+        await self.app(scope, _limited(receive, limit, _declared_length(scope)), send)
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _limited(receive: Receive, limit: Limit, declared_bytes: int) -> Receive:
+    received_bytes = 0
+
+    async def receive_within_limit() -> Message:
+        nonlocal received_bytes
+        if declared_bytes > limit.max_bytes:
+            raise HTTPException(413, limit.message)
+        message = await receive()
+        if message["type"] == "http.request":
+            received_bytes += len(message.get("body", b""))
+            if received_bytes > limit.max_bytes:
+                raise HTTPException(413, limit.message)
+        return message
+
+    return receive_within_limit
