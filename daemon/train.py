@@ -43,6 +43,12 @@ class Cancelled(Exception):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    distill: list[bool] | None = None  # per token: learn the base's distribution here, not the token
+
+
+def distilled(example: Example) -> Example:
+    """The same tokens, learned toward the frozen base model's next-token distribution."""
+    return Example(example.input_ids, example.labels, [True] * len(example.input_ids))
 
 
 def encode(record: Record, tokenizer: Any, mask_prompt: bool) -> Example:
@@ -89,7 +95,9 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
     shorter), so no compute is spent on padding."""
     ids = [token for example in examples for token in example.input_ids]
     labels = [label for example in examples for label in example.labels]
-    return [Example(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
+    flags = [flag for example in examples for flag in (example.distill or [False] * len(example.input_ids))]
+    return [Example(ids[i : i + seq_len], labels[i : i + seq_len], flags[i : i + seq_len] if any(flags) else None)
+            for i in range(0, len(ids), seq_len)]
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
@@ -99,7 +107,11 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
     ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch]
     labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in batch]
     mask = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    if any(e.distill for e in batch):
+        flags = [(e.distill or [False] * len(e.input_ids)) + [False] * (width - len(e.input_ids)) for e in batch]
+        out["distill"] = torch.tensor(flags)
+    return out
 
 
 @dataclass
@@ -119,7 +131,9 @@ def build_dataset(job: TrainJob, tokenizer: Any) -> Dataset:
     n_held = int(len(new) * hp.eval_fraction) if len(new) >= hp.min_chunks_for_eval else 0
     held, new = new[:n_held], new[n_held:]
     sources = {"new": new, "replay": job.data.replay, "knowledge": job.data.knowledge, "rehearsal": job.data.rehearsal}
-    mixed = [encode(record, tokenizer, hp.mask_prompt) for records in sources.values() for record in records]
+    distill = {"replay", "rehearsal"} if hp.replay_loss == "distill" else set()
+    mixed = [distilled(example) if name in distill else example
+             for name, records in sources.items() for example in (encode(r, tokenizer, hp.mask_prompt) for r in records)]
     rng.shuffle(mixed)
     train = pack(mixed, hp.seq_len)
     held_out = pack([encode(record, tokenizer, hp.mask_prompt) for record in held], hp.seq_len)
@@ -233,7 +247,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 chunk = batches[group : group + hp.grad_accum]
                 for indices in chunk:
                     batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
-                    loss = model(**batch).loss / len(chunk)
+                    loss = step_loss(model, batch) / len(chunk)
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
@@ -266,6 +280,32 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
             "last_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
             "losses": [round(x, 5) for x in losses], "held_out_losses": [round(x, 5) for x in evals],
             "best_held_out_loss": None if best == math.inf else round(best, 5)}
+
+
+def step_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean loss per learned token: cross-entropy on the text's own tokens, and where the batch marks
+    tokens `distill`, KL(base ‖ model) of the next-token distributions instead — the base being the
+    same network with the adapter switched off, so no second copy of the model is loaded."""
+    import torch
+    import torch.nn.functional as F
+
+    flags = batch.pop("distill", None)
+    if flags is None:
+        return model(**batch).loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1].float()
+    target, flags = labels[:, 1:], flags[:, 1:]
+    learned = target != IGNORE
+    plain, soft = learned & ~flags, learned & flags
+    total = logits.new_zeros(())
+    if plain.any():
+        total = total + F.cross_entropy(logits[plain], target[plain], reduction="sum")
+    if soft.any():
+        with torch.no_grad(), model.disable_adapter():
+            teacher = model(**batch).logits[:, :-1][soft].float().log_softmax(-1)
+        student = logits[soft].log_softmax(-1)
+        total = total + F.kl_div(student, teacher, log_target=True, reduction="sum")
+    return total / learned.sum().clamp(min=1)
 
 
 def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float:

@@ -38,7 +38,9 @@ def job(tiny: Path, out: Path, version: str = "v0001", **hyper) -> TrainJob:
         rehearsal=[{"messages": [{"role": "user", "content": "Capital of France?"},
                                  {"role": "assistant", "content": "Paris."}]}],
     )
-    settings = {"epochs": 3, "seq_len": 32, "batch_size": 2, "learning_rate": 5e-3, "rank": 4, "alpha": 8, **hyper}
+    # Token loss on every record, so the first and last steps' losses compare like with like.
+    settings = {"epochs": 3, "seq_len": 32, "batch_size": 2, "learning_rate": 5e-3, "rank": 4, "alpha": 8,
+                "replay_loss": "lm", **hyper}
     out.mkdir(parents=True, exist_ok=True)
     return TrainJob(version=version, base_model=str(tiny), output_dir=str(out), documents=["abc"], data=data,
                     hyper=TrainSection(**settings))
@@ -150,6 +152,54 @@ def test_warm_start_continues_from_the_parent(tiny: Path, tmp_path: Path) -> Non
     assert meta["parent"] == "v0001"
     first_loss = json.loads((first / "meta.json").read_text())["training"]["first_loss"]
     assert meta["training"]["first_loss"] < first_loss, "the child did not start from what the parent learned"
+
+
+def test_packing_keeps_the_distill_marks_with_their_tokens() -> None:
+    from daemon.train import distilled
+
+    blocks = pack([Example([1, 2, 3], [1, 2, 3]), distilled(Example([4, 5], [4, 5])), Example([6], [6])], seq_len=4)
+    assert [b.distill for b in blocks] == [[False, False, False, True], [True, False]]
+    batch = collate(blocks, pad_id=0)
+    assert batch["distill"].tolist() == [[False, False, False, True], [True, False, False, False]]
+    assert "distill" not in collate(pack([Example([1], [1])], 4), pad_id=0)
+
+
+def replay_only(tiny: Path, out: Path, replay_loss: str) -> TrainJob:
+    data = JobData(new=[], replay=[{"text": "The quick brown fox jumps over the lazy dog. " * 3}] * 4,
+                   rehearsal=[{"messages": [{"role": "user", "content": "Capital of France?"},
+                                            {"role": "assistant", "content": "Paris."}]}] * 2)
+    return TrainJob(version="v0001", base_model=str(tiny), output_dir=str(out), data=data,
+                    hyper=TrainSection(epochs=4, seq_len=32, batch_size=2, learning_rate=5e-3, rank=4, alpha=8,
+                                       replay_loss=replay_loss, dtype="fp32"))
+
+
+def drift_from_base(tiny: Path, adapter: Path, text: str) -> float:
+    """Mean KL(base ‖ adapted) of the next-token distributions over `text`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), adapter)
+    ids = AutoTokenizer.from_pretrained(tiny)(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits.log_softmax(-1)
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.log_softmax(-1)
+    return float((base.exp() * (base - adapted)).sum(-1).mean())
+
+
+def test_distilled_replay_keeps_the_base_and_token_replay_does_not(tiny: Path, tmp_path: Path) -> None:
+    """A fresh LoRA is the base exactly (B = 0), so on replayed text the distillation loss starts at 0
+    and pulls back toward the base; learning the same text's tokens moves the model away from it."""
+    drift, first_loss = {}, {}
+    for replay_loss in ("lm", "distill"):
+        (tmp_path / replay_loss).mkdir()
+        path = run(replay_only(tiny, tmp_path / replay_loss, replay_loss))
+        first_loss[replay_loss] = json.loads((path / "meta.json").read_text())["training"]["first_loss"]
+        drift[replay_loss] = drift_from_base(tiny, path, "The quick brown fox jumps over the lazy dog.")
+    assert first_loss["distill"] == pytest.approx(0.0, abs=1e-5) and first_loss["lm"] > 1.0
+    assert drift["lm"] > 2e-3, drift
+    assert drift["distill"] < drift["lm"] / 10, drift
 
 
 def test_versions_are_immutable(tiny: Path, tmp_path: Path) -> None:
