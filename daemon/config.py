@@ -272,6 +272,11 @@ class TrainSection(Section):
     warm_start: bool = Field(
         True, description="Continue from the promoted adapter (true) or start each cycle from the base (false)."
     )
+    replay_loss: Literal["lm", "distill"] = Field(
+        "lm", description="How replayed original text (corpus passages, rehearsal answers) is learned: lm = "
+        "its tokens, like new text; distill = the frozen base model's whole next-token distribution on it (KL to "
+        "the base with the adapter switched off), which keeps the model closer to what it was."
+    )
     seed: int = Field(0, description="Seed for shuffling and initialisation (reproducible runs).")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Compute dtype of the frozen base: auto = bf16 where the hardware has it "
