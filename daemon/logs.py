@@ -21,7 +21,7 @@ from daemon.config import LogSection
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)-7s %(name)s: %(message)s"
-JSON_FIELDS = {"asctime": "time", "levelname": "level", "name": "logger"}
+JSON_FIELDS = {"levelname": "level", "name": "logger"}
 QUIET_LOGGERS = ("httpx",)  # one line per request is noise
 
 # The cycle record of the learning cycle running in this task (set by the cycle; None outside one).
@@ -55,8 +55,8 @@ def setup(settings: LogSection, stream: TextIO | None = None) -> logging.Handler
 
 def formatter(kind: str, under_journald: bool = False) -> logging.Formatter:
     if kind == "json":
-        return JsonFormatter("{asctime}{levelname}{name}{message}", style="{", rename_fields=JSON_FIELDS,
-                             timestamp=False, json_ensure_ascii=False)
+        return JsonFormatter("{levelname}{name}{message}", style="{", rename_fields=JSON_FIELDS,
+                             timestamp="time", json_ensure_ascii=False)  # time: ISO 8601, UTC
     return logging.Formatter(JOURNAL_FORMAT if under_journald else TEXT_FORMAT)
 
 

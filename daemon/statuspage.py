@@ -100,7 +100,7 @@ TEMPLATE = """<!doctype html>
 <table id="cycles"><tr><th>cycle</th><th>started</th><th>trigger</th><th>outcome</th><th>version</th>
 <th>took</th><th>reasons</th></tr>
 {% for c in cycles|reverse %}<tr class="cycle"><td class="num">{{ c.id }}</td><td class="when">{{ ago(c.started_at) }}</td>
-<td>{{ c.trigger }}</td><td class="{{ c.state }}">{{ c.state }}{% if c.decision %} ({{ c.decision }}){% endif %}</td>
+<td>{{ c.trigger }}</td><td class="{{ c.state }}">{{ c.state }}</td>
 <td>{{ c.version or "-" }}</td><td class="num when">{{ took(c) }}</td>
 <td>{% if c.error %}<span class="fail">{{ c.error }}</span>{% elif c.state == "running" %}{{ line(c) }}{% endif %}
 <ul class="reasons">{% for r in c.reasons %}<li{% if r in failed(c.reasons) %} class="fail"{% endif %}>{{ r }}</li>{% endfor %}</ul></td></tr>
