@@ -10,6 +10,7 @@ PIP     := $(BIN)/python -m pip
 QUIET   := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" ; test $${PIPESTATUS[0]} -eq 0
 SHELL   := /bin/bash
 CHROMIUM := /usr/bin/chromium
+SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 
 .PHONY: install run test test-unit bench clean
 
@@ -36,13 +37,20 @@ $(CHROMIUM):
 	else echo "chromium is missing and this is not root on Debian: the status page test will fail;" \
 		"install Debian's chromium package (sudo apt-get install chromium)" >&2; fi
 
+# The unit test runs `systemd-analyze verify` on systemd/cld.service: Debian's systemd package has it.
+$(SYSTEMD_ANALYZE):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q --no-install-recommends systemd; \
+	else echo "systemd-analyze is missing and this is not root on Debian: the unit test will fail;" \
+		"install Debian's systemd package (sudo apt-get install systemd)" >&2; fi
+
 run: install
 	$(BIN)/cld run --config $(CONFIG)
 
-test: install $(CHROMIUM)
+test: install $(CHROMIUM) $(SYSTEMD_ANALYZE)
 	$(BIN)/python -m pytest
 
-test-unit: install $(CHROMIUM)
+test-unit: install $(CHROMIUM) $(SYSTEMD_ANALYZE)
 	$(BIN)/python -m pytest -m "not integration"
 
 bench: install
