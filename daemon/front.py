@@ -1,4 +1,5 @@
-"""The front HTTP server: the OpenAI-compatible API clients use, plus health and status.
+"""The front HTTP server: the OpenAI-compatible API clients use, plus health, status (JSON and
+the HTML page of `daemon.statuspage`) and Prometheus metrics (`daemon.metrics`).
 
 Owns HTTP only: `/v1/*` requests are proxied to vLLM with the public model name (`cld`,
 `cld-base`) swapped for the served one and back again, so clients never see adapter versions;

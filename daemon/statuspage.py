@@ -11,6 +11,7 @@ status comes from.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,7 @@ TEMPLATE = """<!doctype html>
 </body></html>
 """
 
+_drawing = threading.Lock()  # pages render in worker threads; matplotlib is not thread-safe
 _environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 _page = _environment.from_string(TEMPLATE)
 
@@ -138,6 +140,12 @@ def plot_svg(title: str, axis: str, series: tuple[Series, ...], adapters: list[d
     """One plot, as an inline <svg>: a line per series over the versions (one point per version;
     a version without that value leaves a gap), each threshold as a dashed line of its colour.
     Each series' line has the id `series-<probe>` and each threshold `limit-<probe>`."""
+    with _drawing:
+        return _plot_svg(title, axis, series, adapters, limits)
+
+
+def _plot_svg(title: str, axis: str, series: tuple[Series, ...], adapters: list[dict[str, Any]],
+              limits: dict[str, float]) -> Markup:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.0, 3.4))
