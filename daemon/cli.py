@@ -34,6 +34,9 @@ ConfigOption = Annotated[
 ]
 
 
+PIPED_WIDTH = 200  # columns of `cld status` when its output is not a terminal
+
+
 def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
@@ -106,7 +109,10 @@ def status(
         return
     from rich.console import Console
 
-    Console(soft_wrap=False).print(status_mod.render(result))
+    console = Console()
+    if not console.is_terminal:  # piped: whole lines, for grep
+        console.width = PIPED_WIDTH
+    console.print(status_mod.render(result))
 
 
 def _live_status(record: dict, settings: Settings) -> dict | None:
