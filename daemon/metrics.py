@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 from daemon import journal, replaybuf
 from daemon.config import Settings
 from daemon.cycles import FAILED, PROMOTED, REJECTED, RUNNING, SKIPPED, CycleRecord, CycleStore, adapter_states
+from daemon.decide import ProbeResults
 from daemon.layout import CYCLES_DIR, StateDir
 from daemon.serving import Router
 
@@ -33,8 +35,7 @@ OTHER_MODEL = "other"  # the request label of any model name that is not a publi
 CYCLE_OUTCOMES = (PROMOTED, REJECTED, SKIPPED, FAILED)
 REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 SWAP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-PROBES = ("forgetting_vs_base", "forgetting_vs_incumbent", "behaviour_increase", "drift_agreement", "nll_drop",
-          "cloze_pass", "retention", "qa_drop")
+PROBES = [probe.name for probe in fields(ProbeResults)]
 
 
 class Metrics:

@@ -23,6 +23,7 @@ from daemon.status import PROBE_LIMITS, cycle_line, failed_checks, passes, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
+PLOTTED_VERSIONS = 40  # the latest versions with probe values; more would crowd the axis
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
     now_s = now_s or time.time()
     limits = status.get("thresholds") or {}
     plotted = [a for a in status["adapters"] if any(a.get("probes", {}).get(s.probe) is not None
-                                                    for _, _, series in PLOTS for s in series)]
+                                                    for _, _, series in PLOTS for s in series)][-PLOTTED_VERSIONS:]
     cycles = status["cycles"][-RECENT_CYCLES:]
     running = next((c for c in reversed(cycles) if c["state"] == "running"), None)
     return _page.render(
