@@ -155,7 +155,7 @@ async def test_status_changes_extensions_and_pings_are_sent_from_the_event_loop(
     texts = [text for _, text in received]
     assert [t for t in texts if t.startswith("STATUS=")] == ["STATUS=starting vLLM", "STATUS=serving v0001"]
     assert texts.count("EXTEND_TIMEOUT_USEC=30000000") == 2, "more start-up time is asked for only while starting"
-    assert 5 <= texts.count("WATCHDOG=1") <= 7
+    assert 3 <= texts.count("WATCHDOG=1") <= 7, "one ping per interval (0.55 s / 0.1 s; fewer on a loaded machine)"
 
 
 @pytest.mark.parametrize("serving, stage, progress, line", [
@@ -251,4 +251,5 @@ def test_cld_run_notifies_systemd(live_daemon: LiveDaemon, tmp_path: Path, liste
     assert statuses[-1] == "STATUS=stopping"
     pings = [at for at, text in listener.messages if text == "WATCHDOG=1" and ready_at <= at <= stopping_at]
     gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
-    assert len(pings) >= 3 and all(0.7 <= gap <= 1.6 for gap in gaps), gaps  # WATCHDOG_USEC/2 = 1 s
+    # WATCHDOG_USEC/2 = 1 s apart; always well within the 2 s watchdog period, even on a loaded machine.
+    assert len(pings) >= 3 and all(0.7 <= gap <= 1.9 for gap in gaps), gaps
