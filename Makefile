@@ -12,7 +12,7 @@ SHELL   := /bin/bash
 CHROMIUM := /usr/bin/chromium
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 
-.PHONY: install run test test-unit bench clean
+.PHONY: install run test test-unit bench bench-learning clean
 
 install: $(VENV)/.installed-$(FLAVOUR)
 
@@ -55,6 +55,10 @@ test-unit: install $(CHROMIUM) $(SYSTEMD_ANALYZE)
 
 bench: install
 	$(BIN)/python bench/front_overhead.py
+
+# How much the served model learns and forgets: cld's cycle vs naive LoRA (about an hour on 2 cores).
+bench-learning: install
+	$(BIN)/python bench/learning --naive-sequence --plot docs/learning.png
 
 clean:
 	rm -rf $(VENV) var

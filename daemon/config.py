@@ -272,6 +272,10 @@ class TrainSection(Section):
     warm_start: bool = Field(
         True, description="Continue from the promoted adapter (true) or start each cycle from the base (false)."
     )
+    new_repeats: int = Field(
+        3, ge=1, description="Times the new documents' chunks appear in each epoch (replayed text appears once): a "
+        "small model needs many passes over a fact to recall it word for word, replay does not."
+    )
     replay_loss: Literal["lm", "distill"] = Field(
         "lm", description="How replayed original text (corpus passages, rehearsal answers) is learned: lm = "
         "its tokens, like new text; distill = the frozen base model's whole next-token distribution on it (KL to "

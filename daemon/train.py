@@ -134,6 +134,7 @@ def build_dataset(job: TrainJob, tokenizer: Any) -> Dataset:
     distill = {"replay", "rehearsal"} if hp.replay_loss == "distill" else set()
     mixed = [distilled(example) if name in distill else example
              for name, records in sources.items() for example in (encode(r, tokenizer, hp.mask_prompt) for r in records)]
+    mixed += [encode(record, tokenizer, hp.mask_prompt) for record in new] * (hp.new_repeats - 1)
     rng.shuffle(mixed)
     train = pack(mixed, hp.seq_len)
     held_out = pack([encode(record, tokenizer, hp.mask_prompt) for record in held], hp.seq_len)

