@@ -126,14 +126,12 @@ def render(status: dict[str, Any], now_s: float | None = None) -> Group:
 def _daemon_line(daemon: dict[str, Any], now_s: float) -> Text:
     if not daemon.get("running"):
         return Text("not running", style="bold red")
+    up = f", up {span(now_s - daemon['started_at'])}" if daemon.get("started_at") else ""
     phase = daemon.get("phase", "?")
-    line = Text.assemble((phase, "bold green" if phase == "serving" else "bold yellow"),
-                         f" at {daemon['url']} (pid {daemon['pid']}")
-    if daemon.get("started_at"):
-        line.append(f", up {span(now_s - daemon['started_at'])}")
     restarts = daemon.get("vllm_restarts", 0)
-    line.append(f") · model server {daemon.get('vllm', '?')}, {restarts} restart{'s' * (restarts != 1)}")
-    return line
+    return Text.assemble(f"running (pid {daemon['pid']}{up}) at {daemon['url']} · ",
+                         (phase, "bold green" if phase == "serving" else "bold yellow"),
+                         f" · model server {daemon.get('vllm', '?')}, {restarts} restart{'s' * (restarts != 1)}")
 
 
 def _cycles_table(status: dict[str, Any], now_s: float) -> Table:

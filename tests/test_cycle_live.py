@@ -15,6 +15,7 @@ import pytest
 
 from daemon.probes import build_cloze, cloze_passed
 from tests.conftest import LiveDaemon, start_daemon, stop_daemon
+from tests.test_metrics import samples, value
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +42,20 @@ def wait_for(condition, timeout_s: float, what: str, daemon: LiveDaemon) -> dict
     raise AssertionError(f"timed out waiting for {what}; status: {json.dumps(status(daemon))[:2000]}")
 
 
+def scrape(daemon: LiveDaemon) -> dict:
+    reply = httpx.get(f"{daemon.url}/metrics", timeout=30)
+    assert reply.status_code == 200, reply.text
+    return samples(reply.text)
+
+
 @pytest.fixture(scope="module")
-def learned(live_daemon: LiveDaemon) -> Iterator[str]:
+def metrics_before(live_daemon: LiveDaemon) -> dict:
+    """/metrics before this module's cycle (which `learned` runs)."""
+    return scrape(live_daemon)
+
+
+@pytest.fixture(scope="module")
+def learned(live_daemon: LiveDaemon, metrics_before: dict) -> Iterator[str]:
     """Drop a document of invented facts into the inbox and run a cycle; the promoted version."""
     (live_daemon.state_dir / "inbox" / "velmora-accord.txt").write_text(FACTS)
     wait_for(lambda s: s["replay"]["source"] == "synthetic", 900, "the replay buffer", live_daemon)
@@ -93,6 +106,41 @@ def test_invented_facts_are_learned_promoted_and_served_then_rolled_back(live_da
     assert recall(live_daemon, "cld") == learned_recall
     listing = live_daemon.cld("adapters")
     assert learned in listing.stdout and "promoted" in listing.stdout
+
+
+def test_metrics_and_cld_status_follow_the_cycle(live_daemon: LiveDaemon, learned: str, metrics_before: dict) -> None:
+    now = status(live_daemon)
+    after = scrape(live_daemon)
+    for outcome in ("promoted", "rejected", "failed"):
+        expected = value(metrics_before, "cld_cycles_total", outcome=outcome) + (outcome == "promoted")
+        assert value(after, "cld_cycles_total", outcome=outcome) == expected, outcome
+    assert value(after, "cld_training_tokens_per_second") > 0
+    assert value(after, "cld_swap_seconds_count") > value(metrics_before, "cld_swap_seconds_count")
+    assert value(after, "cld_documents", state="learned") >= 1
+    serving = now["model"]["current_adapter"]
+    assert value(after, "cld_serving_info", version=serving or "base") == 1
+    if serving == learned:
+        [adapter] = [a for a in now["adapters"] if a["version"] == learned]
+        assert value(after, "cld_serving_probe_ratio", probe="cloze_pass") == adapter["probes"]["cloze_pass"]
+
+    asked = after.get(("cld_requests_total", (("code", "200"), ("model", "cld"))), 0)  # none yet: not exported
+    answer = live_daemon.cld("query", "Where was the Velmora Accord signed?", "--max-tokens", "8")
+    assert answer.returncode == 0, answer.stderr
+    later = scrape(live_daemon)
+    assert value(later, "cld_requests_total", model="cld", code="200") == asked + 1
+    assert value(later, "cld_request_duration_seconds_count", model="cld") >= asked + 1
+    assert not [labels for _, labels in later if "-v0" in str(labels)], "adapter versions leaked into labels"
+
+    shown = live_daemon.cld("status")
+    assert shown.returncode == 0, shown.stderr
+    assert "running (pid" in shown.stdout and "· serving ·" in shown.stdout
+    assert f"cld = {serving or 'base'}" in shown.stdout
+    assert learned in shown.stdout and "promoted" in shown.stdout
+    as_json = json.loads(live_daemon.cld("status", "--json").stdout)
+    assert as_json["model"] == status(live_daemon)["model"] and as_json["daemon"]["running"]
+    assert [c["id"] for c in as_json["cycles"]] == [c["id"] for c in now["cycles"]]
+    page = httpx.get(f"{live_daemon.url}/status", timeout=60)
+    assert page.status_code == 200 and learned in page.text and page.text.count("<svg") == 2
 
 
 def test_a_wrecking_cycle_is_rejected_and_the_incumbent_keeps_serving(live_daemon: LiveDaemon, learned: str,

@@ -33,7 +33,7 @@ def test_status_at_a_glance(tmp_path: Path) -> None:
     console = Console(record=True, width=200, color_system="standard", force_terminal=True)
     console.print(status.render(status.collect(settings, daemon=daemon)))
     text = console.export_text(styles=False, clear=False)
-    assert "serving at http://127.0.0.1:8000 (pid 4242, up 2 h) · model server ready, 1 restart" in text
+    assert "running (pid 4242, up 2 h) at http://127.0.0.1:8000 · serving · model server ready, 1 restart" in text
     assert f"cld = {SERVING}" in text
     assert "7 ingested · 4 pending (3 ready) · 3 learned · 1 quarantined · 1 duplicates" in text
     assert "cycle 7 running v0006: train step 3/40" in text
