@@ -73,7 +73,7 @@ def run_case(name: str, model_dir: Path, fill, files_expected: int) -> dict[str,
         state = StateDir(Path(tmp) / "state")
         size = fill(state.inbox)
         env = {**os.environ, "CLD_STATE__DIR": str(state.root), "CLD_MODEL__BASE": str(model_dir),
-               "CLD_WATCH__STABLE_S": "0", "CLD_LOG_LEVEL": "WARNING"}
+               "CLD_WATCH__STABLE_S": "0", "CLD_LOG__LEVEL": "WARNING"}
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "daemon.watch"], cwd=tmp, env={**env, "PYTHONPATH": str(REPO)},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

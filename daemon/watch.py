@@ -26,7 +26,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon import journal
+from daemon import journal, logs
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.ingest import ChunkerSource, HandInError, IngestBusy, Ingester, hand_in, open_ingester
 from daemon.journal import Journal, Recorded
@@ -297,11 +297,11 @@ def _settled(path: Path, outcome: Outcome, after: int) -> Outcome:
 
 def main(argv: list[str]) -> int:
     """Ingest the inbox once (the daemon must not be running): `python -m daemon.watch [--config PATH]`."""
-    logging.basicConfig(level=os.environ.get("CLD_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     config = Path(argv[1]) if len(argv) == 2 and argv[0] == "--config" else None
     try:
         settings = load_settings(config)
+        logs.setup(settings.log)  # [log] format and level, as the daemon logs
         with open_ingester(settings) as ingester:
             found = ingest_inbox(ingester, settings)
     except (ConfigError, IngestBusy) as error:
