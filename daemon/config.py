@@ -188,7 +188,8 @@ class ReplaySection(Section):
         "probes measure them.",
     )
     ratio: float = Field(
-        1.0, ge=0, le=20, description="Replay tokens per new-document token in a cycle's training set."
+        4.0, ge=0, le=20, description="Replay tokens per new-document token in a cycle's training set (corpus "
+        "passages and earlier documents; rehearsal pairs come on top)."
     )
     strategy: str = Field(
         "mix", description="How corpus passages are chosen: nearest (closest to the new documents), random, "
@@ -199,7 +200,7 @@ class ReplaySection(Section):
         description="Weights of the strategies when replay.strategy = \"mix\".",
     )
     knowledge_share: float = Field(
-        0.25, ge=0, le=1,
+        0.5, ge=0, le=1,
         description="Share of the replay budget given to chunks of documents learned in earlier cycles, so later "
         "adapters keep earlier knowledge.",
     )
@@ -277,7 +278,7 @@ class TrainSection(Section):
         "small model needs many passes over a fact to recall it word for word, replay does not."
     )
     replay_loss: Literal["lm", "distill"] = Field(
-        "lm", description="How replayed original text (corpus passages, rehearsal answers) is learned: lm = "
+        "distill", description="How replayed original text (corpus passages, rehearsal answers) is learned: lm = "
         "its tokens, like new text; distill = the frozen base model's whole next-token distribution on it (KL to "
         "the base with the adapter switched off), which keeps the model closer to what it was."
     )
