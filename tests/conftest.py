@@ -80,9 +80,9 @@ def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Pa
         min_new_tokens = 0
 
         # The live tests check the mechanism (learn, probe, promote, serve, roll back), so the
-        # forgetting limits are loose: one short cycle on the 135M model moves its answers far
-        # more than the defaults allow (measured: held-out NLL +49 %, drift similarity 0.29).
-        # How much cld forgets at which settings is the learning benchmark's job, not a test's.
+        # forgetting limits are loose: with this small a replay buffer (a couple of held-out
+        # passages, 12 rehearsal pairs) the forgetting probes are too noisy to gate on. How much
+        # cld forgets with the default recipe is bench/learning's job (docs/BENCHMARKS.md).
         [probes]
         max_forgetting = 1.0
         max_behaviour_increase = 2.0
