@@ -219,7 +219,8 @@ def prepare_run(args: argparse.Namespace) -> Daemon:
     return Daemon(run, state, dict(item.split("=", 1) for item in args.set))
 
 
-async def run_bench(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
+async def run_bench(args: argparse.Namespace, daemon: Daemon, results: dict[str, Any]) -> None:
+    """Fill `results` as the measurements come in (an interrupted run still reports them)."""
     print(f"run folder: {daemon.folder}", flush=True)
     daemon.wait(lambda s: s["replay"]["source"] and s["daemon"].get("vllm") == "ready", START_TIMEOUT_S,
                 "vLLM and the replay buffer")
@@ -232,7 +233,9 @@ async def run_bench(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
     print(f"base: held-out NLL {base['held_out_nll']:.3f}, behaviour NLL {base['behaviour_nll']:.3f}, "
           f"general QA {len(bench.general)}/{len(suite.general_qa)}", flush=True)
     rows = [measure.summary_row("(a) base, no training", base, base, first, {"gate": "—"})]
-    results: dict[str, Any] = {"base": base, "settings": daemon.settings.model_dump(mode="json"), "overrides": args.set}
+    steps: list[dict[str, Any]] = []
+    results.update(base=base, settings=daemon.settings.model_dump(mode="json"), overrides=args.set, rows=rows,
+                   steps=steps)
 
     naive_folder, wall = bench.train_naive(docs[0], "v0001", None)
     naive = await bench.measure_adapter(naive_folder, docs[:1])
@@ -241,7 +244,7 @@ async def run_bench(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
     results["naive"] = naive
     print(measure.markdown_table(rows), flush=True)
 
-    steps, serving = [], None
+    serving = None
     for k, doc in enumerate(docs[: args.cycles], start=1):
         record = daemon.cycle(doc)
         version = record.get("version")
@@ -275,15 +278,14 @@ async def run_bench(args: argparse.Namespace, daemon: Daemon) -> dict[str, Any]:
         print(measure.sequence_table(steps), flush=True)
 
     if args.naive_sequence:
-        results["naive_sequence"] = await naive_sequence(bench, docs[: args.cycles], naive_folder, naive)
-    results.update(rows=rows, steps=steps)
-    return results
+        results["naive_sequence"] = []
+        await naive_sequence(bench, docs[: args.cycles], naive_folder, naive, results["naive_sequence"])
 
 
-async def naive_sequence(bench: Bench, docs: list[measure.Document], first: Path,
-                         first_eval: dict[str, Any]) -> list[dict[str, Any]]:
+async def naive_sequence(bench: Bench, docs: list[measure.Document], first: Path, first_eval: dict[str, Any],
+                         out: list[dict[str, Any]]) -> None:
     """Naive LoRA over the same documents in turn, each run continuing the previous adapter."""
-    out, parent, result = [], first, first_eval
+    parent, result = first, first_eval
     for k, doc in enumerate(docs, start=1):
         if k > 1:
             parent, _ = bench.train_naive(doc, f"v{k:04d}", parent)
@@ -295,7 +297,6 @@ async def naive_sequence(bench: Bench, docs: list[measure.Document], first: Path
                     "behaviour_delta": measure.relative(result["behaviour_nll"], bench.base["behaviour_nll"]),
                     "general_qa": f"{len(result['general_correct'])}/{len(bench.general)}"})
         print("naive sequence\n" + measure.sequence_table(out), flush=True)
-    return out
 
 
 def main() -> None:
@@ -309,24 +310,35 @@ def main() -> None:
     daemon = prepare_run(args)
     daemon.start()
     started = time.monotonic()
+    results: dict[str, Any] = {}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped by hand: report what was measured
     try:
-        results = asyncio.run(run_bench(args, daemon))
+        asyncio.run(run_bench(args, daemon, results))
+    except KeyboardInterrupt:
+        print("interrupted: reporting what was measured", flush=True)
     finally:
         daemon.stop()
         for kept in ("cycles", "logs"):
             if (daemon.state / kept).is_dir():
                 shutil.copytree(daemon.state / kept, daemon.folder / kept)
     results["wall_s"] = time.monotonic() - started
-    (daemon.folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    report = [measure.markdown_table(results["rows"]), "", measure.sequence_table(results["steps"])]
-    if "naive_sequence" in results:
-        report += ["", "naive LoRA, same documents in turn:", measure.sequence_table(results["naive_sequence"])]
-    (daemon.folder / "report.md").write_text("\n".join(report) + "\n")
-    measure.plot(results["rows"], results["steps"], daemon.folder / "learning.png")
-    if args.plot:
-        shutil.copyfile(daemon.folder / "learning.png", args.plot)
-    print("\n".join(report))
-    print(f"\n{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, {results['wall_s']:.0f} s; {daemon.folder}")
+    report(results, daemon.folder, args.plot)
+
+
+def report(results: dict[str, Any], folder: Path, plot: Optional[Path]) -> None:
+    """results.json, report.md and learning.png in the run folder (and the plot at `plot`)."""
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if not results.get("rows"):
+        return
+    text = [measure.markdown_table(results["rows"]), "", measure.sequence_table(results["steps"])]
+    if results.get("naive_sequence"):
+        text += ["", "naive LoRA, same documents in turn:", measure.sequence_table(results["naive_sequence"])]
+    (folder / "report.md").write_text("\n".join(text) + "\n")
+    measure.plot(results["rows"], results["steps"], folder / "learning.png")
+    if plot:
+        shutil.copyfile(folder / "learning.png", plot)
+    print("\n".join(text))
+    print(f"\n{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, {results['wall_s']:.0f} s; {folder}")
 
 
 if __name__ == "__main__":
