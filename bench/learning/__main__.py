@@ -161,12 +161,12 @@ class Bench:
     def train_naive(self, document: measure.Document, version: str, parent: Optional[Path]) -> tuple[Path, float]:
         """The recipe on the document's chunks alone: no replay, no rehearsal, no gate."""
         settings = self.daemon.settings
-        chunker = Chunker(load_tokenizer(PREPARED if PREPARED.is_dir() else self.daemon.state / "model"),
-                          settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
+        model_dir = PREPARED if (PREPARED / "config.json").is_file() else self.daemon.state / "model"
+        chunker = Chunker(load_tokenizer(model_dir), settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
         new = [record for _, record in chunker.chunks([{"text": document.text}])]
         out = self.daemon.folder / "naive"
         out.mkdir(exist_ok=True)
-        job = TrainJob(version=version, base_model=str(PREPARED), output_dir=str(out),
+        job = TrainJob(version=version, base_model=str(model_dir), output_dir=str(out),
                        parent_version=parent.name if parent else None, parent_path=str(parent) if parent else None,
                        data=JobData(new=new), hyper=settings.train)
         job_file = out / f"{version}.json"
