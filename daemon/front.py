@@ -269,15 +269,12 @@ class RequestMetrics:
 def _page_key_checker(api_key: str) -> Callable[..., Awaitable[None]]:
     """The status page's guard: the API key as a bearer token, or as the password of HTTP Basic
     (any user name), so that a browser asks for it (nothing when no key is set)."""
-    expected = f"Bearer {api_key}".encode()
 
     async def check(request: Request, basic: Optional[HTTPBasicCredentials] = Depends(HTTPBasic(auto_error=False))
                     ) -> None:
-        if not api_key:
+        if not api_key or _has_bearer(request, api_key):
             return
         if basic is not None and secrets.compare_digest(basic.password.encode(), api_key.encode()):
-            return
-        if secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return
         raise ProxyError(PlainTextResponse("the status page needs the API key (as the password)", 401,
                                            headers=PAGE_CHALLENGE))
@@ -287,19 +284,22 @@ def _page_key_checker(api_key: str) -> Callable[..., Awaitable[None]]:
 
 def _key_checker(api_key: str) -> Callable[[Request], Awaitable[None]]:
     """The dependency that guards /v1 and /api: `Authorization: Bearer <api_key>` (nothing when no key is set)."""
-    expected = f"Bearer {api_key}".encode()
 
     async def check(request: Request) -> None:
-        if not api_key:
+        if not api_key or _has_bearer(request, api_key):
             return
-        given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):
-            response = openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                    "authentication_error", "invalid_api_key")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            raise ProxyError(response)
+        response = openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                "authentication_error", "invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        raise ProxyError(response)
 
     return check
+
+
+def _has_bearer(request: Request, api_key: str) -> bool:
+    """`Authorization: Bearer <api_key>`, compared in constant time."""
+    given = request.headers.get("authorization", "").encode()
+    return secrets.compare_digest(given, f"Bearer {api_key}".encode())
 
 
 async def _read_payload(request: Request) -> dict[str, Any]:
