@@ -92,12 +92,13 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
     """Concatenate examples and cut the stream into blocks of `seq_len` tokens (the last may be
-    shorter), so no compute is spent on padding."""
+    shorter), so no compute is spent on padding. A last block of one token has nothing to predict
+    and is dropped (its loss would have no gradient)."""
     ids = [token for example in examples for token in example.input_ids]
     labels = [label for example in examples for label in example.labels]
     flags = [flag for example in examples for flag in (example.distill or [False] * len(example.input_ids))]
     return [Example(ids[i : i + seq_len], labels[i : i + seq_len], flags[i : i + seq_len] if any(flags) else None)
-            for i in range(0, len(ids), seq_len)]
+            for i in range(0, len(ids), seq_len) if len(ids) - i > 1]
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:

@@ -82,6 +82,13 @@ def test_packing_cuts_the_stream_into_blocks_without_padding() -> None:
     assert [b.labels for b in blocks] == [[1, IGNORE, 3, 4], [5, 6]]
 
 
+def test_a_one_token_tail_is_not_a_block() -> None:
+    # a block of one token predicts nothing: its loss has no gradient and backward() would fail
+    blocks = pack([Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])], seq_len=4)
+    assert [b.input_ids for b in blocks] == [[1, 2, 3, 4]]
+    assert [b.input_ids for b in pack([Example([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])], seq_len=4)] == [[1, 2, 3, 4], [5, 6]]
+
+
 def test_collate_pads_with_ignored_labels_and_a_zero_mask() -> None:
     batch = collate([Example([1, 2, 3], [1, 2, 3]), Example([4], [IGNORE])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
@@ -161,7 +168,7 @@ def test_packing_keeps_the_distill_marks_with_their_tokens() -> None:
     assert [b.distill for b in blocks] == [[False, False, False, True], [True, False]]
     batch = collate(blocks, pad_id=0)
     assert batch["distill"].tolist() == [[False, False, False, True], [True, False, False, False]]
-    assert "distill" not in collate(pack([Example([1], [1])], 4), pad_id=0)
+    assert "distill" not in collate(pack([Example([1, 2], [1, 2])], 4), pad_id=0)
 
 
 def test_new_chunks_are_repeated_each_epoch_and_replay_is_not(tiny: Path, tmp_path: Path, tokenizer) -> None:
