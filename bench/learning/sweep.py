@@ -1,0 +1,272 @@
+"""A fast, offline sweep of the training recipe for the learning benchmark — for a GPU machine.
+
+    # here, beside the daemon's state: the texts every run trains and is measured on
+    .venv/bin/python bench/learning/sweep.py export var/bench-learning/sweep-data.json --ratios 2 4 8
+    # on the GPU machine (torch, transformers, peft; no vLLM): train and measure each recipe
+    python bench/learning/sweep.py run sweep-data.json MODEL_DIR grid.json --out results.json
+
+`export` writes what the daemon's cycles would train on for each benchmark document in turn (its
+chunks, the replay the daemon's own selection picks at each replay ratio, earlier documents as
+knowledge replay, rehearsal pairs) and the benchmark's held-out measures (held-out passages,
+behaviour pairs, drift prompts). `run` trains each recipe of the grid — a JSON list of
+{"name", "ratio", "cycles", "documents", train settings...} — with the daemon's own trainer
+(`daemon.train`, in process, adapters warm-started from cycle to cycle as the daemon does) and
+measures it with `measure`'s scoring, computing greedy answers and NLLs with transformers instead
+of through vLLM. Its numbers rank recipes; the recorded results come from `bench/learning`, which
+runs the real daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
+os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar, once per step
+
+import measure  # noqa: E402
+from daemon import probes  # noqa: E402
+from daemon.config import TrainSection  # noqa: E402
+from daemon.jobs import JobData, TrainJob  # noqa: E402
+
+DRIFT_PROMPTS = HERE.parent.parent / "daemon" / "data" / "drift_prompts.txt"
+
+
+# ---- export (here, with the daemon's state) ---------------------------------------------------------
+
+def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowledge_share: float,
+           held_out: int) -> None:
+    from daemon.chunking import Chunker, load_tokenizer
+    from daemon.config import Settings
+    from replay.buffer import ReplayBuffer, load_rehearsal
+    from replay.select import ReplayPlan, select_replay
+
+    settings = Settings()
+    documents, _ = measure.load_documents()
+    chunker = Chunker(load_tokenizer(model_dir), settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
+    chunks = [[record for _, record in chunker.chunks([{"text": doc.text}])] for doc in documents]
+    rehearsal, behaviour = load_rehearsal(state / "replay")
+    buffer = ReplayBuffer.open(state / "replay")
+    try:
+        jobs: dict[str, list[dict[str, Any]]] = {}
+        for ratio in ratios:
+            plan = ReplayPlan(strategy=settings.replay.strategy, mix=dict(settings.replay.mix), ratio=ratio,
+                              knowledge_share=knowledge_share, rehearsal_pairs=settings.replay.rehearsal_pairs)
+            jobs[str(ratio)] = []
+            for k, new in enumerate(chunks):
+                learned = [r["text"] for earlier in chunks[:k] for r in earlier]
+                records = select_replay(buffer, [r["text"] for r in new], learned, rehearsal, plan, seed=k + 1).records()
+                jobs[str(ratio)].append(JobData(
+                    new=new, replay=[r for r in records if r["kind"] == "corpus"],
+                    knowledge=[r for r in records if r["kind"] == "knowledge"],
+                    rehearsal=[r for r in records if r["kind"] == "rehearsal"]).model_dump())
+        passages = [p.text for p in buffer.held_out_passages(held_out, seed=0)]
+    finally:
+        buffer.close()
+    drift = [line.strip() for line in DRIFT_PROMPTS.read_text().splitlines() if line.strip()]
+    out.write_text(json.dumps({"documents": [d.name for d in documents], "jobs": jobs, "held_out": passages,
+                               "behaviour": [[p.prompt, p.answer] for p in behaviour], "drift": drift}))
+    print(f"{out}: {len(documents)} documents, ratios {ratios}, {len(passages)} held-out passages, "
+          f"{len(behaviour)} behaviour pairs")
+
+
+# ---- measuring with transformers (the GPU machine) -------------------------------------------------
+
+class Scorer:
+    """`measure.evaluate`'s measures on an in-memory model: greedy answers and NLLs, batched."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch: int = 64):
+        self.model, self.tok, self.batch = model, tokenizer, batch
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        out: list[str] = []
+        self.model.eval()
+        for i in range(0, len(prompts), self.batch):
+            group, limits = prompts[i:i + self.batch], max_tokens[i:i + self.batch]
+            width = max(map(len, group))
+            ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in group], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+            with torch.no_grad():
+                generated = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
+                                                do_sample=False, pad_token_id=self.pad)
+            for row, limit in zip(generated[:, width:].tolist(), limits):
+                row = row[:limit]
+                if self.tok.eos_token_id in row:
+                    row = row[:row.index(self.tok.eos_token_id)]
+                out.append(self.tok.decode(row, skip_special_tokens=True))
+        return out
+
+    def chat(self, questions: list[str], max_tokens: int) -> list[str]:
+        prompts = [self._chat([{"role": "user", "content": q}], True) for q in questions]
+        return self.generate(prompts, [max_tokens] * len(prompts))
+
+    def complete(self, prompts: list[str], max_tokens: list[int]) -> list[str]:
+        texts = self.generate([self.tok(p)["input_ids"] for p in prompts], max_tokens)
+        return [text.split("\n", 1)[0] for text in texts]  # vLLM's stop=["\n"]
+
+    def token_nll(self, sequences: list[list[int]]) -> list[list[float]]:
+        """NLL of each token given those before it (from the second token), as vLLM's prompt logprobs."""
+        import torch
+        import torch.nn.functional as F
+
+        device = next(self.model.parameters()).device
+        out: list[list[float]] = []
+        self.model.eval()
+        for i in range(0, len(sequences), self.batch):
+            group = sequences[i:i + self.batch]
+            width = max(map(len, group))
+            ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in group], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in group], device=device)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out += [row[:len(s) - 1] for row, s in zip(nll.tolist(), group)]
+        return out
+
+    def mean_nll(self, texts: list[str]) -> float:
+        values = self.token_nll([self.tok(t)["input_ids"] for t in texts])
+        return statistics.fmean(v for row in values for v in row)
+
+    def answer_nll(self, pairs: list[list[str]]) -> float:
+        heads = [self._chat([{"role": "user", "content": p}], True) for p, _ in pairs]
+        fulls = [self._chat([{"role": "user", "content": p}, {"role": "assistant", "content": a}], False)
+                 for p, a in pairs]
+        values = self.token_nll(fulls)
+        return statistics.fmean(v for head, row in zip(heads, values) for v in row[len(head) - 1:])
+
+
+def evaluate(scorer: Scorer, data: dict[str, Any], documents: list[measure.Document],
+             general: list[tuple[str, list[str]]], reference: dict[str, Any] | None) -> dict[str, Any]:
+    """The measures of `measure.evaluate`, by the same scoring rules."""
+    facts = [fact for doc in documents for fact in doc.facts]
+    continuations = scorer.complete([f.prompt for f in facts], [4 * len(f.answer.split()) + 8 for f in facts])
+    replies = scorer.chat([f.question for f in facts], measure.QA_MAX_TOKENS)
+    general_replies = scorer.chat([q for q, _ in general], measure.QA_MAX_TOKENS)
+    drift = scorer.chat(data["drift"], measure.DRIFT_TOKENS)
+    per_doc = {}
+    for doc in documents:
+        rows = [(measure.cloze_exact(f.answer, c), measure.contains(f.qa_answer, r))
+                for f, c, r in zip(facts, continuations, replies) if f.document == doc.name]
+        per_doc[doc.name] = {"cloze": statistics.fmean(r[0] for r in rows), "qa": statistics.fmean(r[1] for r in rows)}
+    return {
+        "facts": per_doc,
+        "general_correct": [i for i, (reply, (_, answers)) in enumerate(zip(general_replies, general))
+                            if any(measure.contains(a, reply) for a in answers)],
+        "held_out_nll": scorer.mean_nll(data["held_out"]),
+        "behaviour_nll": scorer.answer_nll(data["behaviour"]),
+        "drift_answers": drift,
+        "drift_agreement": probes.agreement(reference["drift_answers"], drift) if reference else 1.0,
+    }
+
+
+def summarize(result: dict[str, Any], base: dict[str, Any], learned: list[str], current: str) -> dict[str, Any]:
+    kept = set(base["general_correct"])
+    return {
+        "first_cloze": result["facts"][learned[0]]["cloze"],
+        "this_cloze": result["facts"][current]["cloze"],
+        "this_qa": result["facts"][current]["qa"],
+        "all_cloze": statistics.fmean(result["facts"][d]["cloze"] for d in learned),
+        "held_out_delta": measure.relative(result["held_out_nll"], base["held_out_nll"]),
+        "behaviour_delta": measure.relative(result["behaviour_nll"], base["behaviour_nll"]),
+        "general_kept": len(kept & set(result["general_correct"])), "general_base": len(kept),
+        "drift_agreement": result["drift_agreement"],
+    }
+
+
+def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
+    import torch
+
+    from daemon import train
+
+    data = json.loads(data_file.read_text())
+    documents, general = measure.load_documents()
+    by_name = {doc.name: doc for doc in documents}
+    grid = json.loads(grid_file.read_text())
+    results: list[dict[str, Any]] = []
+    base_eval: dict[str, Any] | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="cld-sweep-"))
+    for recipe in grid:
+        recipe = dict(recipe)
+        name, ratio = recipe.pop("name"), str(float(recipe.pop("ratio", 4.0)))
+        cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
+        hyper = TrainSection(**{**TrainSection().model_dump(), **recipe})
+        for first in order:
+            started, steps = time.monotonic(), []
+            model = tokenizer = None
+            learned: list[str] = []
+            for k in range(cycles):
+                index = (first + k) % len(documents)
+                job_data = dict(data["jobs"][ratio][index])
+                if k == 0:
+                    job_data["knowledge"] = []  # a first cycle has learned nothing before
+                job = TrainJob(version=f"v{k + 1:04d}", base_model=str(model_dir), output_dir=str(workdir),
+                               data=JobData(**job_data), hyper=hyper)
+                if model is None:
+                    model, tokenizer, _ = train.load_model(job)
+                    tokenizer.padding_side = "left"
+                    if base_eval is None:
+                        with model.disable_adapter():
+                            base_eval = evaluate(Scorer(model, tokenizer), data, documents, general, None)
+                dataset = train.build_dataset(job, tokenizer)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                tick = time.monotonic()
+                summary = train.train(job, model, dataset, pad, json_progress=False, stop=lambda: False)
+                train_s = time.monotonic() - tick
+                learned.append(documents[index].name)
+                result = evaluate(Scorer(model, tokenizer), data, [by_name[n] for n in learned], general, base_eval)
+                steps.append({"cycle": k + 1, "document": learned[-1], "steps": summary["steps"],
+                              "tokens": summary["tokens"], "train_s": round(train_s, 1),
+                              **summarize(result, base_eval, learned, learned[-1])})
+                print(json.dumps({"recipe": name, "first": first, **steps[-1]}), flush=True)
+                if k == 0:
+                    results.append({"recipe": name, "ratio": float(ratio), "first_document": first,
+                                    "hyper": recipe, "steps": steps})
+                results[-1]["wall_s"] = round(time.monotonic() - started, 1)
+                out.write_text(json.dumps({"base": {m: base_eval[m] for m in ("held_out_nll", "behaviour_nll")},
+                                           "general_base": len(base_eval["general_correct"]),
+                                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                                           "results": results}, indent=1))
+            del model
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write the sweep's data from the benchmark's state (here)")
+    ex.add_argument("out", type=Path)
+    ex.add_argument("--state", type=Path, default=HERE.parent.parent / "var" / "bench-learning" / "state")
+    ex.add_argument("--model", type=Path, default=HERE.parent.parent / "var" / "model")
+    ex.add_argument("--ratios", type=float, nargs="+", default=[4.0])
+    ex.add_argument("--knowledge-share", type=float, default=0.5)
+    ex.add_argument("--held-out", type=int, default=64)
+    go = sub.add_parser("run", help="train and measure each recipe of a grid (GPU machine)")
+    go.add_argument("data", type=Path)
+    go.add_argument("model", type=Path)
+    go.add_argument("grid", type=Path)
+    go.add_argument("--out", type=Path, default=Path("sweep-results.json"))
+    args = parser.parse_args()
+    if args.command == "export":
+        export(args.state, args.model, args.out, args.ratios, args.knowledge_share, args.held_out)
+    else:
+        run(args.data, args.model, args.grid, args.out)
+
+
+if __name__ == "__main__":
+    main()

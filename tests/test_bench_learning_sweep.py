@@ -1,0 +1,89 @@
+"""The GPU recipe sweep (bench/learning/sweep.py) on a tiny model: its transformers-side measures
+agree with the model's own loss and with unbatched decoding, and a run trains and scores cycles."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import build_tiny_model
+
+spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).parent.parent / "bench" / "learning" / "sweep.py")
+sweep = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = sweep
+spec.loader.exec_module(sweep)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer.padding_side = "left"
+    return sweep.Scorer(AutoModelForCausalLM.from_pretrained(tiny).eval(), tokenizer, batch=3)
+
+
+def test_token_nll_is_the_models_loss_whatever_the_batch(scorer) -> None:
+    import torch
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Zorblat is the capital", "Tokens make documents."]
+    ids = [scorer.tok(t)["input_ids"] for t in texts]
+    batched = scorer.token_nll(ids)
+    assert [len(row) for row in batched] == [len(i) - 1 for i in ids]  # every token but the first
+    for row, one in zip(batched, ids):
+        with torch.no_grad():
+            loss = scorer.model(input_ids=torch.tensor([one]), labels=torch.tensor([one])).loss.item()
+        assert sum(row) / len(row) == pytest.approx(loss, rel=1e-4)
+
+
+def test_answer_nll_counts_the_answer_tokens_only(scorer) -> None:
+    prompt, answer = "What is the capital of France?", "The capital of France is Paris."
+    head = scorer._chat([{"role": "user", "content": prompt}], True)
+    full = scorer._chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], False)
+    values = scorer.token_nll([full])[0][len(head) - 1:]
+    assert len(values) == len(full) - len(head)
+    assert scorer.answer_nll([[prompt, answer]]) == pytest.approx(sum(values) / len(values))
+
+
+def test_left_padded_batches_decode_as_one_prompt_at_a_time(scorer) -> None:
+    prompts = ["The quick", "Zorblat is the capital of the planet", "What is", "Tokens, sentences and"]
+    ids = [scorer.tok(p)["input_ids"] for p in prompts]
+    limits = [5, 3, 8, 6]
+    assert scorer.generate(ids, limits) == [scorer.generate([i], [n])[0] for i, n in zip(ids, limits)]
+    assert all("\n" not in text for text in scorer.complete(prompts, limits))
+
+
+def test_a_run_trains_each_cycle_and_scores_what_it_learned(tiny: Path, tmp_path: Path) -> None:
+    documents, _ = sweep.measure.load_documents()
+    chunk = {"text": "Zorblat is the capital of the planet Quux, founded in 2071."}
+    job = {"new": [chunk] * 3, "replay": [{"kind": "corpus", "text": "The quick brown fox jumps."}],
+           "knowledge": [{"kind": "knowledge", "text": "Tokens make documents."}],
+           "rehearsal": [{"kind": "rehearsal", "messages": [{"role": "user", "content": "What is the capital?"},
+                                                               {"role": "assistant", "content": "Paris."}]}]}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"documents": [d.name for d in documents], "jobs": {"4.0": [job] * len(documents)},
+                                "held_out": ["The lazy dog sleeps."], "behaviour": [["Hi?", "Hello."]],
+                                "drift": ["Tell me a joke."]}))
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "tiny", "cycles": 2, "documents": [4], "max_steps": 2, "seq_len": 32,
+                                 "dtype": "fp32"}]))
+    out = tmp_path / "results.json"
+    sweep.run(data, tiny, grid, out)
+    found = json.loads(out.read_text())
+    (result,) = found["results"]
+    assert result["recipe"] == "tiny" and result["first_document"] == 4
+    assert [s["document"] for s in result["steps"]] == [documents[4].name, documents[5].name]
+    first, second = result["steps"]
+    assert first["steps"] == second["steps"] == 2
+    assert second["first_cloze"] == first["this_cloze"] == 0.0  # a tiny model knows none of the facts
+    assert second["held_out_delta"] != 0.0  # trained: the held-out NLL moved
+    assert found["general_base"] == 0 and 0.0 <= second["drift_agreement"] <= 1.0
