@@ -83,26 +83,28 @@ def cloze_passed(expected: str, generated: str, min_recall: float = 0.6) -> bool
     """True when the generated continuation recalls at least `min_recall` of the expected
     continuation's content words (order-free, case- and accent-insensitive)."""
     wanted = _content_words(expected)
-    got = set(_words(generated)[: len(_words(expected)) + 8])
+    got = set(normalized_words(generated)[: len(normalized_words(expected)) + 8])
     return bool(wanted) and len(wanted & got) / len(wanted) >= min_recall
 
 
 def qa_correct(answer: str, generated: str) -> bool:
-    return " ".join(_words(answer)) in " ".join(_words(generated))
+    return " ".join(normalized_words(answer)) in " ".join(normalized_words(generated))
 
 
-def _words(text: str) -> list[str]:
+def normalized_words(text: str) -> list[str]:
+    """Casefolded words without accents: how every probe compares text (and the benchmark too)."""
     plain = unicodedata.normalize("NFKD", text.casefold())
     return re.findall(r"[^\W_]+", "".join(c for c in plain if not unicodedata.combining(c)))
 
 
 def _content_words(text: str) -> set[str]:
-    return {word for word in _words(text) if word not in STOPWORDS}
+    return {word for word in normalized_words(text) if word not in STOPWORDS}
 
 
 # ---- measurements ----------------------------------------------------------------------------
 
-async def _gather(items: Sequence[T], work: Callable[[T], Awaitable[Any]]) -> list[Any]:
+async def gather(items: Sequence[T], work: Callable[[T], Awaitable[Any]]) -> list[Any]:
+    """`work` on every item, at most CONCURRENCY requests to vLLM at a time, results in order."""
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def one(item: T) -> Any:
@@ -116,7 +118,7 @@ async def mean_nll(client: VLLMClient, model: str, texts: Sequence[str]) -> Opti
     """Mean NLL per token over `texts` under `model`."""
     if not texts:
         return None
-    per_text = await _gather(texts, lambda text: client.token_nll(model, text))
+    per_text = await gather(texts, lambda text: client.token_nll(model, text))
     tokens = [value for values in per_text for value in values]
     return statistics.fmean(tokens) if tokens else None
 
@@ -134,19 +136,19 @@ async def answer_nll(client: VLLMClient, model: str, pairs: Sequence[tuple[list[
         values = await client.token_nll(model, full)
         return values[len(head) - 1:] if len(full) > len(head) else []
 
-    per_pair = await _gather(pairs, one)
+    per_pair = await gather(pairs, one)
     tokens = [value for values in per_pair for value in values]
     return statistics.fmean(tokens) if tokens else None
 
 
 async def greedy_chat(client: VLLMClient, model: str, prompts: Sequence[str], max_tokens: int) -> list[str]:
-    return await _gather(prompts, lambda p: client.chat(model, [{"role": "user", "content": p}], max_tokens))
+    return await gather(prompts, lambda p: client.chat(model, [{"role": "user", "content": p}], max_tokens))
 
 
 async def cloze_rate(client: VLLMClient, model: str, probes: Sequence[Cloze]) -> Optional[float]:
     if not probes:
         return None
-    outputs = await _gather(
+    outputs = await gather(
         probes, lambda c: client.complete(model, c.prompt, max_tokens=2 * len(c.expected.split()) + 8))
     return statistics.fmean(cloze_passed(c.expected, out) for c, out in zip(probes, outputs))
 
@@ -164,7 +166,7 @@ def agreement(reference: Sequence[str], answers: Sequence[str], head_words: int 
     if not reference:
         return None
     return statistics.fmean(
-        difflib.SequenceMatcher(None, _words(a)[:head_words], _words(b)[:head_words]).ratio()
+        difflib.SequenceMatcher(None, normalized_words(a)[:head_words], normalized_words(b)[:head_words]).ratio()
         for a, b in zip(reference, answers)
     )
 

@@ -66,7 +66,7 @@ def load_documents(path: Path = DATA_FILE) -> tuple[list[Document], list[tuple[s
 # ---- scoring of one answer ---------------------------------------------------------------------
 
 def _norm(text: str) -> list[str]:
-    return probes._words(text)  # casefolded, accent-free words: the daemon's own normalisation
+    return probes.normalized_words(text)  # the daemon's own normalisation
 
 
 def cloze_exact(answer: str, continuation: str) -> bool:
@@ -90,7 +90,7 @@ async def evaluate(client: VLLMClient, model: str, suite: Suite, documents: list
     answers to the drift prompts."""
     chosen_docs = [doc for doc in suite.documents if doc.name in documents]
     facts = [fact for doc in chosen_docs for fact in doc.facts]
-    continuations = await probes._gather(
+    continuations = await probes.gather(
         facts, lambda f: client.complete(model, f.prompt, max_tokens=4 * len(f.answer.split()) + 8))
     replies = await probes.greedy_chat(client, model, [f.question for f in facts], QA_MAX_TOKENS)
     chosen = range(len(suite.general_qa)) if general is None else general
