@@ -44,3 +44,14 @@ def test_documents_load_into_facts() -> None:
     assert len(documents) == 6 and all(len(doc.facts) == 8 for doc in documents)
     assert all(fact.document == doc.name for doc in documents for fact in doc.facts)
     assert general and all(answers for _, answers in general)
+
+
+def test_the_plot_draws_both_methods_and_marks_rejected_cycles(tmp_path: Path) -> None:
+    row = {"method": "m", "cloze": 0.9, "qa": 0.5, "held_out_delta": 0.01, "behaviour_delta": 0.03}
+    steps = [{"cycle": k, "gate": gate, "first_cloze": 0.9, "all_cloze": 0.8, "held_out_delta": 0.01}
+             for k, gate in ((1, "promoted"), (2, "rejected"))]
+    naive = [{"cycle": k, "first_cloze": 1.0 / k} for k in (1, 2)]
+    path = tmp_path / "learning.png"
+    measure.plot([row, row], steps, path, naive)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measure.plot([row], steps, path)  # no naive sequence measured

@@ -334,7 +334,7 @@ def report(results: dict[str, Any], folder: Path, plot: Optional[Path]) -> None:
     if results.get("naive_sequence"):
         text += ["", "naive LoRA, same documents in turn:", measure.sequence_table(results["naive_sequence"])]
     (folder / "report.md").write_text("\n".join(text) + "\n")
-    measure.plot(results["rows"], results["steps"], folder / "learning.png")
+    measure.plot(results["rows"], results["steps"], folder / "learning.png", results.get("naive_sequence"))
     if plot:
         shutil.copyfile(folder / "learning.png", plot)
     print("\n".join(text))

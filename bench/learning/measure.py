@@ -173,8 +173,10 @@ def sequence_table(steps: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], steps: list[dict[str, Any]], path: Path) -> None:
-    """Left: recall against forgetting per method. Right: recall of cycle-1 facts over the cycles."""
+def plot(rows: list[dict[str, Any]], steps: list[dict[str, Any]], path: Path,
+         naive: Optional[list[dict[str, Any]]] = None) -> None:
+    """Left: recall against forgetting per method. Right: recall of cycle-1 facts over the cycles
+    (cld's served model, rejected cycles marked; naive LoRA's over the same documents if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,8 +203,15 @@ def plot(rows: list[dict[str, Any]], steps: list[dict[str, Any]], path: Path) ->
     right.plot(cycles, [s["all_cloze"] for s in steps], "s--", label="all facts so far", color="#1b9e77")
     right.plot(cycles, [max(0.0, s["held_out_delta"] or 0) for s in steps], "^:",
                label="held-out NLL increase", color="#d95f02")
+    for s in steps:
+        if s["gate"] != "promoted":
+            right.annotate(s["gate"], (s["cycle"], s["first_cloze"]), xytext=(0, 8), textcoords="offset points",
+                           ha="center", fontsize=7, color="#b2182b")
+    if naive:
+        right.plot([s["cycle"] for s in naive], [s["first_cloze"] for s in naive], "o-", color="#999999",
+                   label="naive LoRA: cycle-1 facts")
     right.axhline(0.8, color="#2b7bba", ls=":", lw=1)
-    right.set_ylim(0, 1.05)
+    right.set_ylim(0, 1.1)
     right.set_xticks(cycles)
     right.set_xlabel("cycle")
     right.set_title("sequential cycles, a new document each (served model)")
