@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -36,6 +37,7 @@ DRAIN_TIMEOUT_S = 120.0
 TRAINER_STOP_TIMEOUT_S = 30.0
 PROMOTE_FINISH_TIMEOUT_S = 15.0  # at shutdown the front is closed already, so nothing is left to drain
 CANCEL_TIMEOUT_S = 5.0  # a cancelled cycle only writes its record
+TRAIN_NICENESS = 10  # the trainer yields the CPU to serving (vLLM) and the daemon; idle, it gets it all
 SHIPPED_DRIFT_PROMPTS = Path(__file__).parent / "data" / "drift_prompts.txt"
 
 
@@ -157,9 +159,7 @@ class Learner:
         atomic_write_text(job_file, job.model_dump_json(indent=1))
         self.state.logs.mkdir(parents=True, exist_ok=True)
         with open(self.state.logs / f"train-{job.version}.log", "ab") as train_log:
-            self.trainer = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon.train", str(job_file), "--json-progress",
-                stdout=asyncio.subprocess.PIPE, stderr=train_log, stdin=asyncio.subprocess.DEVNULL)
+            self.trainer = await start_trainer(job_file, train_log)
             try:
                 await self._follow(record, self.trainer)
                 code = await self.trainer.wait()
@@ -311,6 +311,14 @@ class Learner:
 
     def adapters_view(self) -> list[dict[str, Any]]:
         return adapters_view(self.state, self.cycles, self.router.current.version if self.router.current else None)
+
+
+async def start_trainer(job_file: Path, log: Any) -> asyncio.subprocess.Process:
+    """`python -m daemon.train JOB --json-progress`, below serving's CPU priority (TRAIN_NICENESS)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.train", str(job_file), "--json-progress",
+        stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=lambda: os.nice(TRAIN_NICENESS))
 
 
 def adapters_view(state: StateDir, cycles: CycleStore, serving: str | None) -> list[dict[str, Any]]:

@@ -190,3 +190,22 @@ def test_a_cycle_interrupted_by_a_crash_is_resolved_at_start(tmp_path: Path) -> 
     closed = {r.id: r.state for r in store.resolve_interrupted(serving_version="v0001")}
     assert closed == {1: "promoted", 2: "failed"}
     assert "interrupted at stage 'train'" in (store.all()[1].error or "")
+
+
+async def test_the_trainer_runs_below_the_daemons_cpu_priority(tmp_path: Path) -> None:
+    import os
+
+    import psutil
+
+    from daemon.cycle import TRAIN_NICENESS, start_trainer
+
+    job_file = tmp_path / "v0001.json"
+    job_file.write_text("{}")  # the priority is set before the trainer reads anything
+    with open(tmp_path / "train.log", "wb") as log:
+        process = await start_trainer(job_file, log)
+        try:
+            assert psutil.Process(process.pid).nice() == min(19, os.nice(0) + TRAIN_NICENESS)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
