@@ -94,7 +94,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return openai_error(error.status_code, str(error.detail), "invalid_request_error")
+        response = openai_error(error.status_code, str(error.detail), "invalid_request_error")
+        response.headers.update(error.headers or {})  # e.g. the Basic challenge for a garbled Authorization
+        return response
 
     @app.get("/health")
     async def health() -> Response:

@@ -142,7 +142,7 @@ async def test_with_an_api_key_the_page_asks_a_browser_for_it(history: Any) -> N
         bearer = await client.get("/status", headers={"Authorization": "Bearer s3cret"})
         assert bearer.status_code == 200 and "<svg" in bearer.text
         garbled = await client.get("/status", headers={"Authorization": "Basic %%%"})
-        assert garbled.status_code == 401
+        assert garbled.status_code == 401 and garbled.headers["www-authenticate"].startswith("Basic")
 
 
 def test_a_browser_logs_in_with_the_key_as_password(history: Any, tmp_path: Path) -> None:
