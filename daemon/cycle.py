@@ -146,9 +146,7 @@ class Learner:
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
             parent_version=record.parent, parent_path=str(parent.path) if parent else None,
             documents=[doc["hash"] for doc in documents],
-            data=JobData(new=new, replay=[r for r in records if r["kind"] == "corpus"],
-                         knowledge=[r for r in records if r["kind"] == "knowledge"],
-                         rehearsal=[r for r in records if r["kind"] == "rehearsal"]),
+            data=JobData.mixed(new, records),
             hyper=self.settings.train,
         )
 

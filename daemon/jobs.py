@@ -45,6 +45,13 @@ class JobData(BaseModel):
     def _records(cls, records: list[Record]) -> list[Record]:
         return [_check_record(record) for record in records]
 
+    @classmethod
+    def mixed(cls, new: list[Record], replayed: list[Record]) -> JobData:
+        """New chunks and replay records tagged by `kind` (corpus, knowledge, rehearsal)."""
+        return cls(new=new, replay=[r for r in replayed if r["kind"] == "corpus"],
+                   knowledge=[r for r in replayed if r["kind"] == "knowledge"],
+                   rehearsal=[r for r in replayed if r["kind"] == "rehearsal"])
+
 
 class TrainJob(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -70,20 +70,21 @@ def _encode_chat(messages: list[dict[str, str]], tokenizer: Any, mask_prompt: bo
     Assistant spans are found by rendering growing prefixes of the conversation, which works for
     any template whose rendering of a prefix is a prefix of the whole (ChatML and most others).
     """
-    ids = _render(tokenizer, messages, generation_prompt=False)
+    ids = render_chat(tokenizer, messages, generation_prompt=False)
     if not mask_prompt:
         return Example(ids, list(ids))
     labels = [IGNORE] * len(ids)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:turn], generation_prompt=True))
-        end = len(_render(tokenizer, messages[: turn + 1], generation_prompt=False))
+        start = len(render_chat(tokenizer, messages[:turn], generation_prompt=True))
+        end = len(render_chat(tokenizer, messages[: turn + 1], generation_prompt=False))
         labels[start:end] = ids[start:end]
     return Example(ids, labels)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` in the model's chat template, as the trainer learns them."""
     if not messages:
         return []
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -92,13 +93,14 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
     """Concatenate examples and cut the stream into blocks of `seq_len` tokens (the last may be
-    shorter), so no compute is spent on padding. A last block of one token has nothing to predict
-    and is dropped (its loss would have no gradient)."""
+    shorter), so no compute is spent on padding. A block with no token to learn — a one-token tail,
+    or only masked prompt tokens — is dropped: its loss would have no gradient (or be NaN)."""
     ids = [token for example in examples for token in example.input_ids]
     labels = [label for example in examples for label in example.labels]
     flags = [flag for example in examples for flag in (example.distill or [False] * len(example.input_ids))]
     return [Example(ids[i : i + seq_len], labels[i : i + seq_len], flags[i : i + seq_len] if any(flags) else None)
-            for i in range(0, len(ids), seq_len) if len(ids) - i > 1]
+            for i in range(0, len(ids), seq_len)
+            if any(label != IGNORE for label in labels[i + 1 : i + seq_len])]  # position 0 predicts nothing
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:

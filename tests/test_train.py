@@ -87,6 +87,11 @@ def test_a_one_token_tail_is_not_a_block() -> None:
     blocks = pack([Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])], seq_len=4)
     assert [b.input_ids for b in blocks] == [[1, 2, 3, 4]]
     assert [b.input_ids for b in pack([Example([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])], seq_len=4)] == [[1, 2, 3, 4], [5, 6]]
+    # nor is a block of masked prompt tokens only (mask_prompt): its mean loss would be NaN
+    masked = Example([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4] + [IGNORE] * 4)
+    assert [b.input_ids for b in pack([masked], seq_len=4)] == [[1, 2, 3, 4]]
+    # a block whose only learned token is its first predicts nothing either (position 0 has no context)
+    assert [b.input_ids for b in pack([Example([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, IGNORE])], seq_len=4)] == [[1, 2, 3, 4]]
 
 
 def test_collate_pads_with_ignored_labels_and_a_zero_mask() -> None:

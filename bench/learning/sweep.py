@@ -44,10 +44,13 @@ DRIFT_PROMPTS = HERE.parent.parent / "daemon" / "data" / "drift_prompts.txt"
 
 def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowledge_share: float,
            held_out: int) -> None:
+    import dataclasses
+
+    from daemon import replaybuf
     from daemon.chunking import Chunker, load_tokenizer
     from daemon.config import Settings
     from replay.buffer import ReplayBuffer, load_rehearsal
-    from replay.select import ReplayPlan, select_replay
+    from replay.select import select_replay
 
     settings = Settings()
     documents, _ = measure.load_documents()
@@ -58,16 +61,12 @@ def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowled
     try:
         jobs: dict[str, list[dict[str, Any]]] = {}
         for ratio in ratios:
-            plan = ReplayPlan(strategy=settings.replay.strategy, mix=dict(settings.replay.mix), ratio=ratio,
-                              knowledge_share=knowledge_share, rehearsal_pairs=settings.replay.rehearsal_pairs)
+            plan = dataclasses.replace(replaybuf.plan(settings), ratio=ratio, knowledge_share=knowledge_share)
             jobs[str(ratio)] = []
             for k, new in enumerate(chunks):
                 learned = [r["text"] for earlier in chunks[:k] for r in earlier]
-                records = select_replay(buffer, [r["text"] for r in new], learned, rehearsal, plan, seed=k + 1).records()
-                jobs[str(ratio)].append(JobData(
-                    new=new, replay=[r for r in records if r["kind"] == "corpus"],
-                    knowledge=[r for r in records if r["kind"] == "knowledge"],
-                    rehearsal=[r for r in records if r["kind"] == "rehearsal"]).model_dump())
+                chosen = select_replay(buffer, [r["text"] for r in new], learned, rehearsal, plan, seed=k + 1)
+                jobs[str(ratio)].append(JobData.mixed(new, chosen.records()).model_dump())
         passages = [p.text for p in buffer.held_out_passages(held_out, seed=0)]
     finally:
         buffer.close()
@@ -88,8 +87,9 @@ class Scorer:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        from daemon.train import render_chat
+
+        return render_chat(self.tok, messages, generation_prompt)  # as the trainer renders chats
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
         import torch
@@ -205,7 +205,7 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
         recipe = dict(recipe)
         name, ratio = recipe.pop("name"), str(float(recipe.pop("ratio", 4.0)))
         cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
-        hyper = TrainSection(**{**TrainSection().model_dump(), **recipe})
+        hyper = TrainSection(**recipe)  # a misspelt setting is an error, not ignored
         for first in order:
             started, steps = time.monotonic(), []
             model = tokenizer = None
