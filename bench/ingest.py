@@ -3,7 +3,7 @@
     .venv/bin/python bench/ingest.py [--files 10000] [--big-mb 50] [--model MODEL_DIR]
 
 Each case drops its files into the inbox of a fresh state directory, then runs the ingester the
-way `cld ingest` does when no daemon runs (`python -m daemon.watch`, in a child process so its
+way `cld ingest` does when no daemon runs (`python -m daemon.ingestion.watch`, in a child process so its
 peak RSS is its own): read, normalise, dedup, journal (SQLite, fsync per commit), move, and chunk
 with the base model's tokenizer (the prepared embedded model unless --model names a folder).
 Prints files/s, MB/s and the child's peak RSS as a Markdown table.
@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon import journal, model  # noqa: E402
+from daemon import model  # noqa: E402
 from daemon.config import load_settings  # noqa: E402
+from daemon.ingestion import journal  # noqa: E402
 from daemon.layout import StateDir  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def run_case(name: str, model_dir: Path, fill, files_expected: int) -> dict[str,
         env = {**os.environ, "CLD_STATE__DIR": str(state.root), "CLD_MODEL__BASE": str(model_dir),
                "CLD_WATCH__STABLE_S": "0", "CLD_LOG__LEVEL": "WARNING"}
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "daemon.watch"], cwd=tmp, env={**env, "PYTHONPATH": str(REPO)},
+        child = subprocess.Popen([sys.executable, "-m", "daemon.ingestion.watch"], cwd=tmp, env={**env, "PYTHONPATH": str(REPO)},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started

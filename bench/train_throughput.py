@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.config import TrainSection  # noqa: E402
-from daemon.jobs import JobData, TrainJob  # noqa: E402
-from daemon.train import build_dataset, collate, load_model, train  # noqa: E402
+from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
+from daemon.learning.train import build_dataset, load_model, train  # noqa: E402
 
 
 def records(count: int, seed: int = 0) -> list[dict]:
@@ -73,7 +73,7 @@ def plain_epoch(model_dir: str, data: list[dict], hp: TrainSection) -> float:
 
 
 def cld_epoch(model_dir: str, data: list[dict], hp: TrainSection) -> float:
-    """One epoch of cld's recipe (daemon.train) over the same records."""
+    """One epoch of cld's recipe (daemon.learning.train) over the same records."""
     job = TrainJob(version="v0001", base_model=model_dir, output_dir="/nonexistent", data=JobData(new=data),
                    hyper=hp.model_copy(update={"eval_fraction": 0.0, "epochs": 1}))
     model, tokenizer, _ = load_model(job)
@@ -84,7 +84,7 @@ def cld_epoch(model_dir: str, data: list[dict], hp: TrainSection) -> float:
 
 
 def _quiet_progress() -> None:
-    from daemon import train as recipe
+    from daemon.learning import train as recipe
 
     recipe.emit = lambda event: None
 

@@ -15,8 +15,10 @@ import typer
 from daemon.config import ConfigError, Settings, load_settings, reference_markdown
 from daemon.layout import StateDir
 
+# Each command imports what it needs itself (deliberately lazy): `cld status` or `cld ingest` must
+# not pay for torch, vLLM's client or the daemon's server stack.
 if TYPE_CHECKING:
-    from daemon.watch import Outcome
+    from daemon.ingestion.submit import Outcome
 
 app = typer.Typer(
     name="cld",
@@ -97,7 +99,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the same JSON as GET /api/status.")] = False,
 ) -> None:
     """Show what the daemon serves and knows. Works whether or not the daemon runs."""
-    from daemon import status as status_mod
+    from daemon.observe import status as status_mod
 
     settings = _settings(config)
     record = status_mod.running_daemon(StateDir(settings.state.dir))
@@ -139,12 +141,12 @@ def ingest(
 
     Prints what became of each; exit code 1 if any was refused, quarantined or not taken yet.
     """
-    from daemon import watch
-    from daemon.ingest import HandInError
+    from daemon.ingestion.inbox import HandInError
+    from daemon.ingestion.submit import ingest_paths
 
     settings = _settings(config)
     try:
-        outcomes = watch.ingest_paths(settings, paths, wait_s)
+        outcomes = ingest_paths(settings, paths, wait_s)
     except HandInError as error:
         _fail(str(error))
     for outcome in outcomes:
@@ -215,7 +217,7 @@ def cycle(
         return
     import time
 
-    from daemon import status as status_mod
+    from daemon.observe import status as status_mod
 
     while True:
         time.sleep(2)
@@ -232,7 +234,7 @@ def adapters_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (as GET /api/adapters).")] = False,
 ) -> None:
     """List adapter versions: lineage, probe results and state. Works with the daemon stopped."""
-    from daemon import status as status_mod
+    from daemon.observe import status as status_mod
 
     found = status_mod.adapters(_settings(config))
     if as_json:
@@ -257,7 +259,7 @@ def rollback(
     config: ConfigOption = None,
 ) -> None:
     """Serve an earlier adapter version (or the base model) under the stable name again."""
-    from daemon import status as status_mod
+    from daemon.observe import status as status_mod
 
     settings = _settings(config)
     if version is None:
@@ -276,7 +278,7 @@ def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = 
     """Call the running daemon's admin API; exit with a clear message when it cannot."""
     import httpx
 
-    from daemon import status as status_mod
+    from daemon.observe import status as status_mod
 
     record = status_mod.running_daemon(StateDir(settings.state.dir))
     if record is None:
@@ -324,8 +326,8 @@ def replay_build(config: ConfigOption = None) -> None:
 
     Without replay.corpus the base model writes the corpus: the daemon must be running.
     """
-    from daemon import replaybuf
-    from daemon import status as status_mod
+    from daemon.learning import replay_plan
+    from daemon.observe import status as status_mod
     from replay.build import BuildError, run
     from replay.corpus import CorpusError
     from replay.files import BuildLocked
@@ -334,7 +336,7 @@ def replay_build(config: ConfigOption = None) -> None:
     settings = _settings(config)
     _setup_logging(settings)
     record = status_mod.running_daemon(StateDir(settings.state.dir))
-    spec = replaybuf.generator(settings, record["url"], settings.serve.base_name, settings.security.api_key) \
+    spec = replay_plan.generator(settings, record["url"], settings.serve.base_name, settings.security.api_key) \
         if record else None
     if spec is None and not settings.replay.corpus:
         _fail("replay.corpus is empty, so the base model writes the corpus, and no daemon is running: "
@@ -342,7 +344,7 @@ def replay_build(config: ConfigOption = None) -> None:
     if spec is None:
         typer.echo("no daemon is running: behaviour rehearsal pairs will be made when it runs", err=True)
     try:
-        built = run(replaybuf.build_job(settings, spec), progress=True)
+        built = run(replay_plan.build_job(settings, spec), progress=True)
     except (BuildError, CorpusError, GeneratorUnavailable, BuildLocked, ValueError) as error:
         _fail(str(error), code=1)
     except KeyboardInterrupt:
@@ -358,12 +360,12 @@ def replay_query(
     k: Annotated[int, typer.Option("-k", min=1, help="How many passages.")] = 5,
 ) -> None:
     """Print the replay passages nearest to TEXT, with their cosine similarity."""
-    from daemon import replaybuf
+    from daemon.learning import replay_plan
     from replay.buffer import BufferMissing, ReplayBuffer
 
     settings = _settings(config)
     try:
-        buffer = ReplayBuffer.open(replaybuf.replay_dir(settings))
+        buffer = ReplayBuffer.open(replay_plan.replay_dir(settings))
     except BufferMissing as error:
         _fail(str(error), code=1)
     try:

@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from replay.select import DEFAULT_MIX, check_mix, get_strategy
+
 ENV_PREFIX = "CLD_"
 ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
@@ -196,7 +198,7 @@ class ReplaySection(Section):
         "diverse (maximal marginal relevance) or mix (the weights in replay.mix)."
     )
     mix: dict[str, float] = Field(
-        default_factory=lambda: {"nearest": 0.5, "random": 0.3, "diverse": 0.2},
+        default_factory=lambda: dict(DEFAULT_MIX),
         description="Weights of the strategies when replay.strategy = \"mix\".",
     )
     knowledge_share: float = Field(
@@ -225,16 +227,12 @@ class ReplaySection(Section):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, value: str) -> str:
-        from replay.select import get_strategy
-
         get_strategy(value)
         return value
 
     @field_validator("mix")
     @classmethod
     def _mix(cls, value: dict[str, float]) -> dict[str, float]:
-        from replay.select import check_mix
-
         check_mix(value)
         return value
 

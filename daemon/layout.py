@@ -1,19 +1,13 @@
-"""The state directory's layout and atomic file writes.
+"""The state directory's layout.
 
 Owns every file and folder name under the state directory (one place, so tools, tests and docs
-agree) and the write-fsync-rename discipline. Knows nothing of what the files mean.
+agree). Knows nothing of what the files mean; how they are written durably is `replay.durable`'s.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 MODEL_DIR = "model"
 PREPARED_MARKER = "prepared.json"
@@ -90,97 +84,3 @@ class StateDir:
         for folder in (self.root, self.inbox, self.adapters, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         return self
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return default
-
-
-def move_durably(source: Path, target: Path) -> None:
-    """Move a file (or a symlink itself) to `target`, durable once this returns.
-
-    A rename when both are on one file system; else copy to a hidden temporary name beside
-    `target`, fsync, rename, then remove `source`. Either way, repeating the call after a crash
-    finishes the move.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(source, target)
-    except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
-        _copy_across(source, target)
-        source.unlink()
-    fsync_dir(target.parent)
-    fsync_dir(source.parent)
-
-
-def _copy_across(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    if source.is_symlink():
-        tmp.unlink(missing_ok=True)
-        os.symlink(os.readlink(source), tmp)
-    else:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-    os.replace(tmp, target)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file in `folder` (recursively) and the folders themselves."""
-    for path in sorted(folder.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        elif path.is_dir():
-            fsync_dir(path)
-    fsync_dir(folder)
-
-
-def publish_dir(staging: Path, final: Path) -> None:
-    """Make a fully written `staging` folder appear at `final` in one rename.
-
-    An existing `final` is moved aside first and removed after, so a crash leaves either the old
-    or the new folder in place (plus, at worst, a leftover `.old` folder).
-    """
-    fsync_tree(staging)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)

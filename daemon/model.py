@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.layout import PREPARED_MARKER, StateDir, publish_dir, read_json
+from daemon.layout import PREPARED_MARKER, StateDir
+from replay.durable import publish_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def _fingerprint(model: ModelSource) -> dict[str, object]:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a bf16 safetensors folder with its tokenizer."""
+    # Deliberately lazy: only the preparing process (`python -m daemon.model`) needs torch.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

@@ -4,7 +4,7 @@ Start-up: take the state directory's lock, open the front (so /health and /api/s
 once), prepare the base model, start (or reach) vLLM and wait for it, then tell systemd READY=1.
 Shutdown on SIGTERM/SIGINT (`_shut_down`): stop taking documents, then requests, cancel a cycle,
 stop vLLM and everything it spawned, close the journal, release the lock. Knows nothing of HTTP
-routes (`daemon.front`), process supervision details (`daemon.supervisor`) or the sd_notify
+routes (`daemon.front.app`), process supervision details (`daemon.engine.supervisor`) or the sd_notify
 protocol (`daemon.systemd`).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -26,15 +25,21 @@ from typing import Any
 import httpx
 import uvicorn
 
-from daemon import front, ingest, metrics, model, replaybuf, status, systemd, vllm, watch
+from daemon import model, systemd
 from daemon.config import Settings
-from daemon.cycle import Learner
-from daemon.cycles import CycleRecord
-from daemon.journal import Journal
-from daemon.layout import JOURNAL_FILE, StateDir, atomic_write_json
-from daemon.schedule import Schedule
-from daemon.serving import Router
-from daemon.supervisor import Supervisor
+from daemon.engine import vllm
+from daemon.engine.router import Router
+from daemon.engine.supervisor import Supervisor
+from daemon.front import app
+from daemon.ingestion import inbox, watch
+from daemon.ingestion.journal import Journal
+from daemon.layout import JOURNAL_FILE, StateDir
+from daemon.learning import replay_plan
+from daemon.learning.cycle import Learner
+from daemon.learning.records import CycleRecord
+from daemon.learning.schedule import Schedule
+from daemon.observe import metrics, status
+from replay.durable import atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
 FRONT_START_TIMEOUT_S = 30.0
@@ -54,8 +59,14 @@ class StartupError(RuntimeError):
 def run(settings: Settings) -> None:
     """Run the daemon until SIGTERM/SIGINT. Raises StartupError when it cannot start."""
     state = StateDir(settings.state.dir).ensure()
-    with exclusive_lock(state.lock):
+    with state_lock(state):
         _run_loop(Daemon(settings, state).run())
+
+
+def state_lock(state: StateDir) -> contextlib.AbstractContextManager[None]:
+    """One daemon per state directory: StartupError when another holds it."""
+    return exclusive_lock(state.lock, lambda: StartupError(
+        f"another cld daemon already uses this state directory ({state.root})"))
 
 
 def _run_loop(main: Any) -> None:
@@ -66,16 +77,6 @@ def _run_loop(main: Any) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StartupError(f"another cld daemon already uses this state directory ({path.parent})") from None
-        yield
 
 
 class FrontServer(uvicorn.Server):
@@ -100,7 +101,7 @@ class Daemon:
         self.vllm = vllm.VLLMClient(self.vllm_url, self.upstream)
         self.router = Router(serve.model_name, serve.base_name, state.serving)
         self.supervisor: Supervisor | None = None
-        self.replay_build = replaybuf.BackgroundBuild(settings)
+        self.replay_build = replay_plan.BackgroundBuild(settings)
         self.journal = Journal(state.root / JOURNAL_FILE)
         self.watcher = watch.Watcher(settings, self.journal)  # ingests whether or not vLLM is up
         self.learner: Learner | None = None
@@ -126,7 +127,7 @@ class Daemon:
                 self.phase = "serving"
                 atomic_write_json(self.state.daemon, self._record())
                 log.info("cld is serving %s and %s at %s", *self.router.public_names, self._url())
-                self.replay_build.start(replaybuf.generator(self.settings, self.vllm_url, self.router.base_served_name))
+                self.replay_build.start(replay_plan.generator(self.settings, self.vllm_url, self.router.base_served_name))
                 self._start_learning()
                 await _listening(server, serving)
                 self.notifier.ready(self._status_line())
@@ -187,7 +188,7 @@ class Daemon:
             log.error("the base model folder is not ready: learning is off (set model.base to a Hugging Face folder)")
             return
         self.learner = Learner(self.settings, self.state, self.vllm, self.router, self.journal, model_dir,
-                               metrics=self.metrics)
+                               on_swap=self.metrics.swap_duration.observe)
         for record in self.learner.cycles.resolve_interrupted(self.router.current and self.router.current.version):
             log.warning("cycle %d was interrupted; marked %s", record.id, record.state)
         self.schedule = Schedule(self.settings.schedule, self._waiting_tokens, self.learner.request)
@@ -197,16 +198,16 @@ class Daemon:
         return sum(doc["tokens"] or 0 for doc in self.journal.documents("ready"))
 
     def _app(self) -> Any:
-        return front.create_app(
+        return app.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
-            api_key=self.settings.security.api_key, admin=front.Admin(self._cycle, self._adapters, self._rollback),
-            uploads=ingest.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
+            api_key=self.settings.security.api_key, admin=app.Admin(self._cycle, self._adapters, self._rollback),
+            uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
         )
 
     async def _cycle(self) -> dict[str, Any]:
         if self.learner is None:
-            raise front.NotReady("learning starts once the model server is ready")
+            raise app.NotReady("learning starts once the model server is ready")
         running = self.learner.request("api")
         await asyncio.sleep(0)  # let a new cycle write its record
         record = running or self.learner.current
@@ -217,7 +218,7 @@ class Daemon:
 
     async def _rollback(self, version: str | None) -> dict[str, Any]:
         if self.learner is None:
-            raise front.NotReady("the model server is not ready")
+            raise app.NotReady("the model server is not ready")
         adapter = await self.learner.rollback(version)
         return {"serving": adapter.version if adapter else None}
 

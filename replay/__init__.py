@@ -1,6 +1,7 @@
 """Replay buffer of the base model's original text (FAISS index, selection strategies).
 
-Knows nothing of the daemon: it is given text and settings and returns passages.
+Owns the buffer on disk and everything done with it. Knows nothing of the daemon: it is given text
+and settings and returns passages.
 
     corpus   corpus files → passages (streamed; the held-out rule)
     embed    embedder registry; the default all-MiniLM-L6-v2
@@ -10,4 +11,6 @@ Knows nothing of the daemon: it is given text and settings and returns passages.
     build    the build recipe (`python -m replay.build JOB.json`) and the manifest
     buffer   a built buffer opened for reading
     select   strategies (nearest, random, diverse, mix) and a cycle's replay
+    files    the replay folder's file names
+    durable  atomic writes, durable moves, locks: shared with the daemon (the lower package)
 """

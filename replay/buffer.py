@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from replay import files, index
+from replay.durable import read_json
 from replay.embed import Embedder, load_embedder
 from replay.store import PassageStore, StoredPassage
 
@@ -118,7 +119,7 @@ class ReplayBuffer:
 
 def load_rehearsal(folder: Path) -> tuple[list[RehearsalPair], list[RehearsalPair]]:
     """(training pairs, held-out pairs for the behaviour probe); both empty when none were made."""
-    found = files.read_json(folder / files.REHEARSAL_FILE) or {}
+    found = read_json(folder / files.REHEARSAL_FILE, lenient=True) or {}
     pairs = found.get("pairs", [])
     train = [RehearsalPair(p["prompt"], p["answer"]) for p in pairs if not p["held_out"]]
     held = [RehearsalPair(p["prompt"], p["answer"]) for p in pairs if p["held_out"]]

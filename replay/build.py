@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from replay import corpus, files, index, synth
+from replay.durable import atomic_write_json, atomic_write_jsonl, read_json
 from replay.embed import Embedder, load_embedder
-from replay.files import atomic_write_json, atomic_write_jsonl, read_json
 from replay.job import BuildJob
 from replay.store import PassageStore
 
@@ -273,7 +273,7 @@ def _check_stop(stop: threading.Event) -> None:
 
 def _synthetic_ready(job: BuildJob) -> bool:
     folder = job.folder / files.SYNTHETIC_DIR
-    meta = read_json(folder / files.SYNTHETIC_META_FILE) or {}
+    meta = read_json(folder / files.SYNTHETIC_META_FILE, lenient=True) or {}
     return meta.get("model_id") == job.model_id and (folder / files.SYNTHETIC_CORPUS_FILE).is_file()
 
 
@@ -297,7 +297,7 @@ def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
 
 
 def _rehearsal_stale(job: BuildJob) -> str | None:
-    found = read_json(job.folder / files.REHEARSAL_FILE)
+    found = read_json(job.folder / files.REHEARSAL_FILE, lenient=True)
     if not isinstance(found, dict) or found.get("model_id") != job.model_id:
         return "no behaviour rehearsal pairs for this base model yet"
     return None

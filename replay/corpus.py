@@ -171,7 +171,7 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deliberately lazy: only a parquet corpus needs it
 
     with pq.ParquetFile(path) as table:
         if text_field not in table.schema_arrow.names:

@@ -67,6 +67,7 @@ class HFEmbedder:
     """A transformers encoder with attention-masked mean pooling, as sentence-transformers does."""
 
     def __init__(self, folder: Path, name: str, batch_size: int = BATCH_SIZE):
+        # Deliberately lazy: the daemon imports this package's job and names, never an encoder.
         import torch
         import transformers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from replay.files import atomic_write
+from replay.durable import atomic_write
 
 EXACT_MAX = 50_000
 TRAIN_POINTS_PER_LIST = 40  # k-means wants at least 39 per centroid

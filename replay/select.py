@@ -138,13 +138,14 @@ def _unique(ids: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class ReplayPlan:
-    """The settings of a cycle's replay (the daemon fills it from `[replay]`)."""
+    """The settings of a cycle's replay: the daemon fills every field from `[replay]`, whose
+    descriptions are the reference (no defaults here, so the two cannot disagree)."""
 
-    strategy: str = "mix"
-    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
-    ratio: float = 1.0  # replay tokens : new tokens
-    knowledge_share: float = 0.25  # of the replay budget, for earlier learned documents
-    rehearsal_pairs: int = 20
+    strategy: str
+    mix: dict[str, float]
+    ratio: float  # replay tokens : new tokens
+    knowledge_share: float  # of the replay budget, for earlier learned documents
+    rehearsal_pairs: int
 
 
 @dataclass

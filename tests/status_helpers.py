@@ -11,12 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from daemon.config import Settings
-from daemon.cycle import thresholds
-from daemon.cycles import FAILED, PROMOTED, REJECTED, SKIPPED, CycleStore
-from daemon.decide import ProbeResults, decide
-from daemon.journal import Input, Journal
-from daemon.layout import CYCLES_DIR, StateDir, atomic_write_json
-from daemon.serving import Adapter, Router
+from daemon.engine.router import Adapter, Router
+from daemon.ingestion.journal import Input, Journal
+from daemon.layout import CYCLES_DIR, StateDir
+from daemon.learning.decide import ProbeResults, decide, thresholds
+from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleStore
+from replay.durable import atomic_write_json
 
 HOSTILE = '<script>alert("owned")</script><img src=x onerror=alert(1)>'
 # version -> (outcome, parent, probe results); v0001 was promoted, then replaced by v0003.
@@ -46,9 +46,9 @@ def write_history(settings: Settings) -> StateDir:
         record = store.begin("schedule")
         record.started_at = started + offset * 3600
         record.version, record.parent, record.documents = version, parent, [1 + offset]
-        decision = decide(results, thresholds(settings))
+        decision = decide(results, thresholds(settings.probes))
         assert decision.promote == (outcome == PROMOTED), (version, decision.reasons)
-        record.decision, record.reasons = decision.label, decision.reasons
+        record.judge(decision)
         record.probes = {"models": {}, "results": asdict(results)}
         record.progress = {"step": 40, "steps": 40, "tokens": 9000, "tokens_per_s": TOKENS_PER_S - offset}
         _adapter(state, version, parent, record.started_at)

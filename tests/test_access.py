@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon import vllm
 from daemon.config import ConfigError, load_settings
+from daemon.engine import vllm
 from daemon.layout import StateDir
 from daemon.service import Daemon
 from tests.conftest import REPO, free_port

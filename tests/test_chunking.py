@@ -8,8 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon import chunking
-from daemon.chunking import Chunker, content_hash, load_tokenizer, normalise, normalise_records
+from daemon.ingestion import chunking
+from daemon.ingestion.chunking import (
+    Chunker,
+    content_hash,
+    load_tokenizer,
+    normalise,
+    normalise_records,
+)
 from tests.ingest_helpers import tiny_model
 
 

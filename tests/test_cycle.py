@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from daemon.config import Settings
-from daemon.cycle import Learner, adapters_view
-from daemon.cycles import RUNNING, CycleRecord, CycleStore
+from daemon.engine.router import Router
 from daemon.layout import StateDir
-from daemon.probes import build_cloze
-from daemon.serving import Router
+from daemon.learning.adapters import adapters_view
+from daemon.learning.cycle import Learner
+from daemon.learning.probes import build_cloze
+from daemon.learning.records import RUNNING, CycleRecord, CycleStore
 from replay import build
 from replay.build import BuildJob
 from tests.replay_helpers import BagOfWords, use_embedder, write_topic_corpus
@@ -141,7 +142,7 @@ async def test_a_good_candidate_is_promoted_and_the_next_one_builds_on_it(state:
     assert second.state == "promoted" and second.parent == "v0001"
     assert any(r.startswith("retention of earlier facts 1.00") for r in second.reasons), second.reasons
     assert len(vllm.loaded) == 1 and vllm.unloaded, "the previous adapter is unloaded after the swap"
-    views = {v["version"]: v["state"] for v in adapters_view(state, learner.cycles, "v0002")}
+    views = {v["version"]: v["state"] for v in adapters_view(state.adapters, learner.cycles, "v0002")}
     assert views == {"v0001": "retired", "v0002": "promoted"}
 
 
@@ -197,7 +198,7 @@ async def test_the_trainer_runs_below_the_daemons_cpu_priority(tmp_path: Path) -
 
     import psutil
 
-    from daemon.cycle import TRAIN_NICENESS, start_trainer
+    from daemon.learning.cycle import TRAIN_NICENESS, start_trainer
 
     job_file = tmp_path / "v0001.json"
     job_file.write_text("{}")  # the priority is set before the trainer reads anything

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from daemon.probes import build_cloze, cloze_passed
+from daemon.learning.probes import build_cloze, cloze_passed
 from tests.conftest import LiveDaemon, start_daemon, stop_daemon
 from tests.test_metrics import samples, value
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.decide import ProbeResults, Thresholds, decide
+from daemon.learning.decide import ProbeResults, Thresholds, decide
 
 LIMITS = Thresholds(max_forgetting=0.02, max_behaviour_increase=0.15, min_drift_agreement=0.6, min_nll_drop=0.1,
                     min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0)

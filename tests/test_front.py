@@ -11,8 +11,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from daemon.front import create_app
-from daemon.serving import Adapter, Router
+from daemon.engine.router import Adapter, Router
+from daemon.front.app import create_app
 
 
 class FakeVLLM:

@@ -12,15 +12,27 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from daemon import journal, readers
-from daemon.chunking import Chunker, content_hash, load_tokenizer, normalise_records
 from daemon.config import Settings
-from daemon.ingest import (HandInError, IngestBusy, Ingester, TooLarge, free_path, hand_in, open_ingester,
-                           reason_path, safe_name)
-from daemon.journal import Input
+from daemon.ingestion import journal, readers
+from daemon.ingestion.chunking import (
+    Chunker,
+    content_hash,
+    load_tokenizer,
+    normalise_records,
+)
+from daemon.ingestion.inbox import (
+    HandInError,
+    TooLarge,
+    free_path,
+    hand_in,
+    reason_path,
+    safe_name,
+)
+from daemon.ingestion.ingest import IngestBusy, Ingester, open_ingester
+from daemon.ingestion.journal import Input
+from daemon.ingestion.readers import UnsupportedType
+from daemon.ingestion.watch import ingest_inbox
 from daemon.layout import StateDir
-from daemon.readers import UnsupportedType
-from daemon.watch import ingest_inbox
 from tests.ingest_helpers import BAD, GOOD, jsonl, make_settings, pdf_bytes
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Settings
-from daemon.ingest import open_ingester, reason_path
+from daemon.ingestion.inbox import reason_path
+from daemon.ingestion.ingest import open_ingester
 from tests.conftest import REPO
 from tests.ingest_helpers import BAD, GOOD, make_settings
 
@@ -50,7 +51,7 @@ def run_until_done(config: Path, rng: random.Random) -> int:
     number of files (0-MAX_FILES_PER_RUN) plus a random few milliseconds, so kills land at every
     step of a file's intake; stop at the first run that ends by itself. Returns the kills."""
     for kills in range(MAX_RUNS_PER_BATCH):
-        child = subprocess.Popen([sys.executable, "-m", "daemon.watch", "--config", str(config)], cwd=REPO,
+        child = subprocess.Popen([sys.executable, "-m", "daemon.ingestion.watch", "--config", str(config)], cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert child.stdout is not None
         lines = [child.stdout.readline() for _ in range(rng.randint(0, MAX_FILES_PER_RUN))]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import journal
-from daemon.journal import EMPTY_COUNTS, Input, Journal
+from daemon.ingestion import journal
+from daemon.ingestion.journal import EMPTY_COUNTS, Input, Journal
 
 TEXT = [{"text": "Zorblat is the capital of Quux."}]
 

@@ -14,7 +14,7 @@ import pytest
 
 from daemon import logs
 from daemon.config import ConfigError, LogSection, load_settings
-from daemon.cycles import CycleRecord
+from daemon.learning.records import CycleRecord
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_json_lines_carry_the_running_cycles_fields(root_logger: logging.Logger,
         record.enter("train")
 
         async def log_in_a_task() -> None:
-            logging.getLogger("daemon.probes").warning("slow probe: %d s", 12)
+            logging.getLogger("daemon.learning.probes").warning("slow probe: %d s", 12)
 
         async def cycle() -> None:
             token = logs.current_cycle.set(record)
@@ -56,7 +56,7 @@ def test_json_lines_carry_the_running_cycles_fields(root_logger: logging.Logger,
                 logs.current_cycle.reset(token)
 
         asyncio.run(cycle())
-        logging.getLogger("daemon.cycle").debug("after the cycle")
+        logging.getLogger("daemon.learning.cycle").debug("after the cycle")
     ours = [json.loads(line) for line in lines(out)]
     first, probe, vllm, after = [line for line in ours if line["logger"] != "asyncio"]
     assert first["message"] == "cld is serving cld" and first["level"] == "INFO"
@@ -73,16 +73,16 @@ def test_text_lines_have_a_time_except_under_journald(root_logger: logging.Logge
     out = tmp_path / "log.txt"
     with open(out, "w") as stream:
         logs.setup(LogSection(), stream)
-        logging.getLogger("daemon.front").info("hello")
-        logging.getLogger("daemon.front").debug("not at INFO")
+        logging.getLogger("daemon.front.app").info("hello")
+        logging.getLogger("daemon.front.app").debug("not at INFO")
         logging.getLogger("httpx").info("one line per request")
         info = os.fstat(stream.fileno())
         monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
         logs.setup(LogSection(), stream)
-        logging.getLogger("daemon.front").info("to the journal")
+        logging.getLogger("daemon.front.app").info("to the journal")
     timed, journald = lines(out)
-    assert timed.endswith("INFO    daemon.front: hello") and timed[:4].isdigit()
-    assert journald == "INFO    daemon.front: to the journal"
+    assert timed.endswith("INFO    daemon.front.app: hello") and timed[:4].isdigit()
+    assert journald == "INFO    daemon.front.app: to the journal"
 
 
 def test_journal_stream_of_another_file_is_not_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,12 +9,18 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.cycle import Learner
-from daemon.front import create_app
+from daemon.engine.router import Adapter, Router
+from daemon.front.app import create_app
 from daemon.layout import StateDir
-from daemon.metrics import Metrics, StateCollector
-from daemon.serving import Adapter, Router
-from tests.status_helpers import SERVING, TOKENS_PER_S, VERSIONS, settings_for, write_history
+from daemon.learning.cycle import Learner
+from daemon.observe.metrics import Metrics, StateCollector
+from tests.status_helpers import (
+    SERVING,
+    TOKENS_PER_S,
+    VERSIONS,
+    settings_for,
+    write_history,
+)
 from tests.test_cycle import FakeJournal
 from tests.test_cycle import FakeVLLM as FakeCycleVLLM
 from tests.test_front import CHAT, FakeVLLM, upstream_for
@@ -116,7 +122,7 @@ async def test_every_swap_is_timed(tmp_path: Path) -> None:
     router = Router("cld", "cld-base", tmp_path / "serving.json")
     vllm = FakeCycleVLLM()
     learner = Learner(settings, StateDir(settings.state.dir), vllm, router, FakeJournal(), tmp_path,  # type: ignore[arg-type]
-                      metrics=metrics)
+                      on_swap=metrics.swap_duration.observe)
     folder = tmp_path / "v0001"
     folder.mkdir()
     (folder / "adapter_model.safetensors").write_bytes(b"")

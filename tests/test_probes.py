@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.probes import agreement, build_cloze, cloze_passed, compare, qa_correct
+from daemon.learning.probes import (
+    agreement,
+    build_cloze,
+    cloze_passed,
+    compare,
+    qa_correct,
+)
 
 DOC = (
     "The Velmora Accord was signed in 2031 in the city of Tarnhelm. "

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from daemon import readers
-from daemon.readers import Unreadable, UnsupportedType, get_reader
+from daemon.ingestion import readers
+from daemon.ingestion.readers import Unreadable, UnsupportedType, get_reader
 from tests.ingest_helpers import HTML, jsonl, pdf_bytes
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import replaybuf
 from daemon.config import load_settings
+from daemon.learning import replay_plan
 from replay.files import MANIFEST_FILE
 from tests.conftest import REPO
 
@@ -80,31 +80,31 @@ def test_query_before_build_says_how_to_build(tmp_path: Path) -> None:
 def test_settings_become_the_build_job_and_the_plan(tmp_path: Path) -> None:
     settings = load_settings(write_config(tmp_path, corpus=True))
     settings.replay.mix = {"nearest": 1.0}
-    job = replaybuf.build_job(settings, None)
+    job = replay_plan.build_job(settings, None)
     assert job.folder == tmp_path / "state" / "replay" and job.corpus == [tmp_path / "corpus"]
     assert job.passage_tokens == 48 and job.held_out_fraction == 0 and job.model_id == "SmolLM2-135M-Instruct"
-    plan = replaybuf.plan(settings)
+    plan = replay_plan.plan(settings)
     assert plan.mix == {"nearest": 1.0} and plan.ratio == settings.replay.ratio
-    assert replaybuf.summary(settings) == {"source": None, "passages": 0, "held_out": 0}
+    assert replay_plan.summary(settings) == {"source": None, "passages": 0, "held_out": 0}
 
 
 @pytest.mark.slow
 async def test_background_build_runs_in_its_own_process_and_stops_on_request(tmp_path: Path) -> None:
     settings = load_settings(write_config(tmp_path, corpus=True))
-    spec = replaybuf.generator(settings, "http://127.0.0.1:9", "nobody")  # not needed: a corpus is set
-    background = replaybuf.BackgroundBuild(settings)
+    spec = replay_plan.generator(settings, "http://127.0.0.1:9", "nobody")  # not needed: a corpus is set
+    background = replay_plan.BackgroundBuild(settings)
     background.start(spec)
     await asyncio.wait_for(background.task, 120)
-    assert replaybuf.summary(settings) == {"source": "corpus", "passages": 4, "held_out": 0}
+    assert replay_plan.summary(settings) == {"source": "corpus", "passages": 4, "held_out": 0}
 
     (tmp_path / "corpus" / "more.txt").write_text("A second file that needs embedding. " * 20)
     manifest = (tmp_path / "state" / "replay" / MANIFEST_FILE).read_text()
-    again = replaybuf.BackgroundBuild(settings)
+    again = replay_plan.BackgroundBuild(settings)
     again.start(spec)
     await asyncio.sleep(1.0)  # the build process is starting (importing torch)
     started = time.monotonic()
     await again.stop()
-    assert time.monotonic() - started < replaybuf.STOP_TIMEOUT_S + 2
+    assert time.monotonic() - started < replay_plan.STOP_TIMEOUT_S + 2
     assert (tmp_path / "state" / "replay" / MANIFEST_FILE).read_text() == manifest  # nothing half-published
 
 

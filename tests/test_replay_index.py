@@ -13,7 +13,12 @@ import pytest
 from replay import build, files, index
 from replay.buffer import BufferMissing, ReplayBuffer
 from replay.job import BuildJob
-from tests.replay_helpers import BagOfWords, topic_text, use_embedder, write_topic_corpus
+from tests.replay_helpers import (
+    BagOfWords,
+    topic_text,
+    use_embedder,
+    write_topic_corpus,
+)
 
 
 @pytest.fixture

@@ -13,7 +13,13 @@ from replay.buffer import RehearsalPair, ReplayBuffer
 from replay.corpus import digest
 from replay.job import BuildJob
 from replay.select import Pool, ReplayPlan, select_replay
-from tests.replay_helpers import TOPICS, BagOfWords, topic_text, use_embedder, write_topic_corpus
+from tests.replay_helpers import (
+    TOPICS,
+    BagOfWords,
+    topic_text,
+    use_embedder,
+    write_topic_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +110,7 @@ def test_a_cycle_gets_ratio_times_new_tokens_knowledge_and_rehearsal(buffer: Rep
     new = [new_document("bread", seed) for seed in range(3)]  # 120 tokens
     learned = [new_document("chess", 10 + i) for i in range(10)] + [new[0], new_document("chess", 10)]
     pairs = [RehearsalPair(f"q{i}", f"a{i}") for i in range(30)]
-    plan = ReplayPlan(ratio=2.0, knowledge_share=0.25, rehearsal_pairs=20)
+    plan = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25, rehearsal_pairs=20)
     chosen = select_replay(buffer, new, learned, pairs, plan, seed=0)
     assert chosen.new_tokens == 120
     # 25 % of 240 tokens = 60: chunks of 40 tokens are taken until that is reached.
@@ -119,7 +125,7 @@ def test_a_cycle_gets_ratio_times_new_tokens_knowledge_and_rehearsal(buffer: Rep
 
 
 def test_no_new_tokens_means_no_corpus_replay(buffer: ReplayBuffer) -> None:
-    chosen = select_replay(buffer, [], ["x y z"], [], ReplayPlan(), seed=0)
+    chosen = select_replay(buffer, [], ["x y z"], [], ReplayPlan("random", dict(select.DEFAULT_MIX), ratio=8.0, knowledge_share=0.5, rehearsal_pairs=0), seed=0)
     assert chosen.corpus == [] and chosen.knowledge == [] and chosen.replay_tokens == 0
 
 

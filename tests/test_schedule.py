@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from daemon.config import ScheduleSection
-from daemon.schedule import Schedule
+from daemon.learning.schedule import Schedule
 
 
 async def test_threshold_and_interval_triggers() -> None:

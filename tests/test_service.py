@@ -9,7 +9,7 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.layout import StateDir
-from daemon.service import Daemon, StartupError, exclusive_lock
+from daemon.service import Daemon, StartupError, state_lock
 from tests.conftest import free_port
 
 
@@ -38,8 +38,7 @@ def test_a_busy_port_is_a_clear_startup_error(tmp_path: Path) -> None:
 
 
 def test_one_daemon_per_state_directory(tmp_path: Path) -> None:
-    lock = tmp_path / "daemon.lock"
-    with exclusive_lock(lock):
+    with state_lock(StateDir(tmp_path)):
         with pytest.raises(StartupError, match="another cld daemon already uses"):
-            with exclusive_lock(lock):
+            with state_lock(StateDir(tmp_path)):
                 pass

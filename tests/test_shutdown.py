@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import load_settings
-from daemon.cycles import CycleStore
 from daemon.layout import CYCLES_DIR, StateDir
+from daemon.learning.records import CycleStore
 from daemon.service import Daemon
 from tests.conftest import free_port
 from tests.test_cycle import FACTS, FakeJournal, FakeVLLM, make, state, tiny  # noqa: F401 - fixtures

@@ -11,8 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from typer.testing import CliRunner
 
-from daemon import status
 from daemon.cli import app
+from daemon.observe import status
 from tests.status_helpers import SERVING, settings_for, write_history
 
 RED = "\x1b[31m"

@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from daemon import status, statuspage
-from daemon.front import create_app
-from daemon.serving import Router
+from daemon.engine.router import Router
+from daemon.front.app import create_app
+from daemon.observe import status, statuspage
 from tests.conftest import free_port
 from tests.status_helpers import HOSTILE, SERVING, VERSIONS, settings_for, write_history
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon.supervisor import State, Supervisor, backoff_delay, kill_stale_group
+from daemon.engine.supervisor import State, Supervisor, backoff_delay, kill_stale_group
 from tests.conftest import free_port
 
 CHILD = Path(__file__).parent / "fakes" / "child_server.py"
@@ -194,7 +194,7 @@ def test_killing_the_supervising_process_takes_the_child_group_down(tmp_path: Pa
     script = tmp_path / "supervising.py"
     script.write_text(textwrap.dedent(f"""
         import asyncio, os, sys
-        from daemon.supervisor import Supervisor
+        from daemon.engine.supervisor import Supervisor
 
         async def healthy():
             return True

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from daemon import systemd
-from daemon.cycles import CycleRecord
+from daemon.learning.records import CycleRecord
 from daemon.service import status_line
 from tests.conftest import REPO, LiveDaemon, free_port, write_config
 
@@ -210,12 +210,14 @@ def test_the_unit_runs_cld_as_a_notify_service_with_a_watchdog_and_a_long_enough
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     assert settings["Restart"] == "on-failure" and settings["User"] == "cld" and settings["StateDirectory"] == "cld"
     assert int(settings["WatchdogSec"]) >= 30
-    from daemon import cycle, replaybuf, service, watch
-    from daemon.supervisor import Supervisor
+    from daemon import service
+    from daemon.engine.supervisor import Supervisor
+    from daemon.ingestion import watch
+    from daemon.learning import cycle, replay_plan
 
     vllm_stop_s = Supervisor.__init__.__kwdefaults__["stop_timeout_s"]  # type: ignore[index]
     learner_s = cycle.PROMOTE_FINISH_TIMEOUT_S + cycle.TRAINER_STOP_TIMEOUT_S + cycle.CANCEL_TIMEOUT_S
-    total_s = watch.STOP_TIMEOUT_S + service.FRONT_STOP_TIMEOUT_S + learner_s + replaybuf.STOP_TIMEOUT_S + vllm_stop_s
+    total_s = watch.STOP_TIMEOUT_S + service.FRONT_STOP_TIMEOUT_S + learner_s + replay_plan.STOP_TIMEOUT_S + vllm_stop_s
     assert int(settings["TimeoutStopSec"]) > total_s
     assert "MemoryDenyWriteExecute=" not in "\n".join(settings), "it breaks the JITs of torch and oneDNN"
 

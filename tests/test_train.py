@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from daemon.adapters import AdapterError, check_adapter, next_version, remove_partial, versions
 from daemon.config import TrainSection
-from daemon.jobs import JobData, TrainJob
-from daemon.train import IGNORE, Example, collate, encode, pack, run
+from daemon.learning.adapters import (
+    AdapterError,
+    check_adapter,
+    next_version,
+    remove_partial,
+    versions,
+)
+from daemon.learning.jobs import JobData, TrainJob
+from daemon.learning.train import IGNORE, Example, collate, encode, pack, run
 from tests.conftest import REPO
 from tests.tiny import build_tiny_model
 
@@ -167,7 +173,7 @@ def test_warm_start_continues_from_the_parent(tiny: Path, tmp_path: Path) -> Non
 
 
 def test_packing_keeps_the_distill_marks_with_their_tokens() -> None:
-    from daemon.train import distilled
+    from daemon.learning.train import distilled
 
     blocks = pack([Example([1, 2, 3], [1, 2, 3]), distilled(Example([4, 5], [4, 5])), Example([6], [6])], seq_len=4)
     assert [b.distill for b in blocks] == [[False, False, False, True], [True, False]]
@@ -177,7 +183,7 @@ def test_packing_keeps_the_distill_marks_with_their_tokens() -> None:
 
 
 def test_new_chunks_are_repeated_each_epoch_and_replay_is_not(tiny: Path, tmp_path: Path, tokenizer) -> None:
-    from daemon.train import build_dataset
+    from daemon.learning.train import build_dataset
 
     def count(dataset, text: str) -> int:
         stream = [t for block in dataset.train for t in block.input_ids]
@@ -247,7 +253,7 @@ def _start_trainer(tiny: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     spec = job(tiny, adapters, epochs=10_000)
     job_file = tmp_path / "job.json"
     job_file.write_text(spec.model_dump_json())
-    process = subprocess.Popen([sys.executable, "-m", "daemon.train", str(job_file), "--json-progress"],
+    process = subprocess.Popen([sys.executable, "-m", "daemon.learning.train", str(job_file), "--json-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert process.stdout is not None
     first = json.loads(process.stdout.readline())

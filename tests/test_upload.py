@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.front import create_app
-from daemon.ingest import Uploads
-from daemon.serving import Router
+from daemon.engine.router import Router
+from daemon.front.app import create_app
+from daemon.ingestion.inbox import Uploads
 
 LIMIT_BYTES = 1000
 

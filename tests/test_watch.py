@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import journal
 from daemon.config import Settings
-from daemon.ingest import open_ingester
+from daemon.ingestion import journal
+from daemon.ingestion.ingest import open_ingester
+from daemon.ingestion.submit import ingest_paths
+from daemon.ingestion.watch import Stability, Watcher, is_ignored, walk
 from daemon.layout import StateDir
-from daemon.watch import Stability, Watcher, ingest_paths, is_ignored, walk
 from tests.ingest_helpers import make_settings
 
 WAIT_S = 20.0

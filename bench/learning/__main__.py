@@ -40,10 +40,11 @@ REPO = HERE.parent.parent
 sys.path[:0] = [str(REPO)]
 
 import measure  # noqa: E402  (beside this file)
-from daemon.chunking import Chunker, load_tokenizer  # noqa: E402
+
 from daemon.config import load_settings  # noqa: E402
-from daemon.jobs import JobData, TrainJob  # noqa: E402
-from daemon.vllm import VLLMClient  # noqa: E402
+from daemon.engine.vllm import VLLMClient  # noqa: E402
+from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
+from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
 WORKDIR = REPO / "var" / "bench-learning"
 PREPARED = REPO / "var" / "model"
@@ -173,7 +174,7 @@ class Bench:
         job_file.write_text(job.model_dump_json(indent=1))
         started = time.monotonic()
         with open(out / f"{version}.log", "wb") as log:
-            subprocess.run([sys.executable, "-m", "daemon.train", str(job_file)], check=True, cwd=REPO,
+            subprocess.run([sys.executable, "-m", "daemon.learning.train", str(job_file)], check=True, cwd=REPO,
                            stdout=log, stderr=subprocess.STDOUT)
         return out / version, time.monotonic() - started
 

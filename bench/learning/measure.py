@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from daemon import probes
-from daemon.vllm import VLLMClient
+from daemon.engine.vllm import VLLMClient
+from daemon.learning import probes
 
 HERE = Path(__file__).resolve().parent
 DATA_FILE = HERE / "documents.json"

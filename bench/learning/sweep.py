@@ -10,7 +10,7 @@ chunks, the replay the daemon's own selection picks at each replay ratio, earlie
 knowledge replay, rehearsal pairs) and the benchmark's held-out measures (held-out passages,
 behaviour pairs, drift prompts). `run` trains each recipe of the grid — a JSON list of
 {"name", "ratio", "cycles", "documents", train settings...} — with the daemon's own trainer
-(`daemon.train`, in process, adapters warm-started from cycle to cycle as the daemon does) and
+(`daemon.learning.train`, in process, adapters warm-started from cycle to cycle as the daemon does) and
 measures it with `measure`'s scoring, computing greedy answers and NLLs with transformers instead
 of through vLLM. Its numbers rank recipes; the recorded results come from `bench/learning`, which
 runs the real daemon.
@@ -33,9 +33,10 @@ sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
 os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar, once per step
 
 import measure  # noqa: E402
-from daemon import probes  # noqa: E402
+
 from daemon.config import TrainSection  # noqa: E402
-from daemon.jobs import JobData, TrainJob  # noqa: E402
+from daemon.learning import probes  # noqa: E402
+from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
 DRIFT_PROMPTS = HERE.parent.parent / "daemon" / "data" / "drift_prompts.txt"
 
@@ -46,9 +47,9 @@ def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowled
            held_out: int) -> None:
     import dataclasses
 
-    from daemon import replaybuf
-    from daemon.chunking import Chunker, load_tokenizer
     from daemon.config import Settings
+    from daemon.ingestion.chunking import Chunker, load_tokenizer
+    from daemon.learning import replay_plan
     from replay.buffer import ReplayBuffer, load_rehearsal
     from replay.select import select_replay
 
@@ -61,7 +62,7 @@ def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowled
     try:
         jobs: dict[str, list[dict[str, Any]]] = {}
         for ratio in ratios:
-            plan = dataclasses.replace(replaybuf.plan(settings), ratio=ratio, knowledge_share=knowledge_share)
+            plan = dataclasses.replace(replay_plan.plan(settings), ratio=ratio, knowledge_share=knowledge_share)
             jobs[str(ratio)] = []
             for k, new in enumerate(chunks):
                 learned = [r["text"] for earlier in chunks[:k] for r in earlier]
@@ -87,7 +88,7 @@ class Scorer:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        from daemon.train import render_chat
+        from daemon.learning.train import render_chat
 
         return render_chat(self.tok, messages, generation_prompt)  # as the trainer renders chats
 
@@ -192,7 +193,7 @@ def summarize(result: dict[str, Any], base: dict[str, Any], learned: list[str], 
 def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     import torch
 
-    from daemon import train
+    from daemon.learning import train
 
     data = json.loads(data_file.read_text())
     documents, general = measure.load_documents()

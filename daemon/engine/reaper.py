@@ -1,6 +1,6 @@
 """Run a command so that its whole process group dies when cld dies, even by `kill -9`.
 
-    python -m daemon.reaper -- COMMAND [ARGS...]
+    python -m daemon.engine.reaper -- COMMAND [ARGS...]
 
 The supervisor starts every child through this wrapper as the leader of a new process group.
 It runs COMMAND in that group, waits for it, and exits with its code. If the process that
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m daemon.reaper -- COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m daemon.engine.reaper -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT):

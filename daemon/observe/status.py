@@ -1,6 +1,6 @@
 """The status object (`cld status --json`, `GET /api/status`), gathered from the state directory.
 
-Owns the shape of the status JSON (see DESIGN.md) and its view at a glance for `cld status`
+Owns the shape of the status JSON (the contract in README "Observe") and its view at a glance for `cld status`
 (rich). Works whether or not the daemon runs: the parts only a running daemon knows (vLLM's
 state) are passed in by it. Knows nothing of HTTP.
 """
@@ -17,14 +17,16 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from daemon import journal
 from daemon.config import Settings
-from daemon.layout import CYCLES_DIR, StateDir, read_json
+from daemon.engine.router import Router
+from daemon.ingestion import journal
+from daemon.layout import CYCLES_DIR, StateDir
+from daemon.learning.adapters import adapters_view
+from daemon.learning.decide import passes, thresholds
+from daemon.learning.records import CycleStore
+from daemon.learning.replay_plan import summary as replay_summary
 from daemon.model import model_name
-from daemon.replaybuf import summary as replay_summary
-from daemon.cycle import adapters_view, thresholds
-from daemon.cycles import CycleStore
-from daemon.serving import Router
+from replay.durable import read_json
 
 RECENT_CYCLES = 20
 RECENT_IN_TABLE = 8
@@ -44,7 +46,7 @@ def collect(settings: Settings, daemon: dict[str, Any] | None = None) -> dict[st
         "replay": replay_summary(settings),
         "adapters": adapters(settings),
         "cycles": [record.summary() for record in CycleStore(state.root / CYCLES_DIR).all()[-RECENT_CYCLES:]],
-        "thresholds": asdict(thresholds(settings)),
+        "thresholds": asdict(thresholds(settings.probes)),
         "daemon": daemon or {"running": False},
     }
 
@@ -53,7 +55,8 @@ def adapters(settings: Settings) -> list[dict[str, Any]]:
     """Every adapter version with lineage, documents, probe results and state."""
     state = StateDir(settings.state.dir)
     router = Router(settings.serve.model_name, settings.serve.base_name, state.serving)
-    return adapters_view(state, CycleStore(state.root / CYCLES_DIR), router.current.version if router.current else None)
+    return adapters_view(state.adapters, CycleStore(state.root / CYCLES_DIR),
+                         router.current.version if router.current else None)
 
 
 def running_daemon(state: StateDir) -> dict[str, Any] | None:
@@ -76,30 +79,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# probe -> (its threshold in `thresholds`, True when the value must be at most the threshold)
-PROBE_LIMITS = {
-    "forgetting_vs_base": ("max_forgetting", True),
-    "forgetting_vs_incumbent": ("max_forgetting", True),
-    "behaviour_increase": ("max_behaviour_increase", True),
-    "drift_agreement": ("min_drift_agreement", False),
-    "nll_drop": ("min_nll_drop", False),
-    "cloze_pass": ("min_cloze_pass", False),
-    "retention": ("min_retention", False),
-    "qa_drop": ("max_qa_drop", True),
-}
 # The key probe numbers `cld status` shows per cycle: (probe, column title).
 KEY_PROBES = (("forgetting_vs_base", "forgetting"), ("behaviour_increase", "behaviour"),
               ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"))
 OUTCOME_STYLES = {"promoted": "bold green", "rejected": "red", "failed": "bold red", "skipped": "dim",
                   "running": "bold yellow"}
-
-
-def passes(probe: str, value: float | None, thresholds: dict[str, float]) -> bool | None:
-    """Whether a probe value is within its threshold (None: not measured or no threshold)."""
-    limit_key, at_most = PROBE_LIMITS.get(probe, (None, True))
-    if value is None or limit_key not in thresholds:
-        return None
-    return value <= thresholds[limit_key] if at_most else value >= thresholds[limit_key]
 
 
 def render(status: dict[str, Any], now_s: float | None = None) -> Group:
@@ -157,20 +141,18 @@ def _probe_cell(probe: str, value: float | None, limits: dict[str, float]) -> Te
     return Text(shown, style="red" if passes(probe, value, limits) is False else "")
 
 
-def failed_checks(reasons: list[str]) -> list[str]:
-    """The reasons that failed a candidate: `daemon.decide` writes them with > or <, or as a
-    required probe not measured."""
-    return [r for r in reasons if " > " in r or " < " in r or "(required)" in r]
+def failed_reasons(cycle: dict[str, Any]) -> list[str]:
+    """The reasons of the checks that failed a candidate (`daemon.learning.decide` records them)."""
+    return [failure["reason"] for failure in cycle.get("failed") or []]
 
 
 def _why(cycle: dict[str, Any]) -> str:
     """The failed checks of a rejected cycle, the error of a failed one, the reason of a skipped one."""
     if cycle.get("error"):
         return cycle["error"]
-    reasons = cycle.get("reasons") or []
     if cycle["state"] == "rejected":
-        return "\n".join(failed_checks(reasons))
-    return "\n".join(reasons) if cycle["state"] != "promoted" else ""
+        return "\n".join(failed_reasons(cycle))
+    return "\n".join(cycle.get("reasons") or []) if cycle["state"] != "promoted" else ""
 
 
 def span(seconds: float) -> str:

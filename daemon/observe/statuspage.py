@@ -1,7 +1,7 @@
 """The status page (`GET /status`): what cld serves and knows, and how each version scored.
 
 Owns the page: one HTML document rendered on the server from the status object
-(`daemon.status.collect`), with the plots of forgetting and learning per adapter version drawn by
+(`daemon.observe.status.collect`), with the plots of forgetting and learning per adapter version drawn by
 matplotlib as inline SVG and the thresholds drawn as dashed lines. The page fetches nothing (cld
 often runs on machines without internet) and reloads itself. Every string from the status (file
 names, reasons, errors) goes through Jinja2's autoescape. Knows nothing of HTTP or of where the
@@ -13,13 +13,14 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import jinja2
 from markupsafe import Markup
 
-from daemon.status import PROBE_LIMITS, cycle_line, failed_checks, passes, span
+from daemon.learning.decide import RULE_OF, ProbeResults, passes
+from daemon.observe.status import cycle_line, failed_reasons, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
@@ -105,7 +106,7 @@ TEMPLATE = """<!doctype html>
 <td>{{ c.trigger }}</td><td class="{{ c.state }}">{{ c.state }}</td>
 <td>{{ c.version or "-" }}</td><td class="num when">{{ took(c) }}</td>
 <td>{% if c.error %}<span class="fail">{{ c.error }}</span>{% elif c.state == "running" %}{{ line(c) }}{% endif %}
-<ul class="reasons">{% for r in c.reasons %}<li{% if r in failed(c.reasons) %} class="fail"{% endif %}>{{ r }}</li>{% endfor %}</ul></td></tr>
+<ul class="reasons">{% for r in c.reasons %}<li{% if r in failed(c) %} class="fail"{% endif %}>{{ r }}</li>{% endfor %}</ul></td></tr>
 {% else %}<tr><td colspan="7" class="muted">no cycle yet</td></tr>{% endfor %}
 </table>
 </body></html>
@@ -117,7 +118,7 @@ _page = _environment.from_string(TEMPLATE)
 
 
 def render(status: dict[str, Any], now_s: float | None = None) -> str:
-    """The page for one status object (`daemon.status.collect`)."""
+    """The page for one status object (`daemon.observe.status.collect`)."""
     now_s = now_s or time.time()
     limits = status.get("thresholds") or {}
     plotted = [a for a in status["adapters"] if any(a.get("probes", {}).get(s.probe) is not None
@@ -130,9 +131,9 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
         running_line=cycle_line(running) if running else "", daemon_line=_daemon_line(status["daemon"]),
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now_s)),
         plots=[plot_svg(title, axis, series, plotted, limits) for title, axis, series in PLOTS] if plotted else [],
-        plotted=plotted, probe_names=list(PROBE_LIMITS), probe_titles=PROBE_TITLES,
+        plotted=plotted, probe_names=[probe.name for probe in fields(ProbeResults)], probe_titles=PROBE_TITLES,
         probe_cell=lambda probe, value: _cell(probe, value, limits),
-        ago=lambda at: f"{span(now_s - at)} ago" if at else "-", took=_took, line=cycle_line, failed=failed_checks,
+        ago=lambda at: f"{span(now_s - at)} ago" if at else "-", took=_took, line=cycle_line, failed=failed_reasons,
     )
 
 
@@ -147,7 +148,7 @@ def plot_svg(title: str, axis: str, series: tuple[Series, ...], adapters: list[d
 
 def _plot_svg(title: str, axis: str, series: tuple[Series, ...], adapters: list[dict[str, Any]],
               limits: dict[str, float]) -> Markup:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deliberately lazy: ~0.5 s and 40 MB, for the first page only
 
     figure = Figure(figsize=(7.0, 3.4))
     axes = figure.subplots()
@@ -156,7 +157,7 @@ def _plot_svg(title: str, axis: str, series: tuple[Series, ...], adapters: list[
         values = [_percent(a.get("probes", {}).get(item.probe)) for a in adapters]
         axes.plot(positions, values, marker="o", markersize=6, linewidth=2, color=item.colour,
                   label=item.label, gid=f"series-{item.probe}")
-        limit_key, _ = PROBE_LIMITS[item.probe]
+        limit_key = RULE_OF[item.probe].limit
         if limit_key in limits:
             axes.axhline(limits[limit_key] * 100, color=item.colour, linestyle="--", linewidth=1.2,
                          gid=f"limit-{item.probe}", label=f"limit: {item.label}")

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from daemon.layout import atomic_write_json, read_json
+from daemon.learning.decide import Decision
+from replay.durable import atomic_write_json, read_json
 
 RUNNING, PROMOTED, REJECTED, FAILED, SKIPPED = "running", "promoted", "rejected", "failed", "skipped"
 
@@ -30,7 +31,8 @@ class CycleRecord:
     parent: Optional[str] = None
     documents: list[int] = field(default_factory=list)
     decision: Optional[str] = None
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # one per decision rule, passed or not
+    failed: list[dict[str, Any]] = field(default_factory=list)  # the failed checks: probe, value, limit, reason
     probes: dict[str, Any] = field(default_factory=dict)
     cloze: list[list[str]] = field(default_factory=list)  # [prompt, expected] of the new documents
     progress: dict[str, Any] = field(default_factory=dict)
@@ -44,10 +46,15 @@ class CycleRecord:
         self.timings_s[self.stage] = round(self.timings_s.get(self.stage, 0.0) + now - self.stage_started, 3)
         self.stage, self.stage_started = stage, now
 
+    def judge(self, decision: Decision) -> None:
+        """Keep the decision with its reasons and its failed checks."""
+        self.decision, self.reasons = decision.label, decision.reasons
+        self.failed = [failure.to_dict() for failure in decision.failures]
+
     def summary(self) -> dict[str, Any]:
         """The status's view of a cycle."""
         return {"id": self.id, "state": self.state, "stage": self.stage, "trigger": self.trigger,
-                "version": self.version, "decision": self.decision, "reasons": self.reasons,
+                "version": self.version, "decision": self.decision, "reasons": self.reasons, "failed": self.failed,
                 "documents": len(self.documents), "started_at": self.started_at, "finished_at": self.finished_at,
                 "progress": self.progress, "error": self.error, "timings_s": self.timings_s}
 

@@ -3,7 +3,7 @@
 Owns how each quantity is measured — NLL from the server's prompt logprobs, greedy answers for
 drift, cloze and QA — and how cloze probes are built from whatever documents arrive. Every
 model is a name vLLM serves (base, incumbent adapter, candidate adapter), so no second copy of
-the model is ever loaded. Knows nothing of thresholds (`daemon.decide`) or of where the probe
+the model is ever loaded. Knows nothing of thresholds (`daemon.learning.decide`) or of where the probe
 texts come from (the cycle passes them in).
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TypeVar
 
-from daemon.decide import ProbeResults
-from daemon.vllm import VLLMClient
+from daemon.engine.vllm import VLLMClient
+from daemon.learning.decide import ProbeResults
 
 T = TypeVar("T")
 CONCURRENCY = 8

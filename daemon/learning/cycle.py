@@ -17,19 +17,21 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from daemon import adapters, logs, probes, replaybuf
+from daemon import logs
 from daemon.config import Settings
-from daemon.cycles import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore, adapter_states
-from daemon.decide import Decision, Thresholds, decide
-from daemon.jobs import JobData, TrainJob
-from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, atomic_write_text
-from daemon.metrics import Metrics
-from daemon.serving import Adapter, Router
-from daemon.vllm import VLLMClient
+from daemon.engine.router import Adapter, Router
+from daemon.engine.vllm import VLLMClient
+from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir
+from daemon.learning import adapters, probes, replay_plan
+from daemon.learning.decide import Decision, decide, thresholds
+from daemon.learning.jobs import JobData, TrainJob
+from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore
+from replay.durable import atomic_write_text
+from replay.select import select_replay
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,10 +51,10 @@ class Learner:
     """Runs cycles one at a time and owns every change of the served adapter."""
 
     def __init__(self, settings: Settings, state: StateDir, client: VLLMClient, router: Router, journal: Any,
-                 model_dir: Path, metrics: Optional[Metrics] = None):
+                 model_dir: Path, on_swap: Callable[[float], None] = lambda seconds: None):
         self.settings, self.state, self.client, self.router = settings, state, client, router
         self.journal, self.model_dir = journal, model_dir
-        self.metrics = metrics or Metrics()
+        self.on_swap = on_swap  # told how long each swap took (the daemon's metrics time them)
         self.cycles = CycleStore(state.root / CYCLES_DIR)
         self.cycle_lock, self.swap_lock = asyncio.Lock(), asyncio.Lock()
         self.current: Optional[CycleRecord] = None
@@ -73,8 +75,9 @@ class Learner:
                 folder = await self._astage(record, "train", self.train(record, job))
                 served = await self._astage(record, "load", self.load(folder, record.version))
                 measured = await self._astage(record, "probe", self.probe(record, documents, served))
-                decision = decide(measured.results, thresholds(self.settings))
-                record.decision, record.reasons, record.probes = decision.label, decision.reasons, measured.to_dict()
+                decision = decide(measured.results, thresholds(self.settings.probes))
+                record.judge(decision)
+                record.probes = measured.to_dict()
                 await self._astage(record, "promote" if decision.promote else "reject",
                                    self.conclude(record, decision, folder, served, documents))
                 return self.cycles.finish(record, PROMOTED if decision.promote else REJECTED)
@@ -120,8 +123,8 @@ class Learner:
 
     def build_job(self, record: CycleRecord, documents: list[dict[str, Any]]) -> TrainJob:
         """Choose the version, the parent and the training data (new chunks + replay)."""
+        # Deliberately lazy: FAISS loads into the daemon only once a cycle needs the buffer.
         from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
-        from replay.select import select_replay
 
         record.documents = [doc["id"] for doc in documents]
         new = self.journal.chunks(record.documents)
@@ -134,11 +137,11 @@ class Learner:
         rehearsal, _ = load_rehearsal(self.state.root / REPLAY_DIR)
         try:
             chosen = select_replay(buffer, [_text(chunk) for chunk in new], knowledge, rehearsal,
-                                   replaybuf.plan(self.settings), seed=record.id)
+                                   replay_plan.plan(self.settings), seed=record.id)
         finally:
             buffer.close()
         records = chosen.records()
-        record.version = self._next_version()
+        record.version = adapters.next_version(self.state.adapters, [r.version for r in self.cycles.all() if r.version])
         parent = self.router.current if self.settings.train.warm_start else None
         record.parent = parent.version if parent else None
         self.cycles.save(record)
@@ -200,7 +203,7 @@ class Learner:
 
     def probe_set(self, record: CycleRecord, documents: list[dict[str, Any]]) -> probes.ProbeSet:
         """The texts to probe with, derived from whatever arrived and from the replay buffer."""
-        from replay.buffer import ReplayBuffer, load_rehearsal
+        from replay.buffer import ReplayBuffer, load_rehearsal  # deliberately lazy, as in build_job
 
         settings = self.settings.probes
         new_texts = [_text(chunk) for chunk in self.journal.chunks(record.documents)]
@@ -246,7 +249,7 @@ class Learner:
             if previous is not None and (adapter is None or previous.served_name != adapter.served_name):
                 await self.router.drained(previous.served_name, DRAIN_TIMEOUT_S)
                 await self._unload_quietly(previous.served_name)
-            self.metrics.swap_duration.observe(time.perf_counter() - started_s)
+            self.on_swap(time.perf_counter() - started_s)
 
     async def rollback(self, version: str | None) -> Adapter | None:
         """Serve `version` again (None = the base model)."""
@@ -283,11 +286,6 @@ class Learner:
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _next_version(self) -> str:
-        used = [int(r.version[1:]) for r in self.cycles.all() if r.version]
-        used += [int(v[1:]) for v in adapters.versions(self.state.adapters)]
-        return f"v{max(used, default=0) + 1:04d}"
-
     def _document_text(self, document_id: int) -> str:
         return "\n".join(_text(record) for record in self.journal.records(document_id))
 
@@ -296,8 +294,7 @@ class Learner:
         lineage, version = set(), self.router.current.version if self.router.current else None
         while version and version not in lineage:
             lineage.add(version)
-            meta_path = self.state.adapters / version / adapters.META_FILE
-            version = json.loads(meta_path.read_text())["parent"] if meta_path.is_file() else None
+            version = adapters.read_meta(self.state.adapters / version).get("parent")
         return [probes.Cloze(prompt, expected) for record in self.cycles.all()
                 if record.state == PROMOTED and record.version in lineage for prompt, expected in record.cloze]
 
@@ -307,45 +304,14 @@ class Learner:
         except Exception as error:  # noqa: BLE001 - unloading is housekeeping; vLLM restarts clear it anyway
             log.warning("could not unload %s: %s", served, error)
 
-    def adapters_view(self) -> list[dict[str, Any]]:
-        return adapters_view(self.state, self.cycles, self.router.current.version if self.router.current else None)
 
 
 async def start_trainer(job_file: Path, log: Any) -> asyncio.subprocess.Process:
-    """`python -m daemon.train JOB --json-progress`, below serving's CPU priority (TRAIN_NICENESS)."""
+    """`python -m daemon.learning.train JOB --json-progress`, below serving's CPU priority (TRAIN_NICENESS)."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon.train", str(job_file), "--json-progress",
+        sys.executable, "-m", "daemon.learning.train", str(job_file), "--json-progress",
         stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
         preexec_fn=lambda: os.nice(TRAIN_NICENESS))
-
-
-def adapters_view(state: StateDir, cycles: CycleStore, serving: str | None) -> list[dict[str, Any]]:
-    """Every adapter version with lineage, documents, probe results and state (status, CLI)."""
-    records = cycles.all()
-    states = adapter_states(records, serving)
-    by_version = {r.version: r for r in records if r.version}
-    out = []
-    for version in sorted(set(adapters.versions(state.adapters)) | set(states), key=lambda v: int(v[1:])):
-        meta_path = state.adapters / version / adapters.META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        record = by_version.get(version)
-        out.append({
-            "version": version, "state": states.get(version, "candidate"),
-            "parent": meta.get("parent", record.parent if record else None),
-            "documents": len(meta.get("documents", record.documents if record else [])),
-            "probes": (record.probes.get("results") or {}) if record else {},
-            "reasons": record.reasons if record else [],
-            "created_at": meta.get("created_at"),
-            "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
-        })
-    return out
-
-
-def thresholds(settings: Settings) -> Thresholds:
-    p = settings.probes
-    return Thresholds(max_forgetting=p.max_forgetting, max_behaviour_increase=p.max_behaviour_increase,
-                      min_drift_agreement=p.min_drift_agreement, min_nll_drop=p.min_nll_drop,
-                      min_cloze_pass=p.min_cloze_pass, min_retention=p.min_retention, max_qa_drop=p.max_qa_drop)
 
 
 def _text(record: dict[str, Any]) -> str:

@@ -1,12 +1,12 @@
 """The LoRA training recipe: one job in, one immutable adapter version folder out.
 
-    python -m daemon.train JOB.json [--json-progress]
+    python -m daemon.learning.train JOB.json [--json-progress]
 
 Setup (tokenize, mix, shuffle, pack; load the base model and the LoRA), train (AdamW, warmup +
 cosine, early stop on held-out new chunks), save (PEFT folder + meta.json, checked, then renamed
 into place). The daemon runs it as a subprocess so a crash or OOM never touches serving; it can
 cancel it with SIGTERM. Knows nothing of the journal, replay selection or serving: the job file
-(`daemon.jobs.TrainJob`) carries everything.
+(`daemon.learning.jobs.TrainJob`) carries everything.
 """
 
 from __future__ import annotations
@@ -25,9 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.adapters import META_FILE, check_adapter
-from daemon.jobs import Record, TrainJob, load_job
-from daemon.layout import atomic_write_json, publish_dir
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+from daemon.learning.adapters import META_FILE, check_adapter
+from daemon.learning.jobs import Record, TrainJob, load_job
+from replay.durable import atomic_write_json, publish_dir
 
 log = logging.getLogger("cld.train")
 IGNORE = -100  # label of tokens the loss skips
@@ -104,8 +112,6 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
-    import torch
-
     width = max(len(example.input_ids) for example in batch)
     ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch]
     labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in batch]
@@ -149,7 +155,6 @@ def build_dataset(job: TrainJob, tokenizer: Any) -> Dataset:
 
 def pick_dtype(requested: str) -> Any:
     """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    import torch
 
     if requested == "fp32":
         return torch.float32
@@ -162,9 +167,6 @@ def pick_dtype(requested: str) -> Any:
 
 def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
     """The base model (frozen, in the compute dtype) with a trainable LoRA, and its tokenizer."""
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hp = job.hyper
     torch.manual_seed(hp.seed)
@@ -197,7 +199,6 @@ class Progress:
         self.total, self.json_lines, self.started = total, json_lines, time.monotonic()
         self.bar = None
         if not json_lines:
-            from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
 
@@ -223,8 +224,6 @@ def emit(event: dict[str, Any]) -> None:
 
 def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progress: bool, stop: Any) -> dict[str, Any]:
     """Run the optimisation; returns the loss summary. Raises Cancelled when `stop()` turns true."""
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
 
     hp = job.hyper
     device = next(model.parameters()).device
@@ -290,8 +289,6 @@ def step_loss(model: Any, batch: dict[str, Any]) -> Any:
     """Mean loss per learned token: cross-entropy on the text's own tokens, and where the batch marks
     tokens `distill`, KL(base ‖ model) of the next-token distributions instead — the base being the
     same network with the adapter switched off, so no second copy of the model is loaded."""
-    import torch
-    import torch.nn.functional as F
 
     flags = batch.pop("distill", None)
     if flags is None:
@@ -314,7 +311,6 @@ def step_loss(model: Any, batch: dict[str, Any]) -> Any:
 
 def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float:
     """Mean loss per learned token on `examples`."""
-    import torch
 
     device = next(model.parameters()).device
     model.eval()
@@ -348,10 +344,6 @@ def save(job: TrainJob, model: Any, dataset: Dataset, summary: dict[str, Any], d
 
 
 def _meta(job: TrainJob, dataset: Dataset, summary: dict[str, Any], dtype: Any, started: float) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
     return {
         "version": job.version,
         "parent": job.parent_version,
@@ -396,7 +388,7 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.train", description="Train one LoRA adapter version.")
+    parser = argparse.ArgumentParser(prog="python -m daemon.learning.train", description="Train one LoRA adapter version.")
     parser.add_argument("job", type=Path, help="job file (JSON) written by the daemon or by hand")
     parser.add_argument("--json-progress", action="store_true", help="progress as JSON lines (for the daemon)")
     args = parser.parse_args(argv)

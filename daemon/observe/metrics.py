@@ -24,12 +24,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from daemon import journal, replaybuf
 from daemon.config import Settings
-from daemon.cycles import FAILED, PROMOTED, REJECTED, RUNNING, SKIPPED, CycleRecord, CycleStore, adapter_states
-from daemon.decide import ProbeResults
+from daemon.engine.router import Router
+from daemon.ingestion import journal
 from daemon.layout import CYCLES_DIR, StateDir
-from daemon.serving import Router
+from daemon.learning import replay_plan
+from daemon.learning.decide import ProbeResults
+from daemon.learning.records import FAILED, PROMOTED, REJECTED, RUNNING, SKIPPED, CycleRecord, CycleStore, adapter_states
 
 OTHER_MODEL = "other"  # the request label of any model name that is not a public one
 CYCLE_OUTCOMES = (PROMOTED, REJECTED, SKIPPED, FAILED)
@@ -88,7 +89,7 @@ class StateCollector(Collector):
         yield from _serving(records, version)
         yield _adapters(records, version)
         yield GaugeMetricFamily("cld_replay_passages", "Passages in the replay buffer (0 before it is built).",
-                                value=replaybuf.summary(self.settings)["passages"])
+                                value=replay_plan.summary(self.settings)["passages"])
         yield CounterMetricFamily("cld_vllm_restarts", "Times the supervised vLLM server was restarted after it "
                                   "exited, since the daemon started.", value=self.restarts())
 

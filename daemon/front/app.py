@@ -1,17 +1,16 @@
 """The front HTTP server: the OpenAI-compatible API clients use, plus health, status (JSON and
-the HTML page of `daemon.statuspage`) and Prometheus metrics (`daemon.metrics`).
+the HTML page of `daemon.observe.statuspage`) and Prometheus metrics (`daemon.observe.metrics`).
 
 Owns HTTP only: `/v1/*` requests are proxied to vLLM with the public model name (`cld`,
 `cld-base`) swapped for the served one and back again, so clients never see adapter versions;
 errors are always OpenAI-shaped JSON. Knows nothing of how the daemon decides what to serve
-(`daemon.serving.Router` tells it) or how status is gathered (a callable gives it).
+(`daemon.engine.router.Router` tells it) or how status is gathered (a callable gives it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,19 +18,20 @@ from typing import Any, Optional
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from daemon.bodylimit import BodyLimit, Limit
-from daemon import statuspage
-from daemon.ingest import HandInError, TooLarge, Uploads
-from daemon.metrics import OTHER_MODEL, Metrics
-from daemon.readers import Unreadable, UnsupportedType
-from daemon.serving import Router
+from daemon.engine.router import Router
+from daemon.front.auth import key_checker, page_key_checker
+from daemon.front.bodylimit import BodyLimit, Limit
+from daemon.front.errors import ProxyError, openai_error
+from daemon.ingestion.inbox import HandInError, TooLarge, Uploads
+from daemon.ingestion.readers import Unreadable, UnsupportedType
+from daemon.observe import statuspage
+from daemon.observe.metrics import OTHER_MODEL, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ HealthSource = Callable[[], Awaitable[bool]]
 PROXIED = ("/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = 32_000_000  # serve.max_request_mb's default
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart headers around an uploaded file
-
-
-def openai_error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
-    return JSONResponse(body, status_code=status)
 
 
 class NotReady(RuntimeError):
@@ -64,11 +59,6 @@ class RollbackRequest(BaseModel):
     version: Optional[str] = Field(None, description='Adapter version such as "v0003"; "base" or null = the base model.')
 
 
-class ProxyError(Exception):
-    def __init__(self, response: JSONResponse):
-        self.response = response
-
-
 def create_app(
     router: Router,
     upstream: httpx.AsyncClient,
@@ -83,7 +73,7 @@ def create_app(
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
     app = FastAPI(title="cld", summary="Continual-learning daemon: OpenAI-compatible API and admin API")
-    require_key = _key_checker(api_key)
+    require_key = key_checker(api_key)
     _limit_bodies(app, max_body_bytes, uploads)
     metrics = metrics or Metrics()
     app.add_middleware(RequestMetrics, metrics=metrics)
@@ -108,7 +98,7 @@ def create_app(
     async def api_status() -> dict[str, Any]:
         return await status()
 
-    _observe_routes(app, metrics, status, require_key, _page_key_checker(api_key))
+    _observe_routes(app, metrics, status, require_key, page_key_checker(api_key))
     if admin is not None:
         _admin_routes(app, admin, require_key)
     if uploads is not None:
@@ -226,10 +216,9 @@ def _limit_bodies(app: FastAPI, max_body_bytes: int, uploads: Optional[Uploads])
     app.add_middleware(BodyLimit, default=default, paths=paths)
 
 
-# ---- observability: /metrics, /status and request metrics (daemon.metrics, daemon.statuspage) ------
+# ---- observability: /metrics, /status and request metrics (daemon.observe.metrics, daemon.observe.statuspage) ------
 
 MODEL_LABEL = "cld.model"  # the ASGI scope key under which the proxy names a request's public model
-PAGE_CHALLENGE = {"WWW-Authenticate": 'Basic realm="cld", charset="UTF-8"'}
 
 
 def _observe_routes(app: FastAPI, metrics: Metrics, status: StatusSource,
@@ -266,42 +255,6 @@ class RequestMetrics:
             await self.app(scope, receive, send_noting_status)
         finally:
             self.metrics.request_done(scope.get(MODEL_LABEL, OTHER_MODEL), code, started_s)
-
-
-def _page_key_checker(api_key: str) -> Callable[..., Awaitable[None]]:
-    """The status page's guard: the API key as a bearer token, or as the password of HTTP Basic
-    (any user name), so that a browser asks for it (nothing when no key is set)."""
-
-    async def check(request: Request, basic: Optional[HTTPBasicCredentials] = Depends(HTTPBasic(auto_error=False))
-                    ) -> None:
-        if not api_key or _has_bearer(request, api_key):
-            return
-        if basic is not None and secrets.compare_digest(basic.password.encode(), api_key.encode()):
-            return
-        raise ProxyError(PlainTextResponse("the status page needs the API key (as the password)", 401,
-                                           headers=PAGE_CHALLENGE))
-
-    return check
-
-
-def _key_checker(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    """The dependency that guards /v1 and /api: `Authorization: Bearer <api_key>` (nothing when no key is set)."""
-
-    async def check(request: Request) -> None:
-        if not api_key or _has_bearer(request, api_key):
-            return
-        response = openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                "authentication_error", "invalid_api_key")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        raise ProxyError(response)
-
-    return check
-
-
-def _has_bearer(request: Request, api_key: str) -> bool:
-    """`Authorization: Bearer <api_key>`, compared in constant time."""
-    given = request.headers.get("authorization", "").encode()
-    return secrets.compare_digest(given, f"Bearer {api_key}".encode())
 
 
 async def _read_payload(request: Request) -> dict[str, Any]:

@@ -16,17 +16,16 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from daemon.config import Settings
-from daemon.layout import REPLAY_DIR, atomic_write_text
+from daemon.layout import REPLAY_DIR
 from daemon.model import model_name
+from replay.durable import atomic_write_text
 from replay.files import STOPPED_EXIT_CODE, read_manifest
 from replay.job import BuildJob
+from replay.select import ReplayPlan
 from replay.synth import GeneratorSpec
-
-if TYPE_CHECKING:
-    from replay.select import ReplayPlan
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,6 @@ def build_job(settings: Settings, spec: GeneratorSpec | None) -> BuildJob:
 
 
 def plan(settings: Settings) -> ReplayPlan:
-    from replay.select import ReplayPlan
-
     replay = settings.replay
     return ReplayPlan(strategy=replay.strategy, mix=dict(replay.mix), ratio=replay.ratio,
                       knowledge_share=replay.knowledge_share, rehearsal_pairs=replay.rehearsal_pairs)
@@ -102,14 +99,14 @@ class BackgroundBuild:
 
 
 async def _build_in_subprocess(job: BuildJob) -> int:
-    """Run the build under `daemon.reaper` (it dies with us, even by kill -9); a cancel stops it.
+    """Run the build under `daemon.engine.reaper` (it dies with us, even by kill -9); a cancel stops it.
 
     The build survives being killed at any point (it resumes), so stopping waits only briefly.
     """
     job_path = job.folder / JOB_FILE
     atomic_write_text(job_path, job.to_json())
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon.reaper", "--", sys.executable, "-m", "replay.build", str(job_path),
+        sys.executable, "-m", "daemon.engine.reaper", "--", sys.executable, "-m", "replay.build", str(job_path),
         stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=lambda: os.nice(BUILD_NICENESS),
     )
     try:

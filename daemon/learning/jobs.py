@@ -1,4 +1,4 @@
-"""The training job file: what the daemon hands the trainer (`python -m daemon.train JOB.json`).
+"""The training job file: what the daemon hands the trainer (`python -m daemon.learning.train JOB.json`).
 
 Owns the job's schema. A job is self-contained (base model folder, parent adapter, every text
 to train on, hyperparameters), so a run can be repeated by hand from its file. Knows nothing of

@@ -2,7 +2,7 @@
 
 Owns the child's process group, its log lines (relayed into ours) and its lifecycle state. The
 child runs in a session of its own so that stopping it also stops everything it spawned (vLLM's
-engine core and workers), under `daemon.reaper`, which kills that group if the daemon dies, so
+engine core and workers), under `daemon.engine.reaper`, which kills that group if the daemon dies, so
 even a `kill -9` of the daemon leaves no orphan behind. Knows nothing of what the child serves: readiness is a
 callable given by the caller.
 """
@@ -111,7 +111,7 @@ class Supervisor:
         self.state = State.STARTING
         self._ready.clear()
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon.reaper", "--", *self.argv,
+            sys.executable, "-m", "daemon.engine.reaper", "--", *self.argv,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

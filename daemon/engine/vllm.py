@@ -1,8 +1,8 @@
 """vLLM, the external system that serves the model: how to start it and how to talk to it.
 
-Owns the server's command line and environment (the CPU settings measured in DESIGN.md included)
+Owns the server's command line and environment (the CPU thread and memory settings measured in docs/BENCHMARKS.md included)
 and a small async client for its health, model list and runtime LoRA loading. Knows nothing of
-process supervision (`daemon.supervisor`) or of which adapter is promoted (`daemon.serving`).
+process supervision (`daemon.engine.supervisor`) or of which adapter is promoted (`daemon.engine.router`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def server_command(model_dir: Path, settings: Settings) -> list[str]:
     ]
     # LoRA on the linear layers only. Without this vLLM also wraps the output head for LoRA, and
     # then (vllm 0.32, CPU) scoring prompt logprobs in a batch of several requests crashes the
-    # engine; cld's adapters never train the head (daemon.adapters.check_adapter refuses it).
+    # engine; cld's adapters never train the head (daemon.learning.adapters.check_adapter refuses it).
     linear = linear_modules(model_dir)
     if linear:
         argv += ["--lora-target-modules", *linear]

@@ -2,8 +2,9 @@
 
 An adapter version is `<state>/adapters/vNNNN/` holding a PEFT LoRA (`adapter_config.json`,
 `adapter_model.safetensors`) and `meta.json` (lineage, data, hyperparameters, losses). Folders
-appear by rename only when complete and are never modified after. Knows nothing of training or
-probing.
+appear by rename only when complete and are never modified after. Owns version numbering and the
+view of every version (state, lineage, probe results) that status and the CLI show. Knows nothing
+of training or probing.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from daemon.learning.records import CycleStore, adapter_states
+from replay.durable import read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -33,9 +38,11 @@ def versions(adapters_dir: Path) -> list[str]:
     return sorted(found, key=lambda name: int(name[1:]))
 
 
-def next_version(adapters_dir: Path) -> str:
-    existing = versions(adapters_dir)
-    return f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+def next_version(adapters_dir: Path, used: Iterable[str] = ()) -> str:
+    """The version after every folder in `adapters_dir` and every name in `used` (versions that
+    cycles named, whose folders may never have been written)."""
+    numbers = [int(name[1:]) for name in [*versions(adapters_dir), *used] if VERSION_RE.match(name)]
+    return f"v{max(numbers, default=0) + 1:04d}"
 
 
 def remove_partial(adapters_dir: Path) -> list[str]:
@@ -50,7 +57,8 @@ def remove_partial(adapters_dir: Path) -> list[str]:
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    """The version's meta.json ({} when the folder or the file is missing)."""
+    return read_json(folder / META_FILE, default={})
 
 
 def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
@@ -77,3 +85,25 @@ def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
     if problems:
         raise AdapterError(f"{folder.name}: " + "; ".join(problems))
     return config
+
+
+def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -> list[dict[str, Any]]:
+    """Every adapter version with lineage, documents, probe results and state (status, CLI)."""
+    records = cycles.all()
+    states = adapter_states(records, serving)
+    by_version = {r.version: r for r in records if r.version}
+    out = []
+    for version in sorted(set(versions(adapters_dir)) | set(states), key=lambda v: int(v[1:])):
+        meta = read_meta(adapters_dir / version)
+        record = by_version.get(version)
+        out.append({
+            "version": version, "state": states.get(version, "candidate"),
+            "parent": meta.get("parent", record.parent if record else None),
+            "documents": len(meta.get("documents", record.documents if record else [])),
+            "probes": (record.probes.get("results") or {}) if record else {},
+            "reasons": record.reasons if record else [],
+            "failed": record.failed if record else [],
+            "created_at": meta.get("created_at"),
+            "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
+        })
+    return out

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.layout import atomic_write_json, read_json
+from replay.durable import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 

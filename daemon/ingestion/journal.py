@@ -1,7 +1,7 @@
 """The journal: every input file and every document, in one SQLite file (`<state>/journal.sqlite3`).
 
 Owns the schema, the transactions and the queries. WAL mode and one writer: a `Journal` is the
-only way to write, and one process at a time holds one (`daemon.ingest` takes the ingest lock
+only way to write, and one process at a time holds one (`daemon.ingestion.ingest` takes the ingest lock
 first); `counts` and `outcome` read alongside it without blocking it. Knows nothing of files,
 formats or tokenizers: it stores what it is handed.
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 Record = dict[str, Any]
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -67,8 +69,6 @@ def content_hash(records: list[Record]) -> str:
 
 def load_tokenizer(model_dir: Path) -> Any:
     """The base model's fast tokenizer (a `tokenizers.Tokenizer`)."""
-    from tokenizers import Tokenizer
-
     path = model_dir / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no {TOKENIZER_FILE}: documents cannot be chunked "

@@ -1,14 +1,14 @@
 """The inbox watcher: finds complete files in the inbox and hands them to the ingester.
 
-    python -m daemon.watch [--config CONFIG]   # ingest what is in the inbox now, then exit
+    python -m daemon.ingestion.watch [--config CONFIG]   # ingest what is in the inbox now, then exit
 
 Owns which inbox entries are candidates (subfolders are walked; dotfiles, dot-folders and
 temporary names such as `.part`, `.tmp` are left alone), when a candidate is complete (its size
 and modification time unchanged for `watch.stable_s`), the start-up scan for files that arrived
 while the daemon was down, and the watchdog observer that wakes the loop between full scans
 (every `watch.rescan_s`, in case an event was missed). The daemon runs it in a thread with a stop
-event; every wait has a timeout. Also `ingest_paths`, what `cld ingest` does. Knows nothing of
-formats or the journal's tables (`daemon.ingest` does the work, `daemon.journal` keeps it).
+event; every wait has a timeout. Knows nothing of
+formats or the journal's tables (`daemon.ingestion.ingest` does the work, `daemon.ingestion.journal` keeps it).
 """
 
 from __future__ import annotations
@@ -20,25 +20,21 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon import journal, logs
+from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.ingest import ChunkerSource, HandInError, IngestBusy, Ingester, hand_in, open_ingester
-from daemon.journal import Journal, Recorded
-from daemon.layout import StateDir
-from daemon.readers import Unreadable
+from daemon.ingestion.ingest import ChunkerSource, IngestBusy, Ingester, open_ingester
+from daemon.ingestion.journal import Journal, Recorded
 
 log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
 POLL_S = 0.5
 STOP_TIMEOUT_S = 10.0
-WAIT_POLL_S = 0.2
 
 Stamp = tuple[int, int]  # (size, mtime_ns)
 
@@ -228,75 +224,8 @@ def ingest_inbox(ingester: Ingester, settings: Settings, complete: Iterable[Path
     return [recorded for recorded in found if recorded is not None]
 
 
-# cld ingest ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one file given to `cld ingest`: refused, recorded, or still queued."""
-
-    source: Path
-    name: str | None = None  # in the inbox
-    recorded: Recorded | None = None
-    refused: str | None = None
-
-
-def ingest_paths(settings: Settings, paths: Iterable[Path], wait_s: float) -> list[Outcome]:
-    """Hand files (folders: the files in them) in to the inbox, then ingest them here when no
-    daemon is ingesting, or wait up to `wait_s` for the running daemon to take them."""
-    assert settings.watch.inbox is not None
-    state = StateDir(settings.state.dir)
-    files = list(_expand(paths))
-    after = journal.last_input_id(state.journal)
-    handed = [_hand_in(settings.watch.inbox, path) for path in files]
-    names = [outcome.name for outcome in handed if outcome.name is not None]
-    try:
-        with open_ingester(settings) as ingester:
-            ingest_inbox(ingester, settings, complete=[settings.watch.inbox / name for name in names])
-    except IngestBusy:
-        _wait_taken(state.journal, names, after, wait_s)
-    return [_settled(state.journal, outcome, after) for outcome in handed]
-
-
-def _expand(paths: Iterable[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from (item for item in walk(path) if item.is_file())
-        elif path.is_file():
-            yield path
-        else:
-            raise HandInError(f"{path}: no such file or folder")
-
-
-def _hand_in(inbox: Path, path: Path) -> Outcome:
-    try:
-        with open(path, "rb") as source:
-            return Outcome(path, name=hand_in(inbox, path.name, source).name)
-    except (HandInError, Unreadable) as error:
-        return Outcome(path, refused=str(error))
-    except OSError as error:
-        return Outcome(path, refused=f"cannot be read: {error.strerror}")
-
-
-def _wait_taken(path: Path, names: list[str], after: int, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    waiting = set(names)
-    while waiting and time.monotonic() < deadline:
-        waiting = {name for name in waiting if not _taken(journal.outcome(path, name, after))}
-        time.sleep(WAIT_POLL_S if waiting else 0)
-
-
-def _taken(recorded: Recorded | None) -> bool:
-    return recorded is not None and recorded.moved
-
-
-def _settled(path: Path, outcome: Outcome, after: int) -> Outcome:
-    if outcome.name is None:
-        return outcome
-    return Outcome(outcome.source, outcome.name, journal.outcome(path, outcome.name, after))
-
-
 def main(argv: list[str]) -> int:
-    """Ingest the inbox once (the daemon must not be running): `python -m daemon.watch [--config PATH]`."""
+    """Ingest the inbox once (the daemon must not be running): `python -m daemon.ingestion.watch [--config PATH]`."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     config = Path(argv[1]) if len(argv) == 2 and argv[0] == "--config" else None
     try:

@@ -5,7 +5,7 @@
 Owns the formats (`.txt`, `.md`, `.html`, `.pdf`, `.jsonl`), which part of each is text, and the
 reasons a person reads when a file is not what its name says (`Unreadable`). A record is
 `{"text"}`, `{"prompt", "completion"}` or `{"messages": [{"role", "content"}, ...]}` (the training
-job's records, see `daemon.jobs`): instruction data keeps its roles so training can choose to
+job's records, see `daemon.learning.jobs`): instruction data keeps its roles so training can choose to
 learn only the answers. Knows nothing of normalisation, chunking, the journal or where files live.
 """
 
@@ -18,6 +18,9 @@ import re
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+import html_text
+from pypdf import PdfReader
 
 Record = dict[str, Any]
 Reader = Callable[[bytes], list[Record]]
@@ -94,8 +97,6 @@ def read_text(data: bytes) -> list[Record]:
 @register(".html", ".htm")
 def read_html(data: bytes) -> list[Record]:
     """The visible text of a page: scripts, styles and markup dropped, blocks on lines of their own."""
-    import html_text
-
     text = decode_text(data)
     try:
         return [{"text": html_text.extract_text(text, guess_layout=True)}]
@@ -115,8 +116,6 @@ def read_pdf(data: bytes) -> list[Record]:
 
 
 def _pdf_pages(data: bytes) -> list[str]:
-    from pypdf import PdfReader
-
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files log a line per object
     try:
         with warnings.catch_warnings():

@@ -15,57 +15,40 @@ daemon prepares it at start, in another process; `cld prepare` does too). So a d
 committed `pending` first and chunked as soon as a tokenizer is there (`chunk_pending`): files are
 accepted, journaled and moved even before that.
 
-Also owns the hand-in of a file to the inbox (uploads and `cld ingest` write there atomically, as
-a user would) and the ingest lock: one process at a time writes the journal. Knows nothing of
-watching folders (`daemon.watch`), file formats (`daemon.readers`) or HTTP.
+Also owns the ingest lock: one process at a time writes the journal. Knows nothing of watching
+folders (`daemon.ingestion.watch`), file formats (`daemon.ingestion.readers`), how files reach the
+inbox (`daemon.ingestion.inbox`) or HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import re
 import stat
 import threading
 import time
-import unicodedata
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
 
 from daemon import model
-from daemon.chunking import Chunker, content_hash, load_tokenizer, normalise_records
 from daemon.config import Settings
-from daemon.journal import Input, Journal, Recorded
-from daemon.layout import REASON_SUFFIX, StateDir, atomic_write_text, fsync_dir, move_durably
-from daemon.readers import Record, Unreadable, get_reader
+from daemon.ingestion.chunking import Chunker, content_hash, load_tokenizer, normalise_records
+from daemon.ingestion.inbox import free_path, reason_path
+from daemon.ingestion.journal import Input, Journal, Recorded
+from daemon.ingestion.readers import Record, Unreadable, get_reader
+from daemon.layout import StateDir
+from replay.durable import atomic_write_text, exclusive_lock, move_durably
 
 log = logging.getLogger(__name__)
 
 ChunkerSource = Callable[[], "Chunker | None"]
-LOCK_RETRY_S = 0.5
 TOKENIZER_RETRY_S = 10.0
-COPY_BLOCK_BYTES = 1 << 20
-MAX_NAME_BYTES = 200  # of a handed-in file's name, in UTF-8 (file systems allow 255)
-MAX_SUFFIX_CHARS = 16  # a longer "suffix" is not a file type, just part of the name
-_RESERVED_NAME_CHARS = frozenset('/\\:*?"<>|')
 
 
 class IngestBusy(RuntimeError):
     """Another process (the daemon, or another `cld ingest`) holds the ingest lock."""
-
-
-class HandInError(ValueError):
-    """A file cannot be handed in to the inbox; the message says why."""
-
-
-class TooLarge(HandInError):
-    pass
 
 
 class Ingester:
@@ -217,27 +200,10 @@ def _link_reason(path: Path, inbox: Path) -> str:
     return "a symlink: links are not followed; put the file itself in the inbox"
 
 
-def reason_path(path: Path) -> Path:
-    return path.with_name(path.name + REASON_SUFFIX)
-
-
 def _reason_text(recorded: Recorded) -> str:
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return (f"{recorded.reason}\n\nfile: {recorded.name} ({recorded.bytes} bytes), quarantined {when}\n"
             "To retry, fix the file and drop it into the inbox again.\n")
-
-
-def free_path(folder: Path, name: str) -> Path:
-    """`folder/name`, or `folder/<stem>.<n><suffix>` with the first n free (a file and its
-    `.reason` both). Subfolders are kept unless a file is in the way; then they are flattened."""
-    relative = Path(name)
-    if any((folder / parent).exists() and not (folder / parent).is_dir() for parent in relative.parents):
-        relative = Path(name.replace("/", "__"))
-    path, number = folder / relative, 0
-    while os.path.lexists(path) or os.path.lexists(reason_path(path)):
-        number += 1
-        path = path.with_name(f"{relative.stem}.{number}{relative.suffix}")
-    return path
 
 
 # the base model's chunker ----------------------------------------------------------------------
@@ -284,7 +250,7 @@ def open_ingester(settings: Settings, stop: threading.Event | None = None, chunk
     """
     state = StateDir(settings.state.dir)
     state.root.mkdir(parents=True, exist_ok=True)
-    with _ingest_lock(state.ingest_lock, stop), _journal(state, journal) as opened:
+    with exclusive_lock(state.ingest_lock, lambda: IngestBusy(f"another process is ingesting into {state.root}"), stop), _journal(state, journal) as opened:
         ingester = Ingester(settings, opened, chunker or BaseModelChunker(settings))
         ingester.recover()
         try:
@@ -303,104 +269,3 @@ def _journal(state: StateDir, shared: Journal | None) -> Iterator[Journal]:
         yield journal
     finally:
         journal.close()
-
-
-@contextlib.contextmanager
-def _ingest_lock(path: Path, stop: threading.Event | None) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if stop is None or stop.wait(LOCK_RETRY_S):
-                    raise IngestBusy(f"another process is ingesting into {path.parent}") from None
-        yield
-
-
-# handing files in ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class HandedIn:
-    name: str  # relative to the inbox
-    bytes: int
-
-
-@dataclass(frozen=True)
-class Uploads:
-    """Where uploaded documents go (POST /api/documents) and how large one may be."""
-
-    inbox: Path
-    max_bytes: int
-
-    def hand_in(self, name: str, source: BinaryIO) -> HandedIn:
-        return hand_in(self.inbox, name, source, self.max_bytes)
-
-    def too_large(self) -> TooLarge:
-        return _too_large(self.max_bytes)
-
-
-def safe_name(name: str) -> str:
-    """A plain file name from an untrusted one: its last path part, with control, format and
-    reserved characters replaced, without leading dots or spaces, at most MAX_NAME_BYTES long
-    (keeping its suffix). HandInError when nothing is left."""
-    last = re.split(r"[\\/]", unicodedata.normalize("NFC", name or ""))[-1]
-    cleaned = "".join(_safe_char(char) for char in last).lstrip(". ").strip()
-    if not cleaned:
-        raise HandInError(f"file name {name!r} has no usable name in it: send a name like 'notes.md'")
-    if len(cleaned.encode()) > MAX_NAME_BYTES:
-        suffix = Path(cleaned).suffix if len(Path(cleaned).suffix) <= MAX_SUFFIX_CHARS else ""
-        stem = cleaned[: len(cleaned) - len(suffix)].encode()[: MAX_NAME_BYTES - len(suffix.encode())]
-        cleaned = stem.decode(errors="ignore") + suffix
-    return cleaned
-
-
-def _safe_char(char: str) -> str:
-    """`char`, or "_" for a path or shell-reserved character or any Unicode control, format
-    (bidi overrides, zero-width), surrogate, private-use or unassigned code point."""
-    return "_" if char in _RESERVED_NAME_CHARS or unicodedata.category(char).startswith("C") else char
-
-
-def hand_in(inbox: Path, name: str, source: BinaryIO, max_bytes: int | None = None) -> HandedIn:
-    """Copy `source` into the inbox as a free version of `safe_name(name)`, atomically: the
-    watcher sees the whole file or nothing. Raises HandInError (or UnsupportedType) and
-    TooLarge (over `max_bytes`) before anything appears in the inbox."""
-    plain = safe_name(name)
-    get_reader(Path(plain).suffix)
-    inbox.mkdir(parents=True, exist_ok=True)
-    tmp = inbox / f".{uuid.uuid4().hex}.part"  # a dotfile: the watcher leaves it alone
-    try:
-        size = _copy_limited(source, tmp, max_bytes)
-        target = _link_free(tmp, inbox, plain)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(inbox)
-    return HandedIn(target.relative_to(inbox).as_posix(), size)
-
-
-def _copy_limited(source: BinaryIO, target: Path, max_bytes: int | None) -> int:
-    size = 0
-    with open(target, "wb") as out:
-        while block := source.read(COPY_BLOCK_BYTES):
-            size += len(block)
-            if max_bytes is not None and size > max_bytes:
-                raise _too_large(max_bytes)
-            out.write(block)
-        out.flush()
-        os.fsync(out.fileno())
-    return size
-
-
-def _too_large(max_bytes: int) -> TooLarge:
-    return TooLarge(f"over the upload limit of {max_bytes / 1e6:g} MB (ingest.max_file_mb)")
-
-
-def _link_free(tmp: Path, inbox: Path, name: str) -> Path:
-    """Give the written file a free name in the inbox (a hard link never replaces a file)."""
-    while True:
-        target = free_path(inbox, name)
-        try:
-            os.link(tmp, target)
-            return target
-        except FileExistsError:
-            continue

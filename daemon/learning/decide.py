@@ -1,0 +1,134 @@
+"""The promotion decision: a pure function of measured probe results and thresholds.
+
+Owns the rules (`RULES`: which probe is held against which threshold, in which direction, and
+whether it must be measured), the thresholds' values from `[probes]`, and the structured outcome
+of every check (probe, value, limit, passed, a human-readable reason kept with the version).
+Status views render these; none re-derives them. Knows nothing of how the numbers were measured
+(`daemon.learning.probes`) or what happens next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from daemon.config import ProbesSection
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_forgetting: float          # relative NLL increase on held-out original text, vs base and incumbent
+    max_behaviour_increase: float  # relative NLL increase of the base's own answers, vs base
+    min_drift_agreement: float     # word similarity of answers to general prompts to the base's
+    min_nll_drop: float            # relative NLL decrease on the new documents, vs base
+    min_cloze_pass: float          # share of the new documents' cloze probes passed
+    min_retention: float           # share of earlier versions' cloze probes still passed
+    max_qa_drop: float             # accuracy points lost on the user's QA sets, vs base
+
+
+def thresholds(probes: ProbesSection) -> Thresholds:
+    """The thresholds `[probes]` sets (the section's fields of the same names)."""
+    return Thresholds(**{limit.name: getattr(probes, limit.name) for limit in fields(Thresholds)})
+
+
+@dataclass(frozen=True)
+class ProbeResults:
+    """Measured through the live server. `None` = not measured (no data for that probe)."""
+
+    forgetting_vs_base: Optional[float] = None       # (candidate - base) / base, held-out passages
+    forgetting_vs_incumbent: Optional[float] = None  # (candidate - incumbent) / incumbent
+    behaviour_increase: Optional[float] = None       # (candidate - base) / base, base answers
+    drift_agreement: Optional[float] = None
+    nll_drop: Optional[float] = None                 # (base - candidate) / base, new chunks
+    cloze_pass: Optional[float] = None
+    retention: Optional[float] = None
+    qa_drop: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    probe: str         # field of ProbeResults
+    title: str         # how reasons name it
+    limit: str         # field of Thresholds
+    at_most: bool      # the value must be ≤ the limit (else ≥)
+    required: bool     # a learning probe: not measured fails the candidate
+    percent: bool      # shown as a percentage
+
+
+# The candidate must learn (required rules) and every measured forgetting probe must be within its
+# limit; a forgetting probe without data is reported, not held against the candidate.
+RULES = (
+    Rule("nll_drop", "NLL drop on new documents", "min_nll_drop", at_most=False, required=True, percent=True),
+    Rule("cloze_pass", "cloze probes passed", "min_cloze_pass", at_most=False, required=True, percent=False),
+    Rule("forgetting_vs_base", "forgetting vs base", "max_forgetting", at_most=True, required=False, percent=True),
+    Rule("forgetting_vs_incumbent", "forgetting vs incumbent", "max_forgetting", at_most=True, required=False,
+         percent=True),
+    Rule("behaviour_increase", "behaviour NLL increase", "max_behaviour_increase", at_most=True, required=False,
+         percent=True),
+    Rule("drift_agreement", "drift agreement", "min_drift_agreement", at_most=False, required=False, percent=False),
+    Rule("qa_drop", "QA accuracy drop", "max_qa_drop", at_most=True, required=False, percent=True),
+    Rule("retention", "retention of earlier facts", "min_retention", at_most=False, required=False, percent=False),
+)
+RULE_OF = {rule.probe: rule for rule in RULES}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule applied to one measured value."""
+
+    probe: str
+    value: Optional[float]
+    limit: float
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "promote" if self.promote else "reject"
+
+    @property
+    def reasons(self) -> list[str]:
+        return [check.reason for check in self.checks]
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+
+def decide(results: ProbeResults, limits: Thresholds) -> Decision:
+    """Promote only if every rule holds for the measured results."""
+    checks = [check(rule, getattr(results, rule.probe), getattr(limits, rule.limit)) for rule in RULES]
+    return Decision(all(c.passed for c in checks), checks)
+
+
+def check(rule: Rule, value: Optional[float], limit: float) -> Check:
+    if value is None:
+        reason = f"{rule.title}: not measured" + (" (required)" if rule.required else "")
+        return Check(rule.probe, None, limit, not rule.required, reason)
+    passed = value <= limit if rule.at_most else value >= limit
+    sign = ("≤" if passed else ">") if rule.at_most else ("≥" if passed else "<")
+    shown = _shown(rule)
+    return Check(rule.probe, value, limit, passed, f"{rule.title} {shown(value)} {sign} {shown(limit)}")
+
+
+def passes(probe: str, value: Optional[float], limits: dict[str, float]) -> Optional[bool]:
+    """Whether a probe value is within its threshold (None: not measured, or no rule for it)."""
+    rule = RULE_OF.get(probe)
+    if rule is None or value is None or rule.limit not in limits:
+        return None
+    return check(rule, value, limits[rule.limit]).passed
+
+
+def _shown(rule: Rule) -> Any:
+    if not rule.percent:
+        return lambda v: f"{v:.2f}"
+    return (lambda v: f"{v:+.1%}") if rule.at_most else (lambda v: f"{v:.1%}")
