@@ -269,8 +269,8 @@ def rollback(
     typer.echo(f"{settings.serve.model_name} now serves {reply['serving'] or 'the base model'}")
 
 
-def _auth_headers(settings: Settings) -> dict[str, str]:
-    key = settings.security.api_key
+def _auth_headers(settings: Settings, admin: bool = False) -> dict[str, str]:
+    key = (settings.security.admin_key if admin else "") or settings.security.api_key
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -283,7 +283,7 @@ def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = 
     record = status_mod.running_daemon(StateDir(settings.state.dir))
     if record is None:
         _fail("the daemon is not running: start it with `cld run`", code=1)
-    headers = _auth_headers(settings)
+    headers = _auth_headers(settings, admin=method != "GET")
     try:
         reply = httpx.request(method, f"{record['url']}{path}", json=body, headers=headers, timeout=60)
     except httpx.HTTPError as error:

@@ -10,7 +10,10 @@ into the README's table).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -29,8 +32,12 @@ ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# vLLM options that would make it listen somewhere else than loopback:serve.vllm_port.
-VLLM_BIND_ARGS = ("--host", "--port", "--uds")
+# vLLM options cld sets itself: where it listens (loopback:serve.vllm_port only) and its key.
+VLLM_RESERVED_ARGS = ("--host", "--port", "--uds", "--api-key")
+MIN_PUBLIC_KEY_CHARS = 16  # an API key guarding a non-loopback bind is at least this long
+# Environment variables with the CLD_ prefix that are not settings.
+OTHER_VARIABLES = ("CLD_CONFIG",)
+TEST_VARIABLE_PREFIX = "CLD_TEST_"  # the test suite's own switches
 
 
 class ConfigError(ValueError):
@@ -93,10 +100,12 @@ class ServeSection(Section):
     @field_validator("vllm_args")
     @classmethod
     def _loopback_only(cls, value: list[str]) -> list[str]:
-        bound = [arg for arg in value if arg.split("=", 1)[0] in VLLM_BIND_ARGS]
-        if bound:
-            raise ValueError(f"serve.vllm_args may not set {', '.join(bound)}: vLLM only listens on loopback "
-                             "(set serve.vllm_port for its port, serve.host and serve.port for the front)")
+        reserved = [f"{arg} ({_reserved_option(arg)})" if _reserved_option(arg) != arg.split("=", 1)[0] else arg
+                    for arg in value if _reserved_option(arg)]
+        if reserved:
+            raise ValueError(f"serve.vllm_args may not set {', '.join(reserved)}: vLLM only listens on loopback, "
+                             "with a key only cld knows (set serve.vllm_port for its port, serve.host and "
+                             "serve.port for the front)")
         return value
 
     @field_validator("vllm_url")
@@ -355,6 +364,12 @@ class SecuritySection(Section):
         description="Bearer key for /v1 and /api. Required when serve.host is not loopback. "
         "Prefer the environment (CLD_SECURITY__API_KEY), a systemd EnvironmentFile or security.api_key_file.",
     )
+    admin_key: str = Field(
+        "",
+        description="Bearer key for the admin actions (POST /api/rollback, /api/cycles, /api/documents), so that "
+        "inference clients holding security.api_key cannot change what is served or learned. Empty = "
+        "security.api_key guards them too. Prefer the environment (CLD_SECURITY__ADMIN_KEY).",
+    )
     api_key_file: Optional[Path] = Field(
         None,
         description="File holding the bearer key (surrounding whitespace ignored), instead of security.api_key. "
@@ -451,6 +466,7 @@ def load_settings(path: Path | None = None) -> Settings:
     if path is not None and not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     root = path.resolve().parent if path is not None else Path.cwd()
+    check_environment(os.environ)
 
     class FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=path)
@@ -473,7 +489,58 @@ def load_settings(path: Path | None = None) -> Settings:
             settings.security.read_key_file()
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    _check_public_key(settings)
     return settings
+
+
+def _reserved_option(arg: str) -> str | None:
+    """The reserved vLLM option `arg` sets, abbreviations included (argparse takes any unambiguous
+    prefix of an option, so `--ho=0.0.0.0` means `--host`); None for any other argument."""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    return next((option for option in VLLM_RESERVED_ARGS if option.startswith(name)), None)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """ConfigError naming every CLD_* variable that sets no setting (a misspelled
+    CLD_SECURTY__API_KEY would otherwise be ignored and the daemon run without the key)."""
+    valid = _environment_names()
+    unknown = [name for name in environ if name.upper().startswith(ENV_PREFIX) and not _known_variable(name, valid)]
+    if unknown:
+        lines = [f"unknown environment variable {name}" + _did_you_mean(name, valid) for name in sorted(unknown)]
+        raise ConfigError("\n".join(lines) + f"\n  settings are {ENV_PREFIX}<SECTION>{ENV_DELIMITER}<KEY>; "
+                          "`cld config --reference` lists the keys")
+
+
+def _environment_names() -> list[str]:
+    names = list(OTHER_VARIABLES)
+    for section, field in Settings.model_fields.items():
+        assert isinstance(field.annotation, type)
+        names.append(f"{ENV_PREFIX}{section}".upper())
+        names += [f"{ENV_PREFIX}{section}{ENV_DELIMITER}{key}".upper() for key in field.annotation.model_fields]
+    return names
+
+
+def _known_variable(name: str, valid: list[str]) -> bool:
+    upper = name.upper()
+    if upper.startswith(TEST_VARIABLE_PREFIX) or upper in valid:
+        return True
+    parts = upper.split(ENV_DELIMITER)  # CLD_REPLAY__MIX__NEAREST: a key inside a dict setting
+    return len(parts) > 2 and ENV_DELIMITER.join(parts[:2]) in valid
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), valid, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_public_key(settings: Settings) -> None:
+    key = settings.security.api_key
+    if not settings.serve.is_loopback and len(key) < MIN_PUBLIC_KEY_CHARS:
+        raise ConfigError(f"serve.host = {settings.serve.host!r} is reachable from other machines, and "
+                          f"security.api_key is {len(key)} characters: use at least {MIN_PUBLIC_KEY_CHARS} "
+                          "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
 
 
 def _absolute(path: Path, root: Path) -> Path:

@@ -6,6 +6,7 @@ agree). Knows nothing of what the files mean; how they are written durably is `r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,13 @@ VLLM_PID_FILE = "vllm.pid"
 LOGS_DIR = "logs"
 CYCLES_DIR = "cycles"
 JOBS_DIR = "jobs"
+VERSION_RE = re.compile(r"^v(\d{4,})$")  # adapters/<version>: v0001, v0002, ...
+BASE_VERSION = "base"  # what rollback and the CLI call the base model
+
+
+def is_version(name: str | None) -> bool:
+    """Whether `name` is an adapter version name (never a path)."""
+    return isinstance(name, str) and VERSION_RE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

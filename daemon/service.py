@@ -200,7 +200,8 @@ class Daemon:
     def _app(self) -> Any:
         return app.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
-            api_key=self.settings.security.api_key, admin=app.Admin(self._cycle, self._adapters, self._rollback),
+            api_key=self.settings.security.api_key, admin_key=self.settings.security.admin_key,
+            admin=app.Admin(self._cycle, self._adapters, self._rollback),
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
         )

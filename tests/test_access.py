@@ -18,7 +18,7 @@ from daemon.layout import StateDir
 from daemon.service import Daemon
 from tests.conftest import REPO, free_port
 
-KEY = "s3cret-key"
+KEY = "s3cret-key-of-24-chars"
 GUARDED = [
     ("GET", "/api/status", {}),
     ("GET", "/api/adapters", {}),
@@ -87,6 +87,36 @@ async def test_the_right_key_gets_through(keyed_config: Path) -> None:
         assert (await front.get("/health")).status_code == 503, "/health needs no key (and vLLM is not up)"
 
 
+ADMIN = "an-admin-key-only-operators-hold"
+ADMIN_ACTIONS = [(method, path, args) for method, path, args in GUARDED if method == "POST" and path.startswith("/api")]
+
+
+async def test_with_an_admin_key_inference_keys_cannot_change_what_is_served(tmp_path: Path) -> None:
+    config = write_config(tmp_path, f'[security]\napi_key = "{KEY}"\nadmin_key = "{ADMIN}"\n')
+    async with front_of(config) as front:
+        for method, path, args in ADMIN_ACTIONS:
+            reply = await front.request(method, path, headers={"Authorization": f"Bearer {KEY}"}, **args)
+            assert reply.status_code == 401, (path, reply.text)
+            reply = await front.request(method, path, headers={"Authorization": f"Bearer {ADMIN}"}, **args)
+            assert reply.status_code in (202, 503), (path, reply.text)  # 503: vLLM is not up here
+        assert (await front.get("/api/status", headers={"Authorization": f"Bearer {KEY}"})).status_code == 200
+
+
+@pytest.mark.parametrize("version", ["/etc", "../../tmp/x", "v0001/../../x", "v1", "V0001", "base/.."])
+async def test_rollback_takes_version_names_only(tmp_path: Path, version: str) -> None:
+    async with front_of(write_config(tmp_path)) as front:
+        reply = await front.post("/api/rollback", json={"version": version})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_version", reply.text
+    assert not (tmp_path / "state" / "serving.json").exists()
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"])
+async def test_the_api_is_not_described_to_anyone(keyed_config: Path, path: str) -> None:
+    async with front_of(keyed_config) as front:
+        assert (await front.get(path)).status_code == 404
+        assert (await front.get(path, headers={"Authorization": f"Bearer {KEY}"})).status_code == 404
+
+
 def test_a_key_file_is_stripped_and_resolved_next_to_the_config(tmp_path: Path) -> None:
     key_file(tmp_path, f"\n {KEY} \n\n", mode=0o640)
     settings = load_settings(write_config(tmp_path, '[security]\napi_key_file = "api.key"\n'))
@@ -135,10 +165,17 @@ def test_cld_run_on_a_public_address_without_a_key_exits_before_anything_starts(
 # ---- vLLM listens on loopback only -----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "80"], ["--uds", "/tmp/v"],
-                                  ["--enforce-eager", "--port=80"]])
+                                  ["--enforce-eager", "--port=80"], ["--ho=0.0.0.0"], ["--hos", "0.0.0.0"],
+                                  ["--por=80"], ["--ud", "/tmp/v"], ["--api-key", "mine"], ["--api-k=mine"]])
 def test_vllm_args_that_would_move_vllm_off_loopback_are_refused(tmp_path: Path, args: list[str]) -> None:
-    with pytest.raises(ConfigError, match=r"serve.vllm_args: serve.vllm_args may not set --(host|port|uds).*loopback"):
+    with pytest.raises(ConfigError, match=r"serve.vllm_args: serve.vllm_args may not set --(ho|po|ud|api).*loopback"):
         load_settings(write_config(tmp_path, f"vllm_args = {args!r}\n".replace("'", '"')))
+
+
+def test_abbreviations_are_named_with_the_option_they_mean(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"may not set --ho=0.0.0.0 \(--host\)"):
+        load_settings(write_config(tmp_path, 'vllm_args = ["--ho=0.0.0.0"]\n'))
+    assert load_settings(write_config(tmp_path, 'vllm_args = ["--enforce-eager", "--max-num-seqs=8"]\n'))
 
 
 def test_vllm_always_listens_on_loopback(tmp_path: Path) -> None:

@@ -99,15 +99,44 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_unknown_environment_key_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLD_SERVE__PROT", "1")
-    with pytest.raises(ConfigError, match="serve.prot: unknown key"):
+    with pytest.raises(ConfigError, match="unknown environment variable CLD_SERVE__PROT "
+                                          r"\(did you mean CLD_SERVE__PORT\?\)"):
         load_settings(write(tmp_path, ""))
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("CLD_SECURTY__API_KEY", "CLD_SECURITY__API_KEY"),  # a misspelled section: the key would be lost
+    ("CLD_SECURITY_API_KEY", "CLD_SECURITY__API_KEY"),  # one underscore where two belong
+    ("cld_serve__prot", "CLD_SERVE__PORT"),             # the prefix in any case, as pydantic-settings reads it
+    ("CLD_NOTHING_LIKE_IT", None),
+])
+def test_an_environment_variable_that_sets_nothing_stops_cld(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             name: str, suggestion: str | None) -> None:
+    monkeypatch.setenv(name, "secret-value-that-would-be-ignored")
+    with pytest.raises(ConfigError, match=f"unknown environment variable {name}") as raised:
+        load_settings(write(tmp_path, ""))
+    assert (f"did you mean {suggestion}?" in str(raised.value)) if suggestion else "did you mean" not in str(raised.value)
+    assert "secret-value" not in str(raised.value), "the value may be a key: never print it"
+
+
+def test_variables_that_are_not_settings_are_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLD_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.setenv("CLD_TEST_START_TIMEOUT_S", "60")
+    monkeypatch.setenv("CLD_LOG__LEVEL", "debug")
+    assert load_settings(write(tmp_path, "")).log.level == "DEBUG"
 
 
 def test_public_bind_without_api_key_refuses(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="set security.api_key"):
         load_settings(write(tmp_path, '[serve]\nhost = "0.0.0.0"\n'))
-    settings = load_settings(write(tmp_path, '[serve]\nhost = "0.0.0.0"\n[security]\napi_key = "k"\n'))
+    with pytest.raises(ConfigError, match="security.api_key is 1 characters: use at least 16"):
+        load_settings(write(tmp_path, '[serve]\nhost = "0.0.0.0"\n[security]\napi_key = "k"\n'))
+    settings = load_settings(write(tmp_path, '[serve]\nhost = "0.0.0.0"\n[security]\napi_key = "a-key-of-22-characters"\n'))
     assert not settings.serve.is_loopback
+
+
+def test_a_short_key_is_fine_on_loopback(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, '[security]\napi_key = "k"\n')).security.api_key == "k"
 
 
 def test_same_port_for_front_and_vllm_refuses(tmp_path: Path) -> None:

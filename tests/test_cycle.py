@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from replay.durable import DamagedFile
+
 from daemon.config import Settings
 from daemon.engine.router import Router
 from daemon.layout import StateDir
@@ -182,6 +184,22 @@ async def test_rollback_to_the_base_and_back(state: StateDir, tiny: Path) -> Non
     assert Router("cld", "cld-base", state.serving).current == adapter, "the choice survives a restart"
     with pytest.raises(ValueError, match="no adapter version 'v0009'"):
         await learner.rollback("v0009")
+    elsewhere = state.root.parent / "elsewhere"
+    (elsewhere / "adapters" / "v0001").mkdir(parents=True)
+    for hostile in (str(state.adapters / "v0001"), "../../elsewhere/adapters/v0001", "v0001/..", "v1"):
+        with pytest.raises(ValueError, match="is not an adapter version"):
+            await learner.rollback(hostile)
+    assert Router("cld", "cld-base", state.serving).current == adapter, "nothing hostile was served"
+
+
+def test_serving_json_never_points_outside_the_state_directory(tmp_path: Path) -> None:
+    serving = tmp_path / "serving.json"
+    serving.write_text('{"current": {"version": "v0002", "served_name": "cld-v0002-ab", "path": "/etc"}}')
+    assert Router("cld", "cld-base", serving).current.path == tmp_path / "adapters" / "v0002"
+    for damaged in ('{"current": {"version": "/etc", "served_name": "x", "path": "/etc"}}', '{"current": 5}', "{"):
+        serving.write_text(damaged)
+        with pytest.raises(DamagedFile, match=f"{serving} is damaged"):
+            Router("cld", "cld-base", serving)
 
 
 def test_a_cycle_interrupted_by_a_crash_is_resolved_at_start(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 BATCHES = 5
 MAX_FILES_PER_RUN = 25
 MAX_RUNS_PER_BATCH = 200
-SEED = int(os.environ.get("CLD_KILL_SEED", "20240601"))
+SEED = int(os.environ.get("CLD_TEST_KILL_SEED", "20240601"))
 
 
 def batch_files(batch: int, rng: random.Random) -> dict[str, tuple[bytes, str]]:

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from replay.durable import atomic_write_json, read_json
+from daemon.layout import ADAPTERS_DIR, is_version
+from replay.durable import DamagedFile, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,13 @@ class Router:
 
 
 def _load(state_file: Path) -> Adapter | None:
-    record = (read_json(state_file, default={}) or {}).get("current")
-    if not record:
+    """The adapter `serving.json` names; its folder is always the version's own in this state
+    directory (a path in the file is never trusted)."""
+    found = read_json(state_file, default={})
+    record = found.get("current") if isinstance(found, dict) else None
+    if record is None:
         return None
-    return Adapter(record["version"], record["served_name"], Path(record["path"]))
+    if not isinstance(record, dict) or not is_version(record.get("version")) or not record.get("served_name"):
+        raise DamagedFile(f"{state_file} is damaged (it names no adapter version); remove it to serve the "
+                          "base model, then `cld rollback VERSION`")
+    return Adapter(record["version"], record["served_name"], state_file.parent / ADAPTERS_DIR / record["version"])

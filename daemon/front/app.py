@@ -30,6 +30,7 @@ from daemon.front.bodylimit import BodyLimit, Limit
 from daemon.front.errors import ProxyError, openai_error
 from daemon.ingestion.inbox import HandInError, TooLarge, Uploads
 from daemon.ingestion.readers import Unreadable, UnsupportedType
+from daemon.layout import BASE_VERSION, is_version
 from daemon.observe import statuspage
 from daemon.observe.metrics import OTHER_MODEL, Metrics
 
@@ -66,14 +67,17 @@ def create_app(
     healthy: HealthSource,
     status: StatusSource,
     api_key: str = "",
+    admin_key: str = "",
     admin: Optional[Admin] = None,
     uploads: Optional[Uploads] = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     metrics: Optional[Metrics] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
-    app = FastAPI(title="cld", summary="Continual-learning daemon: OpenAI-compatible API and admin API")
+    # No /docs, /redoc or /openapi.json: they would describe the API to anyone, key or not.
+    app = FastAPI(title="cld", openapi_url=None, docs_url=None, redoc_url=None)
     require_key = key_checker(api_key)
+    require_admin = key_checker(admin_key) if admin_key else require_key
     _limit_bodies(app, max_body_bytes, uploads)
     metrics = metrics or Metrics()
     app.add_middleware(RequestMetrics, metrics=metrics)
@@ -100,9 +104,9 @@ def create_app(
 
     _observe_routes(app, metrics, status, require_key, page_key_checker(api_key))
     if admin is not None:
-        _admin_routes(app, admin, require_key)
+        _admin_routes(app, admin, require_key, require_admin)
     if uploads is not None:
-        _document_routes(app, uploads, require_key)
+        _document_routes(app, uploads, require_admin)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict[str, Any]:
@@ -159,12 +163,13 @@ async def _close(reply: httpx.Response, router: Router, served: str) -> None:
         router.end(served)
 
 
-def _admin_routes(app: FastAPI, admin: Admin, require_key: Callable[[Request], Awaitable[None]]) -> None:
+def _admin_routes(app: FastAPI, admin: Admin, require_key: Callable[[Request], Awaitable[None]],
+                  require_admin: Callable[[Request], Awaitable[None]]) -> None:
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, error: NotReady) -> JSONResponse:
         return openai_error(503, str(error), "service_unavailable")
 
-    @app.post("/api/cycles", status_code=202, dependencies=[Depends(require_key)])
+    @app.post("/api/cycles", status_code=202, dependencies=[Depends(require_admin)])
     async def start_cycle() -> dict[str, Any]:
         """Start a learning cycle now (or report the one already running)."""
         return await admin.cycle()
@@ -173,10 +178,14 @@ def _admin_routes(app: FastAPI, admin: Admin, require_key: Callable[[Request], A
     async def list_adapters() -> dict[str, Any]:
         return {"adapters": await admin.adapters()}
 
-    @app.post("/api/rollback", dependencies=[Depends(require_key)])
+    @app.post("/api/rollback", dependencies=[Depends(require_admin)])
     async def rollback(body: RollbackRequest) -> dict[str, Any]:
         """Serve an earlier adapter version (or the base model) under the stable name."""
-        version = None if body.version in (None, "base") else body.version
+        version = None if body.version in (None, BASE_VERSION) else body.version
+        if version is not None and not is_version(version):
+            raise ProxyError(openai_error(400, f"version must be an adapter version such as v0003, or "
+                                               f"'{BASE_VERSION}'", "invalid_request_error", "invalid_version",
+                                          "version"))
         try:
             return await admin.rollback(version)
         except ValueError as error:

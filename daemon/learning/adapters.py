@@ -10,19 +10,18 @@ of training or probing.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from daemon.layout import VERSION_RE
 from daemon.learning.records import CycleStore, adapter_states
 from replay.durable import read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "meta.json"
-VERSION_RE = re.compile(r"^v(\d{4,})$")
 HEAD_MODULES = frozenset({"lm_head", "embed_tokens", "wte", "embed_out", "output"})
 
 

@@ -25,7 +25,7 @@ from daemon import logs
 from daemon.config import Settings
 from daemon.engine.router import Adapter, Router
 from daemon.engine.vllm import VLLMClient
-from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir
+from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, is_version
 from daemon.learning import adapters, probes, replay_plan
 from daemon.learning.decide import Decision, decide, thresholds
 from daemon.learning.jobs import JobData, TrainJob
@@ -256,6 +256,8 @@ class Learner:
         if version is None:
             await self.swap(None)
             return None
+        if not is_version(version):
+            raise ValueError(f"{version!r} is not an adapter version (such as v0003) or 'base'")
         folder = self.state.adapters / version
         if not folder.is_dir():
             raise ValueError(f"no adapter version {version!r}; known: {', '.join(adapters.versions(self.state.adapters))}")
