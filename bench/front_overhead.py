@@ -108,9 +108,10 @@ async def throughput(client: httpx.AsyncClient, url: str, model: str, streams: i
     return sum(counts) / (time.perf_counter() - started)
 
 
-async def measure(direct: str, front: str, args: argparse.Namespace) -> dict[str, object]:
+async def measure(direct: str, front: str, vllm_key: str, args: argparse.Namespace) -> dict[str, object]:
     limits = httpx.Limits(max_connections=args.streams * 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    # vLLM answers only with the key cld gave it; the front (no API key set) ignores the header.
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": f"Bearer {vllm_key}"}) as client:
         await throughput(client, direct, "cld-base", 4, 8)  # warm-up
         lat = await latency(client, direct, front, args.requests)
         direct_tps, front_tps = [], []
@@ -135,7 +136,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cld-bench-") as folder:
         process, front, direct = start_daemon(Path(folder))
         try:
-            result = asyncio.run(measure(direct, front, args))
+            vllm_key = (Path(folder) / "state" / "vllm.key").read_text()
+            result = asyncio.run(measure(direct, front, vllm_key, args))
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)

@@ -36,6 +36,7 @@ ConfigOption = Annotated[
 ]
 
 
+SECRETS = (("security", "api_key"), ("security", "admin_key"), ("serve", "vllm_api_key"))  # never printed
 PIPED_WIDTH = 200  # columns of `cld status` when its output is not a terminal
 
 
@@ -308,8 +309,9 @@ def config_cmd(
         return
     settings = _settings(config)
     data = settings.model_dump(mode="json")
-    if data["security"]["api_key"]:
-        data["security"]["api_key"] = "***"
+    for section, key in SECRETS:
+        if data[section][key]:
+            data[section][key] = "***"
     typer.echo(json.dumps(data, indent=2))
 
 

@@ -80,6 +80,10 @@ class ServeSection(Section):
         description="URL of an external vLLM server (e.g. a multi-GPU deployment) started with "
         "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True. Empty = cld starts its own.",
     )
+    vllm_api_key: str = Field(
+        "", description="Bearer key of the external vLLM server (serve.vllm_url), if it was started with "
+        "--api-key. The vLLM cld starts itself gets a new random key at each start (in <state.dir>/vllm.key)."
+    )
     max_model_len: int = Field(4096, ge=128, description="Context length vLLM serves (tokens).")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
     gpu_memory_utilization: float = Field(

@@ -24,6 +24,7 @@ SERVING_FILE = "serving.json"
 DAEMON_FILE = "daemon.json"
 LOCK_FILE = "daemon.lock"
 VLLM_PID_FILE = "vllm.pid"
+VLLM_KEY_FILE = "vllm.key"  # the key of the vLLM cld runs (mode 600; new at each start)
 LOGS_DIR = "logs"
 CYCLES_DIR = "cycles"
 JOBS_DIR = "jobs"
@@ -83,6 +84,10 @@ class StateDir:
     @property
     def vllm_pid(self) -> Path:
         return self.root / VLLM_PID_FILE
+
+    @property
+    def vllm_key(self) -> Path:
+        return self.root / VLLM_KEY_FILE
 
     @property
     def logs(self) -> Path:

@@ -29,6 +29,7 @@ from daemon import model, systemd
 from daemon.config import Settings
 from daemon.engine import vllm
 from daemon.engine.router import Router
+from daemon.engine.supervisor import State as SupervisorState
 from daemon.engine.supervisor import Supervisor
 from daemon.front import app
 from daemon.ingestion import inbox, watch
@@ -39,10 +40,11 @@ from daemon.learning.cycle import Learner
 from daemon.learning.records import CycleRecord
 from daemon.learning.schedule import Schedule
 from daemon.observe import metrics, status
-from replay.durable import atomic_write_json, exclusive_lock
+from replay.durable import atomic_write_json, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 FRONT_START_TIMEOUT_S = 30.0
+KEEPER_EVERY_S = 10.0  # how often the promoted adapter is checked to be loaded in vLLM
 FRONT_STOP_TIMEOUT_S = 10.0  # requests in flight get this long to finish at shutdown
 # While starting, systemd is asked for more time at each status tick, for at most this long beyond
 # serve.startup_timeout_s (preparing the base model comes first; its conversion takes ~20 s on CPU).
@@ -93,10 +95,12 @@ class Daemon:
         self.state = state
         serve = settings.serve
         self.vllm_url = serve.vllm_url or f"http://{vllm.LOOPBACK}:{serve.vllm_port}"
+        self.vllm_key = serve.vllm_api_key if serve.vllm_url else vllm.new_key()  # our own vLLM answers cld only
         self.upstream = httpx.AsyncClient(
             base_url=self.vllm_url,
             timeout=httpx.Timeout(serve.request_timeout_s, connect=5),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            headers=vllm.auth_headers(self.vllm_key),
         )
         self.vllm = vllm.VLLMClient(self.vllm_url, self.upstream)
         self.router = Router(serve.model_name, serve.base_name, state.serving)
@@ -107,6 +111,7 @@ class Daemon:
         self.learner: Learner | None = None
         self.schedule: Schedule | None = None
         self.stopping = asyncio.Event()
+        self.adapter_reloads = 0  # times the promoted adapter had vanished from vLLM
         self.phase = "starting"
         self.started_at = time.time()
         self.metrics = metrics.Metrics()  # /metrics; the state part is read from the state directory at scrape time
@@ -127,8 +132,10 @@ class Daemon:
                 self.phase = "serving"
                 atomic_write_json(self.state.daemon, self._record())
                 log.info("cld is serving %s and %s at %s", *self.router.public_names, self._url())
-                self.replay_build.start(replay_plan.generator(self.settings, self.vllm_url, self.router.base_served_name))
+                self.replay_build.start(replay_plan.generator(self.settings, self.vllm_url, self.router.base_served_name,
+                                                              self.vllm_key))
                 self._start_learning()
+                told.append(asyncio.create_task(self._keep_adapter(), name="adapter-keeper"))
                 await _listening(server, serving)
                 self.notifier.ready(self._status_line())
                 await _first(self.stopping.wait(), serving)
@@ -155,6 +162,7 @@ class Daemon:
         await self.upstream.aclose()
         self.journal.close()
         self.state.daemon.unlink(missing_ok=True)
+        self.state.vllm_key.unlink(missing_ok=True)
         log.info("cld stopped")
 
     def _request_stop(self, sig: int) -> None:
@@ -200,7 +208,7 @@ class Daemon:
     def _app(self) -> Any:
         return app.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
-            api_key=self.settings.security.api_key, admin_key=self.settings.security.admin_key,
+            api_key=self.settings.security.api_key, admin_key=self.settings.security.admin_key, ready=self._ready,
             admin=app.Admin(self._cycle, self._adapters, self._rollback),
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
@@ -259,9 +267,10 @@ class Daemon:
         model_dir = preparing.result()
         self.phase = "starting model server"
         self.supervisor = Supervisor(
-            "vllm", vllm.server_command(model_dir, self.settings), vllm.server_env(self.settings),
+            "vllm", vllm.server_command(model_dir, self.settings), vllm.server_env(self.settings, self.vllm_key),
             self.vllm.healthy, on_ready=self._restore_adapter, pid_file=self.state.vllm_pid,
         )
+        atomic_write_text(self.state.vllm_key, self.vllm_key)  # mode 600: for cld's tools, as the state dir is
         self.supervisor.start()
         ready = asyncio.create_task(self.supervisor.wait_ready(serve.startup_timeout_s))
         try:
@@ -277,18 +286,45 @@ class Daemon:
         await self._restore_adapter()
 
     async def _restore_adapter(self) -> None:
-        """Reload the promoted adapter into a (re)started vLLM; serve the base if that fails."""
+        """Reload the promoted adapter into a (re)started vLLM; serve the base if that fails (and
+        say so in serving.json, so status tells what is served)."""
         adapter = self.router.current
         if adapter is None:
             return
         try:
             await self.vllm.load_lora(adapter.served_name, adapter.path)
         except (RuntimeError, httpx.HTTPError) as error:
-            log.error("could not load the promoted adapter %s (%s): serving the base model", adapter.version, error)
-            self.router.current = None
+            log.error("could not load the promoted adapter %s (%s): serving the base model; "
+                      "`cld rollback %s` serves it again once its folder is back", adapter.version, error,
+                      adapter.version)
+            self.router.switch(None)
+
+    async def _keep_adapter(self) -> None:
+        """Every KEEPER_EVERY_S: the adapter `cld` stands for must be loaded in vLLM. One that
+        vanished (unloaded by hand, lost in vLLM) is loaded again, or the base serves."""
+        while True:
+            await asyncio.sleep(KEEPER_EVERY_S)
+            adapter = self.router.current
+            if adapter is None or not self._ready() or (self.learner and self.learner.swap_lock.locked()):
+                continue
+            try:
+                served = await self.vllm.served()
+            except (httpx.HTTPError, ValueError, KeyError) as error:
+                log.debug("could not list vLLM's models: %s", error)
+                continue
+            if adapter.served_name not in served and self.router.current == adapter:
+                log.error("vLLM no longer serves %s (%s): loading it again", adapter.version, adapter.served_name)
+                self.adapter_reloads += 1
+                await self._restore_adapter()
+
+    def _ready(self) -> bool:
+        """Requests can be answered: serving, and our vLLM (if we run it) ready with the promoted
+        adapter loaded (its ready hook runs before it counts as ready)."""
+        supervisor = self.supervisor
+        return self.phase == "serving" and (supervisor is None or supervisor.state is SupervisorState.READY)
 
     async def _healthy(self) -> bool:
-        return self.phase == "serving" and await self.vllm.healthy()
+        return self._ready() and await self.vllm.healthy()
 
     async def _status(self) -> dict[str, Any]:
         return status.collect(self.settings, daemon=self._record())
@@ -304,6 +340,7 @@ class Daemon:
             "vllm": supervisor.state.value if supervisor else ("external" if self.settings.serve.vllm_url else "none"),
             "vllm_url": self.vllm_url,
             "vllm_restarts": supervisor.restarts if supervisor else 0,
+            "adapter_reloads": self.adapter_reloads,
         }
 
     def _url(self) -> str:

@@ -45,6 +45,11 @@ class LiveDaemon:
     def vllm_url(self) -> str:
         return f"http://127.0.0.1:{self.vllm_port}"
 
+    @property
+    def vllm_key(self) -> str:
+        """The key the daemon gave its vLLM (vLLM's /v1 answers nobody else)."""
+        return (self.state_dir / "vllm.key").read_text()
+
     def cld(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
         """Run the `cld` CLI against this daemon's config."""
         return subprocess.run(

@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from replay.durable import DamagedFile
-
 from daemon.config import Settings
 from daemon.engine.router import Router
 from daemon.layout import StateDir
@@ -20,6 +18,7 @@ from daemon.learning.probes import build_cloze
 from daemon.learning.records import RUNNING, CycleRecord, CycleStore
 from replay import build
 from replay.build import BuildJob
+from replay.durable import DamagedFile
 from tests.replay_helpers import BagOfWords, use_embedder, write_topic_corpus
 from tests.tiny import build_tiny_model
 

@@ -34,6 +34,9 @@ class FakeVLLM:
                                            "param": "max_tokens", "code": 400}}, status_code=400)
         if body.get("max_tokens") == -1:
             return PlainTextResponse("Internal Server Error", status_code=500)
+        if body.get("max_tokens") == -2:  # what vLLM says of an adapter it does not hold (e.g. just restarted)
+            return JSONResponse({"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                                           "param": "model", "code": 404}}, status_code=404)
         if body.get("stream"):
             async def events():
                 for word in ("Paris", " is", " it"):
@@ -65,14 +68,15 @@ def router(tmp_path: Path) -> Router:
     return Router("cld", "cld-base", tmp_path / "serving.json")
 
 
-def front(router: Router, upstream: httpx.AsyncClient, healthy: bool = True, api_key: str = "") -> httpx.AsyncClient:
+def front(router: Router, upstream: httpx.AsyncClient, healthy: bool = True, api_key: str = "",
+          ready: bool = True) -> httpx.AsyncClient:
     async def is_healthy() -> bool:
         return healthy
 
     async def status() -> dict[str, Any]:
         return {"model": {"served_name": "cld"}}
 
-    app = create_app(router, upstream, healthy=is_healthy, status=status, api_key=api_key)
+    app = create_app(router, upstream, healthy=is_healthy, status=status, api_key=api_key, ready=lambda: ready)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front")
 
 
@@ -198,3 +202,19 @@ async def test_requests_count_as_in_flight_until_their_answer_is_complete(fake: 
     assert await router.drained("cld-base", timeout_s=0.1)
     router.begin("cld-v0001")
     assert not await router.drained("cld-v0001", timeout_s=0.1)
+
+
+async def test_an_internal_name_never_leaks_in_an_error(fake: FakeVLLM, router: Router) -> None:
+    router.switch(Adapter("v0003", "cld-v0003-1a2b3c", Path("/a")))
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", "max_tokens": -2, **CHAT})
+    assert reply.status_code == 404 and "cld-v0003" not in reply.text
+    assert reply.json()["error"]["message"] == "The model `cld` does not exist."
+
+
+async def test_while_the_model_server_is_not_ready_requests_get_503_and_retry_after(fake: FakeVLLM,
+                                                                                      router: Router) -> None:
+    async with front(router, upstream_for(fake), ready=False) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", **CHAT})
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+    assert reply.json()["error"]["type"] == "service_unavailable" and fake.requests == []

@@ -110,7 +110,7 @@ def test_unreachable_server_is_named() -> None:
 
 @pytest.mark.integration
 def test_the_served_model_writes_a_corpus_and_answers_rehearsal_prompts(live_daemon: LiveDaemon) -> None:
-    spec = GeneratorSpec(live_daemon.vllm_url, "cld-base", concurrency=8)
+    spec = GeneratorSpec(live_daemon.vllm_url, "cld-base", live_daemon.vllm_key, concurrency=8)
     assert synth.supports_chat(spec)
     generate = synth.endpoint(spec, chat=True)
     documents = synth.synthesize_corpus(generate, count=4, chat=True, temperature=0.9)

@@ -98,3 +98,23 @@ def test_sigterm_and_sigkill_leave_no_process_behind(live_daemon: LiveDaemon, tm
     time.sleep(0.1)
     assert httpx.get(f"{fourth.url}/health").status_code == 200
     assert stop_daemon(fourth) == 0
+
+
+def test_vllm_answers_no_one_but_cld(live_daemon: LiveDaemon) -> None:
+    """Any local user can reach vLLM's loopback port: without the key it lists, loads and unloads nothing."""
+    attempts = [("GET", "/v1/models", None),
+                ("POST", "/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "/tmp"}),
+                ("POST", "/v1/unload_lora_adapter", {"lora_name": "cld-base"}),
+                ("POST", "/v1/chat/completions", {"model": "cld-base", "messages": QUESTION, "max_tokens": 1})]
+    for method, path, body in attempts:
+        for headers in ({}, {"Authorization": "Bearer guess"}):
+            reply = httpx.request(method, f"{live_daemon.vllm_url}{path}", json=body, headers=headers, timeout=30)
+            assert reply.status_code == 401, (path, reply.text)
+    key_file = live_daemon.state_dir / "vllm.key"
+    assert key_file.stat().st_mode & 0o077 == 0, "the key file is for cld's user only"
+    authorised = httpx.get(f"{live_daemon.vllm_url}/v1/models", timeout=30,
+                           headers={"Authorization": f"Bearer {live_daemon.vllm_key}"})
+    assert authorised.status_code == 200
+    leader = int((live_daemon.state_dir / "vllm.pid").read_text().split()[0])
+    for process in [psutil.Process(leader), *psutil.Process(leader).children(recursive=True)]:
+        assert live_daemon.vllm_key not in " ".join(process.cmdline()), "other users can read a command line"

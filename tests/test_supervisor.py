@@ -214,3 +214,43 @@ def test_killing_the_supervising_process_takes_the_child_group_down(tmp_path: Pa
     daemon.kill()  # kill -9: no chance to clean up
     daemon.wait()
     assert wait_dead(child, 30) and wait_dead(grandchild, 30), "kill -9 of the supervisor orphaned its child"
+
+
+async def test_a_hung_child_is_killed_and_restarted(tmp_path: Path, caplog) -> None:
+    """SIGSTOP: the port still accepts connections but nothing answers (as a hung vLLM)."""
+    caplog.set_level(logging.INFO)
+    readies = 0
+
+    async def on_ready() -> None:
+        nonlocal readies
+        readies += 1
+
+    supervisor, pids_file = make(tmp_path, health_every_s=0.2, unhealthy_restarts_after=3, on_ready=on_ready)
+    supervisor.start()
+    await supervisor.wait_ready(20)
+    [(child, _)] = pids(pids_file)
+    os.kill(child, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while readies < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    try:
+        assert readies == 2 and supervisor.restarts == 1 and supervisor.state is State.READY
+        assert wait_dead(child), "the hung child was left running"
+        assert any("stopped answering: killing it" in r.getMessage() for r in caplog.records)
+    finally:
+        await supervisor.stop()
+
+
+async def test_one_slow_answer_does_not_restart(tmp_path: Path) -> None:
+    supervisor, pids_file = make(tmp_path, health_every_s=0.2, unhealthy_restarts_after=3)
+    supervisor.start()
+    await supervisor.wait_ready(20)
+    [(child, _)] = pids(pids_file)
+    os.kill(child, signal.SIGSTOP)
+    await asyncio.sleep(0.5)  # one or two failed checks (each times out after 1 s in `make`'s check)
+    os.kill(child, signal.SIGCONT)
+    await asyncio.sleep(3)
+    try:
+        assert supervisor.restarts == 0 and alive(child)
+    finally:
+        await supervisor.stop()

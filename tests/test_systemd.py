@@ -230,7 +230,8 @@ def test_cld_run_notifies_systemd(live_daemon: LiveDaemon, tmp_path: Path, liste
     port = free_port()
     config = write_config(tmp_path, port, free_port())
     config.write_text(config.read_text().replace("[serve]\n", f'[serve]\nvllm_url = "{live_daemon.vllm_url}"\n', 1))
-    env = {**os.environ, "NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "2000000"}
+    env = {**os.environ, "NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "2000000",
+           "CLD_SERVE__VLLM_API_KEY": live_daemon.vllm_key}
     with open(tmp_path / "daemon.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)

@@ -43,7 +43,7 @@ def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDa
     check_adapter(adapter, max_rank=16)
 
     async def score() -> tuple[float, float]:
-        client = VLLMClient(live_daemon.vllm_url)
+        client = VLLMClient(live_daemon.vllm_url, key=live_daemon.vllm_key)
         try:
             await client.load_lora("test-train-v0001", adapter)
             # Several scorings batched together with the adapter loaded (this once crashed vLLM).

@@ -42,7 +42,7 @@ sys.path[:0] = [str(REPO)]
 import measure  # noqa: E402  (beside this file)
 
 from daemon.config import load_settings  # noqa: E402
-from daemon.engine.vllm import VLLMClient  # noqa: E402
+from daemon.engine.vllm import VLLMClient, auth_headers  # noqa: E402
 from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
@@ -227,7 +227,9 @@ async def run_bench(args: argparse.Namespace, daemon: Daemon, results: dict[str,
                 "vLLM and the replay buffer")
     suite = build_suite(daemon.state)
     docs = suite.documents
-    client = VLLMClient(daemon.vllm_url, httpx.AsyncClient(base_url=daemon.vllm_url, timeout=600))
+    key = (daemon.state / "vllm.key").read_text()  # the key cld gave its vLLM
+    client = VLLMClient(daemon.vllm_url, httpx.AsyncClient(base_url=daemon.vllm_url, timeout=600,
+                                                           headers=auth_headers(key)))
     bench = Bench(daemon, suite, client)
     first = [docs[0].name]
     base = await bench.measure_base()

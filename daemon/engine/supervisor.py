@@ -49,6 +49,8 @@ class Supervisor:
         backoff_s: tuple[float, float] = (1.0, 60.0),
         stable_s: float = 120.0,
         stop_timeout_s: float = 30.0,
+        health_every_s: float = 10.0,
+        unhealthy_restarts_after: int = 3,
     ):
         self.name = name
         self.argv = list(argv)
@@ -60,6 +62,8 @@ class Supervisor:
         self.backoff_s = backoff_s
         self.stable_s = stable_s
         self.stop_timeout_s = stop_timeout_s
+        self.health_every_s = health_every_s  # once ready, the health check runs this often
+        self.unhealthy_restarts_after = unhealthy_restarts_after  # failed checks in a row before a restart
         self.state = State.STOPPED
         self.restarts = 0
         self.process: asyncio.subprocess.Process | None = None
@@ -151,6 +155,23 @@ class Supervisor:
                 log.exception("%s: the ready hook failed", self.name)
         self.state = State.READY
         self._ready.set()
+        await self._keep_checking(process)
+
+    async def _keep_checking(self, process: asyncio.subprocess.Process) -> None:
+        """A child that stops answering (hung, stopped, deadlocked) is killed, so that it restarts."""
+        failures = 0
+        while process.returncode is None:
+            await asyncio.sleep(self.health_every_s)
+            failures = 0 if await self.healthy() else failures + 1
+            if failures and process.returncode is None:
+                log.warning("%s did not answer its health check (%d of %d before a restart)", self.name, failures,
+                            self.unhealthy_restarts_after)
+            if failures >= self.unhealthy_restarts_after:
+                log.error("%s stopped answering: killing it to restart it", self.name)
+                self.state = State.STARTING
+                self._ready.clear()
+                _kill_group(process.pid, signal.SIGKILL)
+                return
 
     async def _relay_output(self, process: asyncio.subprocess.Process) -> None:
         child_log = logging.getLogger(f"cld.{self.name}")

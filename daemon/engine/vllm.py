@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -56,9 +57,17 @@ def server_command(model_dir: Path, settings: Settings) -> list[str]:
     return argv + list(serve.vllm_args)
 
 
-def server_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the vLLM server: runtime LoRA loading on, CPU threads bound to all cores."""
+def new_key() -> str:
+    """A key for one run of vLLM that only cld knows (vLLM's /v1 endpoints then answer 401 to any
+    other local user: no listing, loading or unloading of adapters)."""
+    return secrets.token_urlsafe(32)
+
+
+def server_env(settings: Settings, key: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the vLLM server: its key (in the environment, which other users cannot read,
+    not on the command line, which they can), runtime LoRA loading on, CPU threads on all cores."""
     env = dict(os.environ if base is None else base)
+    env["VLLM_API_KEY"] = key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("PYTHONUNBUFFERED", "1")
     if is_cpu_build():
@@ -72,6 +81,10 @@ def server_env(settings: Settings, base: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def auth_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -79,9 +92,10 @@ def vllm_installed() -> bool:
 class VLLMClient:
     """Async client for the vLLM server's own endpoints (the front proxies the OpenAI ones)."""
 
-    def __init__(self, base_url: str, http: httpx.AsyncClient | None = None):
+    def __init__(self, base_url: str, http: httpx.AsyncClient | None = None, key: str = ""):
         self.base_url = base_url.rstrip("/")
-        self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(30, connect=2))
+        self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(30, connect=2),
+                                              headers=auth_headers(key))
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -94,6 +108,10 @@ class VLLMClient:
         response = await self.http.get("/v1/models")
         response.raise_for_status()
         return response.json()["data"]
+
+    async def served(self) -> set[str]:
+        """The names vLLM serves now: the base and every loaded adapter."""
+        return {model["id"] for model in await self.models()}
 
     async def base_model(self) -> str:
         """The served name of the base model (the entry without a parent)."""

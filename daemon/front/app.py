@@ -68,6 +68,7 @@ def create_app(
     status: StatusSource,
     api_key: str = "",
     admin_key: str = "",
+    ready: Callable[[], bool] = lambda: True,
     admin: Optional[Admin] = None,
     uploads: Optional[Uploads] = None,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -113,6 +114,9 @@ def create_app(
         return {"object": "list", "data": await _public_models(router, upstream)}
 
     async def proxy(request: Request) -> Response:
+        if not ready():  # e.g. vLLM restarting: the promoted adapter is not loaded yet
+            raise ProxyError(openai_error(503, "the model server is starting; try again shortly",
+                                          "service_unavailable", headers={"Retry-After": "5"}))
         payload = await _read_payload(request)
         public = payload.get("model") or router.model_name
         served = router.resolve(public)
@@ -312,9 +316,11 @@ def _renamed_response(reply: httpx.Response, content: bytes, served: str, public
     media_type = reply.headers.get("content-type", "application/json")
     if reply.status_code == 200 and media_type.startswith("application/json"):
         return Response(_rename(content, _renames(served, public)), media_type=media_type)
-    if reply.status_code >= 400 and not media_type.startswith("application/json"):
-        text = content.decode(errors="replace")[:500]
-        return openai_error(reply.status_code, f"model server error: {text}", "upstream_error")
+    if reply.status_code >= 400:  # e.g. "The model `cld-v0003-1a2b3c` does not exist": never leak a served name
+        content = content.replace(served.encode(), public.encode())
+        if not media_type.startswith("application/json"):
+            text = content.decode(errors="replace")[:500]
+            return openai_error(reply.status_code, f"model server error: {text}", "upstream_error")
     return Response(content, status_code=reply.status_code, media_type=media_type)
 
 

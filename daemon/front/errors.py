@@ -9,9 +9,10 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse, Response
 
 
-def openai_error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+def openai_error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ProxyError(Exception):
