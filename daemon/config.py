@@ -94,6 +94,19 @@ class ServeSection(Section):
         default_factory=list, description="Extra command-line arguments for the vLLM server (not --host or "
         "--port: vLLM listens on loopback only, at serve.vllm_port)."
     )
+    max_n: int = Field(
+        8, ge=1, description="Most completions one request may ask for (n, best_of); more get 400, so that one "
+        "request cannot hold the model server for everyone else."
+    )
+    max_tokens: int = Field(
+        4096, ge=1, description="Most tokens one request may ask to generate (max_tokens, max_completion_tokens); "
+        "more get 400."
+    )
+    client_timeout_s: float = Field(
+        30.0, gt=0, description="A client must send its request headers within this long, and never pause longer "
+        "than this inside a request body (408); slower connections are closed, so idle or trickling clients "
+        "cannot hold connections open."
+    )
     startup_timeout_s: float = Field(900, gt=0, description="How long vLLM may take to answer /health at start.")
     request_timeout_s: float = Field(600, gt=0, description="Longest a proxied request may take.")
     max_request_mb: float = Field(

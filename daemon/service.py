@@ -31,7 +31,7 @@ from daemon.engine import vllm
 from daemon.engine.router import Router
 from daemon.engine.supervisor import State as SupervisorState
 from daemon.engine.supervisor import Supervisor
-from daemon.front import app
+from daemon.front import app, slowclients
 from daemon.ingestion import inbox, watch
 from daemon.ingestion.journal import Journal
 from daemon.layout import JOURNAL_FILE, StateDir
@@ -44,6 +44,7 @@ from replay.durable import atomic_write_json, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 FRONT_START_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 5  # an idle kept-alive client connection is closed after this long (uvicorn's default)
 KEEPER_EVERY_S = 10.0  # how often the promoted adapter is checked to be loaded in vLLM
 FRONT_STOP_TIMEOUT_S = 10.0  # requests in flight get this long to finish at shutdown
 # While starting, systemd is asked for more time at each status tick, for at most this long beyond
@@ -122,7 +123,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
-        server = FrontServer(uvicorn.Config(self._app(), log_config=None, access_log=False, lifespan="off"))
+        server = FrontServer(uvicorn.Config(self._app(), log_config=None, access_log=False, lifespan="off",
+                                            http=slowclients.protocol(self.settings.serve.client_timeout_s),
+                                            timeout_keep_alive=KEEP_ALIVE_S))
         serving = asyncio.create_task(server.serve(sockets=[self._bind()]), name="front")
         told = self._tell_systemd()
         try:
@@ -212,6 +215,8 @@ class Daemon:
             admin=app.Admin(self._cycle, self._adapters, self._rollback),
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
+            client_timeout_s=self.settings.serve.client_timeout_s,
+            limits=app.GenerationLimits(self.settings.serve.max_n, self.settings.serve.max_tokens),
         )
 
     async def _cycle(self) -> dict[str, Any]:

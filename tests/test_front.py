@@ -218,3 +218,66 @@ async def test_while_the_model_server_is_not_ready_requests_get_503_and_retry_af
         reply = await client.post("/v1/chat/completions", json={"model": "cld", **CHAT})
     assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
     assert reply.json()["error"]["type"] == "service_unavailable" and fake.requests == []
+
+
+@pytest.mark.parametrize("field, value", [("n", 1000), ("best_of", 9), ("max_tokens", 5000),
+                                          ("max_completion_tokens", 10**9)])
+async def test_one_request_cannot_ask_for_more_than_the_limits(fake: FakeVLLM, router: Router, field: str,
+                                                               value: int) -> None:
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post("/v1/chat/completions", json={"model": "cld", field: value, **CHAT})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field
+        assert "over this server's limit" in reply.json()["error"]["message"] and fake.requests == []
+        within = await client.post("/v1/chat/completions", json={"model": "cld", "n": 8, "max_tokens": 4096, **CHAT})
+        assert within.status_code == 200
+
+
+async def test_a_client_that_goes_away_cancels_its_generation(router: Router) -> None:
+    """A non-streaming request whose client disconnects stops waiting, and the upstream request
+    is cancelled (its connection closed: vLLM then aborts the generation)."""
+    import asyncio
+
+    upstream_app = FastAPI()
+    cancelled = asyncio.Event()
+
+    @upstream_app.post("/v1/chat/completions")
+    async def slow(request: Request) -> Any:
+        try:
+            await asyncio.sleep(30)  # generating 64 sequences...
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {}
+
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream_app), base_url="http://vllm")
+
+    async def status() -> dict[str, Any]:
+        return {}
+
+    async def healthy() -> bool:
+        return True
+
+    app = create_app(router, upstream, healthy=healthy, status=status)
+    body = json.dumps({"model": "cld", **CHAT}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    hangs_up_at = asyncio.get_running_loop().time() + 0.3  # the client waits a little, then hangs up
+
+    async def receive() -> dict[str, Any]:  # as uvicorn's: blocks until there is something to say
+        if messages:
+            return messages.pop(0)
+        if asyncio.get_running_loop().time() < hangs_up_at:
+            await asyncio.sleep(hangs_up_at - asyncio.get_running_loop().time())
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"front")],
+             "client": ("127.0.0.1", 1), "server": ("front", 80)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    await asyncio.wait_for(cancelled.wait(), timeout=5)
+    assert sent[0]["status"] == 499 and router.in_flight == {}

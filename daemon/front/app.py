@@ -9,6 +9,7 @@ errors are always OpenAI-shaped JSON. Knows nothing of how the daemon decides wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 HealthSource = Callable[[], Awaitable[bool]]
 PROXIED = ("/v1/completions", "/v1/chat/completions")
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 MAX_BODY_BYTES = 32_000_000  # serve.max_request_mb's default
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart headers around an uploaded file
 
@@ -72,6 +74,8 @@ def create_app(
     admin: Optional[Admin] = None,
     uploads: Optional[Uploads] = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    client_timeout_s: float = 30.0,
+    limits: Optional[GenerationLimits] = None,
     metrics: Optional[Metrics] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
@@ -79,9 +83,13 @@ def create_app(
     app = FastAPI(title="cld", openapi_url=None, docs_url=None, redoc_url=None)
     require_key = key_checker(api_key)
     require_admin = key_checker(admin_key) if admin_key else require_key
-    _limit_bodies(app, max_body_bytes, uploads)
+    _limit_bodies(app, max_body_bytes, uploads, client_timeout_s)
     metrics = metrics or Metrics()
     app.add_middleware(RequestMetrics, metrics=metrics)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, error: ProxyError) -> JSONResponse:
@@ -114,10 +122,11 @@ def create_app(
         return {"object": "list", "data": await _public_models(router, upstream)}
 
     async def proxy(request: Request) -> Response:
+        payload = await _read_payload(request)
+        (limits or GenerationLimits()).check(payload)
         if not ready():  # e.g. vLLM restarting: the promoted adapter is not loaded yet
             raise ProxyError(openai_error(503, "the model server is starting; try again shortly",
                                           "service_unavailable", headers={"Retry-After": "5"}))
-        payload = await _read_payload(request)
         public = payload.get("model") or router.model_name
         served = router.resolve(public)
         request.scope[MODEL_LABEL] = public if served else OTHER_MODEL  # for RequestMetrics
@@ -128,8 +137,8 @@ def create_app(
         payload["model"] = served
         router.begin(served)  # until the answer is complete, `served` must stay loaded
         try:
-            reply = await _send(upstream, request.url.path, payload)
-        except ProxyError:
+            reply = await _send_unless_gone(request, upstream, payload)
+        except (ProxyError, ClientGone):
             router.end(served)
             raise
         if payload.get("stream") and reply.status_code == 200:
@@ -147,6 +156,51 @@ def create_app(
         app.add_api_route(path, proxy, methods=["POST"], dependencies=[Depends(require_key)],
                           include_in_schema=True, name=path.rsplit("/", 1)[-1])
     return app
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """What one request may ask of the model (serve.max_n, serve.max_tokens): a single request
+    must not hold the model server for everyone else."""
+
+    max_n: int = 8
+    max_tokens: int = 4096
+
+    def check(self, payload: dict[str, Any]) -> None:
+        for field, limit, setting in (("n", self.max_n, "serve.max_n"), ("best_of", self.max_n, "serve.max_n"),
+                                      ("max_tokens", self.max_tokens, "serve.max_tokens"),
+                                      ("max_completion_tokens", self.max_tokens, "serve.max_tokens")):
+            value = payload.get(field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+                raise ProxyError(openai_error(400, f"{field} = {value} is over this server's limit of {limit} "
+                                                   f"({setting})", "invalid_request_error", "over_limit", field))
+
+
+class ClientGone(Exception):
+    """The client went away before its answer was ready; the upstream request was cancelled."""
+
+
+async def _send_unless_gone(request: Request, upstream: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
+    """Send upstream, but cancel (closing the connection, which makes vLLM abort the generation)
+    when the client disconnects first: nobody would read the answer. A streamed answer's
+    disconnect is handled by the stream itself."""
+    sending = asyncio.ensure_future(_send(upstream, request.url.path, payload))
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if not sending.done():
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        log.info("client went away: cancelled its request to the model server")
+        raise ClientGone()
+    return sending.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 async def _send(upstream: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> httpx.Response:
@@ -219,14 +273,14 @@ def _upload_error(error: Exception) -> ProxyError:
     return ProxyError(openai_error(status, str(error), "invalid_request_error", param="file"))
 
 
-def _limit_bodies(app: FastAPI, max_body_bytes: int, uploads: Optional[Uploads]) -> None:
-    """413 for bodies over the limit, announced or chunked; an upload may be a file of
-    ingest.max_file_mb plus its multipart headers."""
+def _limit_bodies(app: FastAPI, max_body_bytes: int, uploads: Optional[Uploads], idle_timeout_s: float) -> None:
+    """413 for bodies over the limit, announced or chunked (an upload may be a file of
+    ingest.max_file_mb plus its multipart headers); 408 for a body that stalls."""
     paths = {}
     if uploads is not None:
         paths["/api/documents"] = Limit(uploads.max_bytes + UPLOAD_OVERHEAD_BYTES, str(uploads.too_large()))
     default = Limit(max_body_bytes, f"request body over {max_body_bytes / 1e6:g} MB (serve.max_request_mb)")
-    app.add_middleware(BodyLimit, default=default, paths=paths)
+    app.add_middleware(BodyLimit, default=default, paths=paths, idle_timeout_s=idle_timeout_s)
 
 
 # ---- observability: /metrics, /status and request metrics (daemon.observe.metrics, daemon.observe.statuspage) ------
