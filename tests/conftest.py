@@ -21,11 +21,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("CLD_TEST_START_TIMEOUT_S", "600"))
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port never handed out before in this session (the kernel may offer the
+    same free port twice in a row, and a config with serve.port = serve.vllm_port is refused)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
