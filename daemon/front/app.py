@@ -10,6 +10,7 @@ errors are always OpenAI-shaped JSON. Knows nothing of how the daemon decides wh
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import time
@@ -94,6 +95,19 @@ def create_app(
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, error: ProxyError) -> JSONResponse:
         return error.response
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, error: OSError) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return openai_error(507, "cld's disk is full: nothing was stored; free some space and send it again",
+                                "insufficient_storage")
+        return openai_error(500, f"cld could not complete the request: {error.strerror or error}", "internal_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return openai_error(500, f"cld failed: {type(error).__name__}", "internal_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

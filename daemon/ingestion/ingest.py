@@ -69,6 +69,10 @@ class Ingester:
         item = _found(path, name) if name is not None else None
         if item is None:
             return None
+        unfinished = self._unfinished(item)
+        if unfinished is not None:  # journaled, but its move failed (e.g. a full disk): finish, never journal twice
+            self._finish(unfinished, recovering=True)
+            return unfinished
         try:
             records = self._read(path, item)
         except FileNotFoundError:
@@ -85,7 +89,10 @@ class Ingester:
         unmoved = self.journal.unmoved()
         for recorded in unmoved:
             log.info("finishing the interrupted intake of %s", recorded.name)
-            self._finish(recorded, recovering=True)
+            try:
+                self._finish(recorded, recovering=True)
+            except OSError as error:  # e.g. the disk is still full: the next offer of the file finishes it
+                log.error("could not finish the intake of %s yet: %s", recorded.name, error)
         self.flush()
         return len(unmoved)
 
@@ -105,6 +112,10 @@ class Ingester:
         for document_id in pending:
             self.journal.set_chunks(document_id, chunker.chunks(self.journal.records(document_id)))
         return len(pending)
+
+    def _unfinished(self, item: Input) -> Recorded | None:
+        return next((recorded for recorded in self.journal.unmoved()
+                     if recorded.name == item.name and _same_file(item, recorded)), None)
 
     def _name(self, path: Path) -> str | None:
         """The name relative to the inbox, or None (logged) when the folder holding it is elsewhere."""
