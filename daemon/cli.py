@@ -378,8 +378,47 @@ def replay_query(
         buffer.close()
 
 
+# ---- cld journal ... -----------------------------------------------------------------------
+
+journal_app = typer.Typer(help="The journal of documents (journal.sqlite3 in the state directory).",
+                          no_args_is_help=True)
+app.add_typer(journal_app, name="journal")
+
+
+@journal_app.command("rebuild")
+def journal_rebuild(config: ConfigOption = None) -> None:
+    """Rebuild a damaged or lost journal from processed/ and quarantine/ (the daemon must be stopped).
+
+    The old journal is kept beside it as journal.sqlite3.damaged-<time>; documents the promoted
+    adapter versions learned are marked learned again (from their meta.json).
+    """
+    from daemon import service
+    from daemon.ingestion.rebuild import rebuild
+    from daemon.layout import CYCLES_DIR
+    from daemon.learning.adapters import learned_documents
+    from daemon.learning.records import CycleStore
+
+    settings = _settings(config)
+    _setup_logging(settings)
+    state = StateDir(settings.state.dir)
+    try:
+        with service.state_lock(state):
+            done = rebuild(settings, learned_documents(state.adapters, CycleStore(state.root / CYCLES_DIR)))
+    except service.StartupError:
+        _fail("the daemon is running on this state directory: stop it first (systemctl stop cld)", code=1)
+    kept = f"; the old one is kept as {done.set_aside.name}" if done.set_aside else ""
+    typer.echo(f"journal rebuilt: {done.documents} documents ({done.learned} learned), {done.duplicates} "
+               f"duplicates, {done.quarantined} quarantined{kept}")
+
+
 def main() -> None:
-    app()
+    from replay.durable import DamagedFile
+
+    try:
+        app()
+    except DamagedFile as error:  # a state file cld cannot trust: say which, and how to recover
+        typer.echo(f"cld: {error}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -346,6 +346,7 @@ class Daemon:
             "vllm_url": self.vllm_url,
             "vllm_restarts": supervisor.restarts if supervisor else 0,
             "adapter_reloads": self.adapter_reloads,
+            "ingest_error": self.watcher.error,
         }
 
     def _url(self) -> str:

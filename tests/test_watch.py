@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -196,3 +197,32 @@ def test_ingest_paths_with_a_running_watcher_waits_for_it(tmp_path: Path) -> Non
         watcher.stop()
     assert outcomes[0].recorded is not None and outcomes[0].recorded.outcome == "document"
     assert outcomes[0].recorded.moved
+
+
+def test_a_failing_intake_is_reported_until_it_works_again(tmp_path: Path) -> None:
+    """A journal that cannot be written (damaged mid-run, disk full) is not a silent queue: the
+    watcher says why intake fails (`cld status`, /status show it), and clears it once it works."""
+    from daemon.ingestion.watch import Watcher
+
+    settings = make_settings(tmp_path)
+    watcher = Watcher(settings)
+
+    class Failing:
+        fail = True
+
+        def ingest(self, path: Path) -> None:
+            if self.fail:
+                raise sqlite3.DatabaseError("database disk image is malformed")
+
+        def flush(self) -> None:
+            pass
+
+        def chunk_pending(self) -> int:
+            return 0
+
+    ingester = Failing()
+    watcher._take(ingester, [tmp_path / "a.txt"])  # type: ignore[arg-type]
+    assert watcher.error == "ingesting a.txt failed: database disk image is malformed"
+    ingester.fail = False
+    watcher._take(ingester, [tmp_path / "b.txt"])  # type: ignore[arg-type]
+    assert watcher.error is None

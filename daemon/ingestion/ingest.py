@@ -113,6 +113,27 @@ class Ingester:
             self.journal.set_chunks(document_id, chunker.chunks(self.journal.records(document_id)))
         return len(pending)
 
+    def adopt(self, stored: Path, folder: Path) -> Recorded:
+        """Journal a file that is already in processed/ or quarantine/ (`folder`), as its intake
+        recorded it; nothing moves. How `cld journal rebuild` makes a journal anew."""
+        info = os.lstat(stored)
+        item = Input(stored.relative_to(folder).as_posix(), info.st_size, info.st_mtime_ns)
+        stored_as = self._relative(stored)
+        if folder == self.state.quarantine:
+            recorded = self.journal.quarantine(item, stored_as, _recorded_reason(stored))
+        else:
+            try:
+                records = self._read(stored, item)
+            except Unreadable as error:  # it was taken once; now it is not: keep it where it is, say why
+                recorded = self.journal.quarantine(item, stored_as, f"{error.reason} (found in processed/)")
+            else:
+                digest = content_hash(records)
+                chunker = None if self.journal.knows(digest) else self.chunker()
+                chunks = list(chunker.chunks(records)) if chunker else None
+                recorded = self.journal.accept(item, stored_as, digest, records, chunks)
+        self.journal.mark_moved([recorded.id])
+        return recorded
+
     def _unfinished(self, item: Input) -> Recorded | None:
         return next((recorded for recorded in self.journal.unmoved()
                      if recorded.name == item.name and _same_file(item, recorded)), None)
@@ -209,6 +230,14 @@ def _link_reason(path: Path, inbox: Path) -> str:
     if not target.is_relative_to(os.path.realpath(inbox)):
         return f"escapes the inbox: a symlink to {target}, outside it; put the file itself in the inbox"
     return "a symlink: links are not followed; put the file itself in the inbox"
+
+
+def _recorded_reason(stored: Path) -> str:
+    """The reason a quarantined file's `.reason` note gives (its first paragraph)."""
+    try:
+        return reason_path(stored).read_text(encoding="utf-8").split("\n\n", 1)[0].strip() or "quarantined"
+    except (OSError, UnicodeDecodeError):
+        return "quarantined (the reason note is missing)"
 
 
 def _reason_text(recorded: Recorded) -> str:

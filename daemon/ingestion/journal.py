@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.layout import StateDir
+from replay.durable import DamagedFile
+
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -69,7 +72,13 @@ CREATE INDEX IF NOT EXISTS inputs_unmoved ON inputs (moved) WHERE moved = 0;
 BUSY_TIMEOUT_MS = 10_000
 EMPTY_COUNTS = {"ingested": 0, "pending": 0, "quarantined": 0, "learned": 0, "duplicates": 0, "ready": 0}
 
+REBUILD_HINT = "stop cld and run `cld journal rebuild` (it rebuilds the journal from processed/ and quarantine/)"
+
 Record = dict[str, Any]
+
+
+class DamagedJournal(DamagedFile):
+    """The journal cannot be trusted; the message names the file and the command that rebuilds it."""
 Chunks = list[tuple[int, Record]]  # (tokens, training record), in order
 
 
@@ -104,14 +113,25 @@ class Journal:
     """The writer. Safe to share between threads of one process (writes take a lock)."""
 
     def __init__(self, path: Path):
+        """Open (or create) the journal. DamagedJournal when the file is damaged, or empty while
+        the state directory holds files it must have recorded."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        _check_not_emptied(path)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                   timeout=BUSY_TIMEOUT_MS / 1000)
         self.lock = threading.Lock()
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(f"{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};")  # idempotent
+        try:
+            _check_intact(self.db, path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(f"{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};")  # idempotent
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            raise DamagedJournal(f"{path} is damaged ({error}): {REBUILD_HINT}") from None
+        except DamagedJournal:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         with self.lock:  # not under a transaction another thread is in
@@ -207,12 +227,38 @@ class Journal:
         keys = ("id", "hash", "source", "bytes", "tokens", "version")
         return [dict(zip(keys, row)) for row in rows]
 
+    def mark_learned_by_hash(self, hashes: Iterable[str], version: str) -> int:
+        """Record that adapter `version` learned the documents with these content hashes (a
+        rebuilt journal learns this from the adapters' meta.json). Returns how many."""
+        now = time.time()
+        with self._write() as db:
+            changed = db.executemany("UPDATE documents SET state = 'learned', version = ?, learned_at = ? "
+                                     "WHERE hash = ? AND state != 'learned'", [(version, now, h) for h in hashes])
+            return changed.rowcount
+
     def mark_learned(self, document_ids: Iterable[int], version: str) -> None:
         """Record that adapter `version` learned these (ready) documents."""
         now = time.time()
         with self._write() as db:
             db.executemany("UPDATE documents SET state = 'learned', version = ?, learned_at = ? "
                            "WHERE id = ? AND state = 'ready'", [(version, now, i) for i in document_ids])
+
+
+def _check_not_emptied(path: Path) -> None:
+    """An empty journal file beside processed or quarantined files lost what it recorded (SQLite
+    would take it for a new, empty journal and count nothing)."""
+    if not path.is_file() or path.stat().st_size > 0:
+        return
+    state = StateDir(path.parent)
+    if any(folder.is_dir() and any(folder.iterdir()) for folder in (state.processed, state.quarantine)):
+        raise DamagedJournal(f"{path} is empty, but {state.processed} or {state.quarantine} hold files it "
+                             f"recorded: {REBUILD_HINT}")
+
+
+def _check_intact(db: sqlite3.Connection, path: Path) -> None:
+    found = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    if found != ["ok"]:
+        raise DamagedJournal(f"{path} is damaged ({'; '.join(found[:3])}): {REBUILD_HINT}")
 
 
 def _insert_document(db: sqlite3.Connection, item: Input, digest: str, records: list[Record]) -> int:
@@ -261,9 +307,13 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection | None]:
     if not path.is_file():
         yield None
         return
+    _check_not_emptied(path)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        made = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'inputs'").fetchone()
+        try:
+            made = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'inputs'").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise DamagedJournal(f"{path} is damaged ({error}): {REBUILD_HINT}") from None
         yield db if made else None
     finally:
         db.close()

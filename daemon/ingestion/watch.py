@@ -149,6 +149,7 @@ class Watcher:
         self.wake = threading.Event()
         self.events = _Events(self.wake)
         self.thread = threading.Thread(target=self._run, name="cld-watch", daemon=True)
+        self.error: str | None = None  # why intake fails now (status shows it); None while it works
 
     def start(self) -> None:
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,8 @@ class Watcher:
                     observer.join(STOP_TIMEOUT_S)
         except IngestBusy:
             return  # stopped while another process held the lock
-        except Exception:
+        except Exception as error:
+            self.error = f"the inbox watcher stopped: {error}"
             log.exception("the inbox watcher stopped; files dropped in the inbox wait for the next start")
 
     def _loop(self, ingester: Ingester) -> None:
@@ -199,12 +201,15 @@ class Watcher:
                 return
             try:
                 ingester.ingest(path)
-            except Exception:  # e.g. a full disk: the next full scan offers the file again
+                self.error = None
+            except Exception as error:  # e.g. a full disk: the next full scan offers the file again
+                self.error = f"ingesting {path.name} failed: {error}"
                 log.exception("ingesting %s failed; it stays in the inbox", path)
         try:
             ingester.flush()
             ingester.chunk_pending()
-        except Exception:
+        except Exception as error:
+            self.error = f"the journal could not be written: {error}"
             log.exception("the journal could not be written; will try again")
 
 

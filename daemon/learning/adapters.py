@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.layout import VERSION_RE
-from daemon.learning.records import CycleStore, adapter_states
+from daemon.learning.records import PROMOTED, CycleStore, adapter_states
 from replay.durable import read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -106,3 +106,10 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
             "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
         })
     return out
+
+
+def learned_documents(adapters_dir: Path, cycles: CycleStore) -> list[tuple[str, list[str]]]:
+    """(version, content hashes of its new documents) of every version a cycle promoted, oldest
+    first: what the journal must say was learned (a journal rebuild asks)."""
+    promoted = [r.version for r in cycles.all() if r.state == PROMOTED and r.version]
+    return [(version, list(read_meta(adapters_dir / version).get("documents", []))) for version in promoted]

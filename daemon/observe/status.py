@@ -99,6 +99,8 @@ def render(status: dict[str, Any], now_s: float | None = None) -> Group:
     facts.add_row("documents", f"{docs['ingested']} ingested · {docs['pending']} pending ({docs.get('ready', 0)} "
                   f"ready) · {docs['learned']} learned · {docs['quarantined']} quarantined · "
                   f"{docs.get('duplicates', 0)} duplicates")
+    if daemon.get("ingest_error"):
+        facts.add_row("intake", Text(f"failing: {daemon['ingest_error']}", style="bold red"))
     facts.add_row("replay", _replay_line(status["replay"]))
     facts.add_row("adapters", _adapters_line(status["adapters"]))
     running = [c for c in status["cycles"] if c["state"] == "running"]

@@ -190,8 +190,9 @@ def _cell(probe: str, value: float | None, limits: dict[str, float]) -> dict[str
 def _daemon_line(daemon: dict[str, Any]) -> str:
     if not daemon.get("running"):
         return "daemon not running"
+    failing = f"; intake failing: {daemon['ingest_error']}" if daemon.get("ingest_error") else ""
     return (f"daemon {daemon.get('phase', '?')} (pid {daemon.get('pid')}), model server {daemon.get('vllm', '?')}, "
-            f"{daemon.get('vllm_restarts', 0)} restarts")
+            f"{daemon.get('vllm_restarts', 0)} restarts{failing}")
 
 
 def _took(cycle: dict[str, Any]) -> str:
