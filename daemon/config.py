@@ -173,6 +173,16 @@ class IngestSection(Section):
         description="Largest document file accepted, in MB (10^6 bytes); larger files are quarantined and larger "
         "uploads to POST /api/documents are refused.",
     )
+    max_document_tokens: int = Field(
+        200_000, ge=100, description="Longest document accepted, in tokens (counted while reading as characters / "
+        "4, so extraction stops early); longer documents are quarantined. A small PDF can expand to millions of "
+        "tokens."
+    )
+    max_pdf_pages: int = Field(2000, ge=1, description="Most pages of a PDF; longer PDFs are quarantined.")
+    extract_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a PDF's text extraction may take (in a child process, stopped then); "
+        "the file is quarantined."
+    )
     chunk_tokens: int = Field(
         256, ge=16, le=32768, description="Tokens per training chunk of a text, counted by the base model's tokenizer."
     )

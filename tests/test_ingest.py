@@ -181,7 +181,7 @@ def test_a_pipe_is_quarantined_without_blocking(settings: Settings, ingester: In
 
 
 def test_a_reader_that_breaks_quarantines_the_file(settings: Settings, ingester: Ingester, monkeypatch) -> None:
-    def broken(data: bytes) -> list:
+    def broken(data: bytes, limits: readers.ReadLimits) -> list:
         raise RuntimeError("reader bug")
 
     monkeypatch.setitem(readers.READERS, ".txt", broken)

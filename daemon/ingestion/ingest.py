@@ -23,6 +23,7 @@ inbox (`daemon.ingestion.inbox`) or HTTP.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import stat
@@ -37,7 +38,7 @@ from daemon.config import Settings
 from daemon.ingestion.chunking import Chunker, content_hash, load_tokenizer, normalise_records
 from daemon.ingestion.inbox import free_path, reason_path
 from daemon.ingestion.journal import Input, Journal, Recorded
-from daemon.ingestion.readers import Record, Unreadable, get_reader
+from daemon.ingestion.readers import ReadLimits, Record, Unreadable, get_reader
 from daemon.layout import StateDir
 from replay.durable import atomic_write_text, exclusive_lock, move_durably
 
@@ -59,6 +60,8 @@ class Ingester:
         self.inbox = settings.watch.inbox
         self.state = StateDir(settings.state.dir)
         self.max_bytes = settings.ingest.max_file_bytes
+        ingest = settings.ingest
+        self.limits = ReadLimits(ingest.max_document_tokens, ingest.max_pdf_pages, ingest.extract_timeout_s)
         self.journal = journal
         self.chunker = chunker
         self.moved: list[int] = []  # inputs moved, to be marked with the next commit (`flush`)
@@ -159,7 +162,8 @@ class Ingester:
         reader = get_reader(path.suffix)
         if item.bytes == 0:
             raise Unreadable("empty: the file has no bytes")
-        records = normalise_records(reader(_read_bytes(path, self.max_bytes)))  # the bytes go once read
+        records = normalise_records(reader(_read_bytes(path, self.max_bytes), self.limits))  # the bytes go once read
+        self.limits.check_text(sum(len(json.dumps(record, ensure_ascii=False)) for record in records))
         if not records:
             raise Unreadable("empty: the file holds no text")
         return records

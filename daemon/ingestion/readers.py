@@ -14,16 +14,41 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import html_text
 from pypdf import PdfReader
 
 Record = dict[str, Any]
-Reader = Callable[[bytes], list[Record]]
+CHARS_PER_TOKEN = 4  # while reading, text is bounded by characters: about this many per token
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How much a reader may extract from one file (ingest.max_document_tokens, max_pdf_pages,
+    extract_timeout_s): a small file must not become millions of tokens or minutes of CPU."""
+
+    max_tokens: int = 10**9
+    max_pdf_pages: int = 10**9
+    timeout_s: float = 3600.0
+
+    @property
+    def max_chars(self) -> int:
+        return self.max_tokens * CHARS_PER_TOKEN
+
+    def check_text(self, chars: int) -> None:
+        if chars > self.max_chars:
+            raise Unreadable(f"too long: about {chars // CHARS_PER_TOKEN:,} tokens of text is over "
+                             f"ingest.max_document_tokens = {self.max_tokens:,}")
+
+
+NO_LIMITS = ReadLimits()
+Reader = Callable[[bytes, ReadLimits], list[Record]]
 
 READERS: dict[str, Reader] = {}
 # More than this share of control characters (other than tab, newline, form feed) = not text.
@@ -90,12 +115,12 @@ def decode_text(data: bytes) -> str:
 
 
 @register(".txt", ".md", ".markdown")
-def read_text(data: bytes) -> list[Record]:
+def read_text(data: bytes, limits: ReadLimits = NO_LIMITS) -> list[Record]:
     return [{"text": decode_text(data)}]
 
 
 @register(".html", ".htm")
-def read_html(data: bytes) -> list[Record]:
+def read_html(data: bytes, limits: ReadLimits = NO_LIMITS) -> list[Record]:
     """The visible text of a page: scripts, styles and markup dropped, blocks on lines of their own."""
     text = decode_text(data)
     try:
@@ -105,9 +130,13 @@ def read_html(data: bytes) -> list[Record]:
 
 
 @register(".pdf")
-def read_pdf(data: bytes) -> list[Record]:
-    """The text of every page, pages apart by a blank line; a scan without a text layer is refused."""
-    pages = _pdf_pages(data)
+def read_pdf(data: bytes, limits: ReadLimits = NO_LIMITS) -> list[Record]:
+    """The text of every page, pages apart by a blank line; a scan without a text layer is refused.
+
+    Extraction runs in a child process killed after `limits.timeout_s`, and stops at
+    `limits.max_pdf_pages` pages or `limits.max_chars` characters: a small PDF can repeat one
+    content stream on every page, or hold one that takes minutes to parse."""
+    pages = _in_worker(_pdf_pages, data, limits)
     text = "\n\n".join(page for page in pages if page.strip())
     if not text.strip():
         raise Unreadable(f"PDF without text: none of its {len(pages)} pages has a text layer "
@@ -115,7 +144,7 @@ def read_pdf(data: bytes) -> list[Record]:
     return [{"text": text}]
 
 
-def _pdf_pages(data: bytes) -> list[str]:
+def _pdf_pages(data: bytes, limits: ReadLimits) -> list[str]:
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files log a line per object
     try:
         with warnings.catch_warnings():
@@ -123,15 +152,56 @@ def _pdf_pages(data: bytes) -> list[str]:
             reader = PdfReader(io.BytesIO(data))
             if reader.is_encrypted and not reader.decrypt(""):
                 raise Unreadable("encrypted PDF: it needs a password; save a copy without one")
-            return [page.extract_text() or "" for page in reader.pages]
+            if len(reader.pages) > limits.max_pdf_pages:
+                raise Unreadable(f"too many pages: {len(reader.pages):,} is over ingest.max_pdf_pages = "
+                                 f"{limits.max_pdf_pages:,}")
+            pages, chars = [], 0
+            for page in reader.pages:
+                pages.append(page.extract_text() or "")
+                chars += len(pages[-1])
+                limits.check_text(chars)
+            return pages
     except Unreadable:
         raise
     except Exception as error:  # pypdf raises many kinds of errors on damaged files
         raise Unreadable(f"unreadable PDF: {type(error).__name__}: {error}"[:500]) from None
 
 
+def _in_worker(extract: Callable[[bytes, ReadLimits], list[str]], data: bytes, limits: ReadLimits) -> list[str]:
+    """`extract(data, limits)` in a fresh child process (spawned: the daemon has threads),
+    killed after `limits.timeout_s`. Its Unreadable comes back as one."""
+    context = multiprocessing.get_context("spawn")
+    receiving, sending = context.Pipe(duplex=False)
+    worker = context.Process(target=_work, args=(sending, extract, data, limits), daemon=True)
+    worker.start()
+    sending.close()
+    try:
+        if not receiving.poll(limits.timeout_s):
+            raise Unreadable(f"took too long: text extraction did not finish in {limits.timeout_s:g} s "
+                             "(ingest.extract_timeout_s)")
+        kind, value = receiving.recv()
+    except EOFError:
+        raise Unreadable(f"text extraction crashed (exit code {worker.exitcode})") from None
+    finally:
+        worker.kill()
+        worker.join(5)
+        receiving.close()
+    if kind == "unreadable":
+        raise Unreadable(value)
+    return value
+
+
+def _work(sending: Any, extract: Callable[[bytes, ReadLimits], list[str]], data: bytes, limits: ReadLimits) -> None:
+    try:
+        sending.send(("pages", extract(data, limits)))
+    except Unreadable as error:
+        sending.send(("unreadable", error.reason))
+    finally:
+        sending.close()
+
+
 @register(".jsonl")
-def read_jsonl(data: bytes) -> list[Record]:
+def read_jsonl(data: bytes, limits: ReadLimits = NO_LIMITS) -> list[Record]:
     """One record per non-blank line; the first bad line refuses the file, naming its number."""
     records = []
     for number, line in enumerate(decode_text(data).split("\n"), start=1):

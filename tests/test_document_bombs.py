@@ -1,0 +1,80 @@
+"""A small file must not become a huge document: text is bounded while it is extracted
+(ingest.max_document_tokens), PDFs by pages (ingest.max_pdf_pages) and time
+(ingest.extract_timeout_s, in a child process); beyond, the file is quarantined with the reason."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.ingestion import journal
+from daemon.ingestion.ingest import open_ingester
+from daemon.ingestion.readers import ReadLimits, Unreadable, read_pdf
+from daemon.layout import StateDir
+from tests.ingest_helpers import make_settings, pdf_bytes
+
+WORDS = "Zorblat bridges freeze in May and thaw in June. " * 100  # ~4,900 characters
+
+
+def shared_stream_pdf(pages: int, text: str) -> bytes:
+    """`pages` pages that all draw one content stream: a few KB that extract to pages × text."""
+    escaped = text.replace("(", "\\(").replace(")", "\\)")
+    stream = f"BT /F1 12 Tf 72 720 Td ({escaped}) Tj ET"
+    kids = " ".join(f"{5 + i} 0 R" for i in range(pages))
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>",
+               "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+               f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream"]
+    objects += ["<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+                "/Contents 4 0 R >>"] * pages
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def ingest_one(tmp_path: Path, name: str, data: bytes, extra: str = "") -> journal.Recorded:
+    settings = make_settings(tmp_path, extra)
+    settings.watch.inbox.mkdir(parents=True, exist_ok=True)
+    (settings.watch.inbox / name).write_bytes(data)
+    with open_ingester(settings) as ingester:
+        recorded = ingester.ingest(settings.watch.inbox / name)
+    assert recorded is not None
+    return recorded
+
+
+def test_a_pdf_repeating_one_stream_on_every_page_is_stopped_early_and_quarantined(tmp_path: Path) -> None:
+    bomb = shared_stream_pdf(300, WORDS)  # ~1.5 million characters from a small file
+    assert len(bomb) < 60_000
+    started = time.monotonic()
+    recorded = ingest_one(tmp_path, "bomb.pdf", bomb, "max_document_tokens = 20000\n")
+    assert recorded.outcome == "quarantined"
+    assert recorded.reason.startswith("too long: about") and "ingest.max_document_tokens = 20,000" in recorded.reason
+    assert time.monotonic() - started < 60
+    assert StateDir(tmp_path / "state").journal.stat().st_size < 1_000_000, "nothing of it was journaled"
+
+
+def test_too_many_pages_is_quarantined(tmp_path: Path) -> None:
+    recorded = ingest_one(tmp_path, "long.pdf", shared_stream_pdf(60, "page"), "max_pdf_pages = 50\n")
+    assert recorded.reason == "too many pages: 60 is over ingest.max_pdf_pages = 50"
+
+
+def test_plain_text_over_the_limit_is_quarantined(tmp_path: Path) -> None:
+    recorded = ingest_one(tmp_path, "big.txt", WORDS.encode() * 50, "max_document_tokens = 10000\n")
+    assert recorded.outcome == "quarantined" and recorded.reason.startswith("too long")
+
+
+def test_an_extraction_over_its_time_limit_is_stopped() -> None:
+    with pytest.raises(Unreadable, match=r"took too long: .* 0.01 s \(ingest.extract_timeout_s\)"):
+        read_pdf(shared_stream_pdf(300, WORDS), ReadLimits(timeout_s=0.01))
+
+
+def test_a_normal_pdf_within_the_limits_reads_whole(tmp_path: Path) -> None:
+    recorded = ingest_one(tmp_path, "notes.pdf", pdf_bytes("Release 4.2 is out.", "Zorblat got faster."))
+    assert recorded.outcome == "document"
