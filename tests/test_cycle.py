@@ -215,7 +215,7 @@ async def test_the_trainer_runs_below_the_daemons_cpu_priority(tmp_path: Path) -
 
     import psutil
 
-    from daemon.learning.cycle import TRAIN_NICENESS, start_trainer
+    from daemon.learning.cycle import TRAIN_NICENESS, TRAINER_ENV, start_trainer
 
     job_file = tmp_path / "v0001.json"
     job_file.write_text("{}")  # the priority is set before the trainer reads anything
@@ -223,6 +223,8 @@ async def test_the_trainer_runs_below_the_daemons_cpu_priority(tmp_path: Path) -
         process = await start_trainer(job_file, log)
         try:
             assert psutil.Process(process.pid).nice() == min(19, os.nice(0) + TRAIN_NICENESS)
+            environ = psutil.Process(process.pid).environ()
+            assert all(environ.get(key) == value for key, value in TRAINER_ENV.items()), "OpenMP threads must not spin"
         finally:
             if process.returncode is None:
                 process.kill()

@@ -40,6 +40,10 @@ TRAINER_STOP_TIMEOUT_S = 30.0
 PROMOTE_FINISH_TIMEOUT_S = 15.0  # at shutdown the front is closed already, so nothing is left to drain
 CANCEL_TIMEOUT_S = 5.0  # a cancelled cycle only writes its record
 TRAIN_NICENESS = 10  # the trainer yields the CPU to serving (vLLM) and the daemon; idle, it gets it all
+# OpenMP threads that wait for work sleep instead of spinning: a spinning trainer burns the cores
+# a busy vLLM needs (GNU OpenMP: OMP_WAIT_POLICY, GOMP_SPINCOUNT; Intel's: KMP_BLOCKTIME).
+# bench/train_under_load.py measures it.
+TRAINER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
 SHIPPED_DRIFT_PROMPTS = Path(__file__).parent / "data" / "drift_prompts.txt"
 
 
@@ -309,11 +313,20 @@ class Learner:
 
 
 async def start_trainer(job_file: Path, log: Any) -> asyncio.subprocess.Process:
-    """`python -m daemon.learning.train JOB --json-progress`, below serving's CPU priority (TRAIN_NICENESS)."""
+    """`python -m daemon.learning.train JOB --json-progress`, below serving's CPU priority
+    (TRAIN_NICENESS), with OpenMP threads that sleep when they wait (TRAINER_ENV)."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "daemon.learning.train", str(job_file), "--json-progress",
         stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-        preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+        env=trainer_env(), preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+
+
+def trainer_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The trainer's environment: TRAINER_ENV over `base` (default: ours), unless set there."""
+    env = dict(os.environ if base is None else base)
+    for key, value in TRAINER_ENV.items():
+        env.setdefault(key, value)
+    return env
 
 
 def _text(record: dict[str, Any]) -> str:

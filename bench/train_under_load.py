@@ -1,0 +1,163 @@
+"""Training beside a busy server: the trainer's speed and serving latency, apart and together,
+with the trainer's OpenMP threads spinning while they wait (the OpenMP default) or sleeping
+(cld's `TRAINER_ENV`), both at cld's CPU niceness for the trainer.
+
+    .venv/bin/python bench/train_under_load.py [--steps 24] [--clients 2] [--rounds 2]
+
+Starts `cld run` on the embedded model in a temporary state directory (a small synthetic replay
+corpus, so its build is over before measuring), then measures, in alternating order:
+- serving alone: `--clients` loops of sequential 16-token chat requests to the front (p50, p90);
+- the trainer alone (`python -m daemon.learning.train`, `--steps` steps of 256 tokens): tokens/s;
+- both at once, until the trainer ends: its tokens/s and the serving latency.
+Prints a Markdown table for docs/BENCHMARKS.md (machine and date included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from cycle_latency import FACTS, free_port, status, wait  # noqa: E402
+
+from daemon.config import TrainSection  # noqa: E402
+from daemon.learning.cycle import TRAIN_NICENESS, TRAINER_ENV  # noqa: E402
+from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
+
+POLICIES = {"spin (OpenMP default)": {}, "sleep (cld: TRAINER_ENV)": TRAINER_ENV}
+QUESTION = {"messages": [{"role": "user", "content": "Name three rivers of Europe."}], "max_tokens": 16,
+            "temperature": 0}
+
+
+def start(folder: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    (folder / "config.toml").write_text(
+        f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {free_port()}\n'
+        "[replay]\nsynthetic_documents = 8\nrehearsal_prompts = 8\nrehearsal_held_out = 2\n"
+        "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n")
+    log = open(folder / "daemon.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(folder / "config.toml")],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def job_file(folder: Path, steps: int) -> Path:
+    words = FACTS.split()
+    chunks = [{"text": " ".join(words[i:i + 180])} for i in range(0, len(words), 60)]
+    hyper = TrainSection(max_steps=steps, epochs=1000, early_stop_patience=0, replay_loss="lm", new_repeats=1)
+    job = TrainJob(version="v0001", base_model=str(folder / "state" / "model"), output_dir=str(folder / "out"),
+                   data=JobData(new=chunks), hyper=hyper)
+    path = folder / "job.json"
+    path.write_text(job.model_dump_json())
+    return path
+
+
+def train(job: Path, policy: dict[str, str]) -> float:
+    """Run the trainer as the daemon does (niced, `--json-progress`) with OpenMP `policy`; tokens/s."""
+    env = {key: value for key, value in os.environ.items() if key not in TRAINER_ENV}
+    done = subprocess.run([sys.executable, "-m", "daemon.learning.train", str(job), "--json-progress"],
+                          env={**env, **policy}, cwd=REPO, capture_output=True, text=True, check=True,
+                          preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+    summary = next(json.loads(line)["summary"] for line in done.stdout.splitlines() if '"done"' in line)
+    return summary["tokens_per_s"]
+
+
+async def ask_until(url: str, clients: int, stop: asyncio.Event) -> list[float]:
+    latencies: list[float] = []
+
+    async def loop(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            reply = await client.post(f"{url}/v1/chat/completions", json={"model": "cld-base", **QUESTION})
+            reply.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(*(loop(client) for _ in range(clients)))
+    return latencies
+
+
+async def serve_alone(url: str, clients: int, seconds: float) -> list[float]:
+    stop = asyncio.Event()
+    asking = asyncio.create_task(ask_until(url, clients, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    return await asking
+
+
+async def together(url: str, clients: int, job: Path, policy: dict[str, str]) -> tuple[float, list[float]]:
+    stop = asyncio.Event()
+    asking = asyncio.create_task(ask_until(url, clients, stop))
+    tokens_per_s = await asyncio.to_thread(train, job, policy)
+    stop.set()
+    return tokens_per_s, await asking
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=10)[int(q * 10) - 1] if len(values) >= 10 else max(values)
+
+
+def table(results: dict[str, dict[str, list]]) -> str:
+    lines = [f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", "",
+             "| trainer threads | trainer alone tok/s | trainer with serving tok/s | serving p50 / p90 ms, alone "
+             "| serving p50 / p90 ms, with trainer |", "|---|---|---|---|---|"]
+    alone = results["serving alone"]["latency"]
+    for name in POLICIES:
+        found = results[name]
+        busy = found["latency"]
+        lines.append(f"| {name} | {statistics.mean(found['alone']):.0f} | {statistics.mean(found['together']):.0f} "
+                     f"| {statistics.median(alone) * 1e3:.0f} / {quantile(alone, 0.9) * 1e3:.0f} "
+                     f"| {statistics.median(busy) * 1e3:.0f} / {quantile(busy, 0.9) * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve-s", type=float, default=30.0, help="length of each serving-alone measurement")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cld-bench-") as name:
+        folder = Path(name)
+        process, url = start(folder)
+        try:
+            wait(url, lambda s: s["daemon"].get("phase") == "serving" and s["replay"]["source"], 1800)
+            print(f"daemon ready; replay built: {status(url)['replay']}", flush=True)
+            job = job_file(folder, args.steps)
+            results: dict[str, dict[str, list]] = {"serving alone": {"latency": []}}
+            results.update({policy: {"alone": [], "together": [], "latency": []} for policy in POLICIES})
+            for round_ in range(args.rounds):  # alternate the order, so drift in machine load favours neither
+                order = list(POLICIES) if round_ % 2 == 0 else list(reversed(POLICIES))
+                results["serving alone"]["latency"] += asyncio.run(serve_alone(url, args.clients, args.serve_s))
+                for policy in order:
+                    results[policy]["alone"].append(train(job, POLICIES[policy]))
+                    tokens_per_s, latencies = asyncio.run(together(url, args.clients, job, POLICIES[policy]))
+                    results[policy]["together"].append(tokens_per_s)
+                    results[policy]["latency"] += latencies
+                    print(f"round {round_ + 1}, {policy}: alone {results[policy]['alone'][-1]:.0f} tok/s, "
+                          f"with serving {tokens_per_s:.0f} tok/s, serving p50 "
+                          f"{statistics.median(latencies) * 1e3:.0f} ms", flush=True)
+        finally:
+            process.terminate()
+            process.wait(120)
+    print(json.dumps(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
