@@ -4,8 +4,8 @@ with the trainer's OpenMP threads spinning while they wait (the OpenMP default) 
 
     .venv/bin/python bench/train_under_load.py [--steps 24] [--clients 2] [--rounds 2]
 
-Starts `cld run` on the embedded model in a temporary state directory (a small synthetic replay
-corpus, so its build is over before measuring), then measures, in alternating order:
+Starts `cld run` on the embedded model in a temporary state directory as bench/cycle_latency.py
+does (a small synthetic replay corpus, so its build is over before measuring), then measures, in alternating order:
 - serving alone: `--clients` loops of sequential 16-token chat requests to the front (p50, p90);
 - the trainer alone (`python -m daemon.learning.train`, `--steps` steps of 256 tokens): tokens/s;
 - both at once, until the trainer ends: its tokens/s and the serving latency.
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from cycle_latency import FACTS, free_port, status, wait  # noqa: E402
+from cycle_latency import FACTS, start, status, wait  # noqa: E402
 
 from daemon.config import TrainSection  # noqa: E402
 from daemon.learning.cycle import TRAIN_NICENESS, TRAINER_ENV  # noqa: E402
@@ -41,18 +41,6 @@ from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 POLICIES = {"spin (OpenMP default)": {}, "sleep (cld: TRAINER_ENV)": TRAINER_ENV}
 QUESTION = {"messages": [{"role": "user", "content": "Name three rivers of Europe."}], "max_tokens": 16,
             "temperature": 0}
-
-
-def start(folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    (folder / "config.toml").write_text(
-        f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {free_port()}\n'
-        "[replay]\nsynthetic_documents = 8\nrehearsal_prompts = 8\nrehearsal_held_out = 2\n"
-        "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n")
-    log = open(folder / "daemon.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(folder / "config.toml")],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    return process, f"http://127.0.0.1:{port}"
 
 
 def job_file(folder: Path, steps: int) -> Path:

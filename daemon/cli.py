@@ -209,16 +209,20 @@ def cycle(
     """Run a learning cycle now: train on the new documents, probe, promote only if it passes."""
     settings = _settings(config)
     reply = _daemon_api(settings, "POST", "/api/cycles")
+    import time
+
+    from daemon.observe import status as status_mod
+
     started = reply["cycle"]
     if started is None:
         _fail("no cycle could start (see `cld status`)", code=1)
+    if started["state"] != "running":  # ended at once: skipped (and why), or failed
+        typer.echo(f"cycle {started['id']} {status_mod.cycle_line(started)}")
+        raise typer.Exit(0 if started["state"] in ("promoted", "rejected", "skipped") else 1)
     verb = "started" if reply["started"] else "already running"
     typer.echo(f"cycle {started['id']} {verb}")
     if not wait:
         return
-    import time
-
-    from daemon.observe import status as status_mod
 
     while True:
         time.sleep(2)

@@ -45,6 +45,7 @@ from replay.durable import atomic_write_json, atomic_write_text, exclusive_lock
 log = logging.getLogger(__name__)
 FRONT_START_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 5  # an idle kept-alive client connection is closed after this long (uvicorn's default)
+CYCLE_START_WAIT_S = 0.5  # POST /api/cycles waits this long, so a cycle skipped at once says why
 KEEPER_EVERY_S = 10.0  # how often the promoted adapter is checked to be loaded in vLLM
 FRONT_STOP_TIMEOUT_S = 10.0  # requests in flight get this long to finish at shutdown
 # While starting, systemd is asked for more time at each status tick, for at most this long beyond
@@ -191,7 +192,8 @@ class Daemon:
         if self.stopping.is_set() or self.phase != "serving":
             return PHASE_STATUS.get("stopping" if self.stopping.is_set() else self.phase, self.phase)
         current = self.router.current
-        return status_line(current.version if current else None, self.learner.current if self.learner else None)
+        return status_line(current.version if current else None, self.learner.current if self.learner else None,
+                           replay_plan.progress_line(replay_plan.summary(self.settings)))
 
     def _start_learning(self) -> None:
         model_dir = model.prepared(self.settings.model.base, self.state)
@@ -223,8 +225,10 @@ class Daemon:
         if self.learner is None:
             raise app.NotReady("learning starts once the model server is ready")
         running = self.learner.request("api")
-        await asyncio.sleep(0)  # let a new cycle write its record
-        record = running or self.learner.current
+        record = running
+        if running is None and self.learner.task is not None:  # a new cycle: it may end at once (skipped)
+            await asyncio.wait([self.learner.task], timeout=CYCLE_START_WAIT_S)
+            record = self.learner.task.result() if self.learner.task.done() else self.learner.current
         return {"started": running is None, "cycle": record.summary() if record else None}
 
     async def _adapters(self) -> list[dict[str, Any]]:
@@ -355,11 +359,12 @@ class Daemon:
         return f"http://{host}:{serve.port}"
 
 
-def status_line(serving: str | None, cycle: CycleRecord | None) -> str:
-    """systemd's status line while serving: "serving v0003; cycle 4: train step 30/120"."""
+def status_line(serving: str | None, cycle: CycleRecord | None, replay: str | None = None) -> str:
+    """systemd's status line while serving: "serving v0003; cycle 4: train step 30/120", or
+    "serving the base model; replay: synthesizing the corpus 120/400, about 12 min left"."""
     line = f"serving {serving or 'the base model'}"
     if cycle is None:
-        return line
+        return f"{line}; replay: {replay}" if replay else line
     line += f"; cycle {cycle.id}: {cycle.stage}"
     step, steps = cycle.progress.get("step"), cycle.progress.get("steps")
     return line + (f" step {step}/{steps}" if cycle.stage == "train" and step is not None else "")

@@ -13,6 +13,7 @@ Knows nothing of the daemon: the job says everything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sqlite3
@@ -101,7 +102,7 @@ def _damaged_index(folder: Path, found: dict[str, Any]) -> str | None:
 def run(job: BuildJob, stop: threading.Event | None = None, progress: bool = False) -> dict[str, Any]:
     """Bring the buffer up to date; return its manifest. Raises BuildError, Stopped, BuildLocked."""
     stop = stop or threading.Event()
-    with files.build_lock(job.folder):
+    with files.build_lock(job.folder), _progress_cleared(job.folder):
         if job.generator is not None and _rehearsal_stale(job):
             try:
                 make_rehearsal(job, job.generator, stop)
@@ -116,6 +117,15 @@ def run(job: BuildJob, stop: threading.Event | None = None, progress: bool = Fal
             return found
         log.info("building the replay buffer in %s: %s", job.folder, reason)
         return _build(job, stop, progress)
+
+
+@contextlib.contextmanager
+def _progress_cleared(folder: Path) -> Iterator[None]:
+    """No progress is shown once the build ends, however it ends (the next one reports anew)."""
+    try:
+        yield
+    finally:
+        files.clear_progress(folder)
 
 
 def _build(job: BuildJob, stop: threading.Event, progress: bool) -> dict[str, Any]:
@@ -212,6 +222,7 @@ def _embed_pending(store: PassageStore, embedder: Embedder, stop: threading.Even
             ids, texts = zip(*rows)
             store.append_vectors(ids[0], embedder.encode(texts))
             bar.update(len(rows))
+            files.report_progress(store.folder, "embedding passages", store.embedded, total)
             if time.monotonic() - last_log > LOG_EVERY_S:
                 rate = bar.n / max(1e-9, time.monotonic() - started)
                 log.info("embedded %d/%d passages (%.0f/s)", store.embedded, total, rate)
@@ -286,7 +297,8 @@ def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
     log.info("no replay.corpus configured: synthesizing %d documents from %s (%s)", job.synthetic_documents,
              job.generator.model, "chat" if chat else "completions")
     documents = synth.synthesize_corpus(synth.endpoint(job.generator, chat), job.synthetic_documents, chat,
-                                        job.synthetic_temperature, job.seed, stop)
+                                        job.synthetic_temperature, job.seed, stop,
+                                        progress=_reporter(job, "synthesizing the corpus"))
     _check_stop(stop)
     if not documents:
         raise BuildError(f"the base model at {job.generator.base_url} wrote no usable text for the synthetic corpus")
@@ -294,6 +306,10 @@ def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
     atomic_write_jsonl(folder / files.SYNTHETIC_CORPUS_FILE, documents)
     meta = {"model_id": job.model_id, "documents": len(documents), "chat": chat}
     atomic_write_json(folder / files.SYNTHETIC_META_FILE, meta)
+
+
+def _reporter(job: BuildJob, stage: str) -> synth.Progress:
+    return lambda done, total: files.report_progress(job.folder, stage, done, total)
 
 
 def _rehearsal_stale(job: BuildJob) -> str | None:
@@ -310,7 +326,8 @@ def make_rehearsal(job: BuildJob, generator: synth.GeneratorSpec, stop: threadin
     if chat:
         log.info("asking the base model %d chat prompts for behaviour rehearsal", job.rehearsal_prompts)
         pairs = synth.rehearsal_pairs(synth.endpoint(generator, chat=True), job.rehearsal_prompts,
-                                      job.rehearsal_held_out, job.seed, stop=stop)
+                                      job.rehearsal_held_out, job.seed, stop=stop,
+                                      progress=_reporter(job, "asking rehearsal prompts"))
         _check_stop(stop)
     else:
         log.info("the base model has no chat template: no behaviour rehearsal")

@@ -8,11 +8,13 @@ manifest is recognised. Knows nothing of what the files hold; the write discipli
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from replay.durable import exclusive_lock, read_json
+from replay.durable import atomic_write_json, exclusive_lock, read_json
 
 MANIFEST_FILE = "manifest.json"
 PASSAGES_FILE = "passages.sqlite3"
@@ -22,6 +24,7 @@ SYNTHETIC_DIR = "synthetic"
 SYNTHETIC_CORPUS_FILE = "corpus.jsonl"
 SYNTHETIC_META_FILE = "meta.json"
 REHEARSAL_FILE = "rehearsal.json"
+PROGRESS_FILE = "progress.json"  # while a build runs: its stage and how far it is
 LOCK_FILE = "build.lock"
 MANIFEST_FORMAT = 1
 STOPPED_EXIT_CODE = 3  # `python -m replay.build` was asked to stop; the next build resumes
@@ -36,6 +39,44 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     next build replaces it)."""
     data = read_json(folder / MANIFEST_FILE, lenient=True)
     return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
+
+
+def report_progress(folder: Path, stage: str, done: int, total: int) -> None:
+    """Say how far the running build is (`cld status`, /status and systemd's status line show it)."""
+    found = read_json(folder / PROGRESS_FILE, lenient=True) or {}
+    started = found.get("started_at") if found.get("stage") == stage else time.time()
+    atomic_write_json(folder / PROGRESS_FILE, {"stage": stage, "done": done, "total": total,
+                                               "started_at": started, "updated_at": time.time()})
+
+
+def read_progress(folder: Path) -> dict[str, Any] | None:
+    """The running build's progress with an `eta_s` estimate, or None when none is under way (a
+    build that was killed leaves its file, but not its lock)."""
+    if not _held(folder / LOCK_FILE):
+        return None
+    found = read_json(folder / PROGRESS_FILE, lenient=True)
+    if not isinstance(found, dict) or not {"stage", "done", "total", "started_at"} <= found.keys():
+        return None
+    elapsed = max(0.0, time.time() - found["started_at"])
+    done, total = found["done"], found["total"]
+    eta = elapsed / done * (total - done) if done and total >= done else None
+    return {**found, "eta_s": eta}
+
+
+def _held(lock: Path) -> bool:
+    """Whether a process holds the lock file's lock (tried without taking it for long)."""
+    try:
+        with open(lock, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def clear_progress(folder: Path) -> None:
+    (folder / PROGRESS_FILE).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

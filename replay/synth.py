@@ -32,6 +32,7 @@ TOP_P = 0.95
 ATTEMPTS_PER_DOCUMENT = 2
 MIN_DISTINCT_TRIGRAMS = 0.5
 MIN_COMPRESSION_RATIO = 0.2
+Progress = Callable[[int, int], None]  # (done, total) of a long step
 
 
 class GeneratorUnavailable(RuntimeError):
@@ -103,7 +104,8 @@ def supports_chat(spec: GeneratorSpec) -> bool:
 
 
 def synthesize_corpus(generate: Generate, count: int, chat: bool, temperature: float, seed: int = 0,
-                      stop: threading.Event | None = None, batch: int = 64) -> list[dict[str, str]]:
+                      stop: threading.Event | None = None, batch: int = 64,
+                      progress: Progress = lambda done, total: None) -> list[dict[str, str]]:
     """Up to `count` distinct documents the model wrote on varied topics and in varied styles."""
     asks = prompts.corpus_asks(seed)
     documents: list[dict[str, str]] = []
@@ -124,12 +126,13 @@ def synthesize_corpus(generate: Generate, count: int, chat: bool, temperature: f
             elif len(documents) < count:
                 documents.append({"text": text, "topic": topic})
         log.info("synthetic corpus: %d/%d documents (rejected: %s)", len(documents), count, rejected or "none")
+        progress(len(documents), count)
     return documents
 
 
 def rehearsal_pairs(generate: Generate, count: int, held_out: int, seed: int = 0,
                     chat_prompts: Sequence[str] | None = None, stop: threading.Event | None = None,
-                    batch: int = 64) -> list[dict[str, object]]:
+                    batch: int = 64, progress: Progress = lambda done, total: None) -> list[dict[str, object]]:
     """(prompt, the model's greedy answer) pairs; the `held_out` prompts of lowest hash are marked held out."""
     asked = list(chat_prompts if chat_prompts is not None else prompts.chat_prompts(seed))[:count]
     held = set(sorted(asked, key=_hash)[:held_out])
@@ -142,6 +145,7 @@ def rehearsal_pairs(generate: Generate, count: int, held_out: int, seed: int = 0
             answer = (answer or "").strip()
             if quality_problem(answer, min_words=1) is None:
                 pairs.append({"prompt": prompt, "answer": answer, "held_out": prompt in held})
+        progress(min(start + batch, len(asked)), len(asked))
     log.info("rehearsal: %d pairs from %d prompts (%d held out)", len(pairs), len(asked),
              sum(bool(pair["held_out"]) for pair in pairs))
     return pairs

@@ -13,7 +13,7 @@ from daemon.ingestion import journal
 from daemon.ingestion.ingest import open_ingester
 from daemon.ingestion.readers import ReadLimits, Unreadable, read_pdf
 from daemon.layout import StateDir
-from tests.ingest_helpers import make_settings, pdf_bytes
+from tests.ingest_helpers import make_settings, pdf_bytes, pdf_file
 
 WORDS = "Zorblat bridges freeze in May and thaw in June. " * 100  # ~4,900 characters
 
@@ -28,15 +28,7 @@ def shared_stream_pdf(pages: int, text: str) -> bytes:
                f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream"]
     objects += ["<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
                 "/Contents 4 0 R >>"] * pages
-    out, offsets = b"%PDF-1.4\n", []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{number} 0 obj\n{body}\nendobj\n".encode("latin-1")
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return out
+    return pdf_file(objects)
 
 
 def ingest_one(tmp_path: Path, name: str, data: bytes, extra: str = "") -> journal.Recorded:

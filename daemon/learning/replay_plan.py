@@ -22,7 +22,7 @@ from daemon.config import Settings
 from daemon.layout import REPLAY_DIR
 from daemon.model import model_name
 from replay.durable import atomic_write_text
-from replay.files import STOPPED_EXIT_CODE, read_manifest
+from replay.files import STOPPED_EXIT_CODE, read_manifest, read_progress
 from replay.job import BuildJob
 from replay.select import ReplayPlan
 from replay.synth import GeneratorSpec
@@ -41,7 +41,18 @@ def replay_dir(settings: Settings) -> Path:
 def summary(settings: Settings) -> dict[str, Any]:
     """The status's `replay` object, from the published manifest (zeros before the first build)."""
     found = read_manifest(replay_dir(settings)) or {}
-    return {"source": found.get("source"), "passages": found.get("passages", 0), "held_out": found.get("held_out", 0)}
+    return {"source": found.get("source"), "passages": found.get("passages", 0), "held_out": found.get("held_out", 0),
+            "building": read_progress(replay_dir(settings))}
+
+
+def progress_line(replay: dict[str, Any]) -> str | None:
+    """"synthesizing the corpus 120/400, about 12 min left" while a build runs, else None."""
+    building = replay.get("building")
+    if not building:
+        return None
+    eta = building.get("eta_s")
+    left = f", about {max(1, round(eta / 60))} min left" if eta is not None else ""
+    return f"{building['stage']} {building['done']}/{building['total']}{left}"
 
 
 def generator(settings: Settings, base_url: str, model: str, api_key: str = "") -> GeneratorSpec:

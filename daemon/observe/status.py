@@ -24,6 +24,7 @@ from daemon.layout import CYCLES_DIR, StateDir
 from daemon.learning.adapters import adapters_view
 from daemon.learning.decide import passes, thresholds
 from daemon.learning.records import CycleStore
+from daemon.learning.replay_plan import progress_line
 from daemon.learning.replay_plan import summary as replay_summary
 from daemon.model import model_name
 from replay.durable import read_json
@@ -101,7 +102,7 @@ def render(status: dict[str, Any], now_s: float | None = None) -> Group:
                   f"{docs.get('duplicates', 0)} duplicates")
     if daemon.get("ingest_error"):
         facts.add_row("intake", Text(f"failing: {daemon['ingest_error']}", style="bold red"))
-    facts.add_row("replay", _replay_line(status["replay"]))
+    facts.add_row("replay", replay_line(status["replay"]))
     facts.add_row("adapters", _adapters_line(status["adapters"]))
     running = [c for c in status["cycles"] if c["state"] == "running"]
     if running:
@@ -165,10 +166,12 @@ def span(seconds: float) -> str:
     return f"{seconds} s"
 
 
-def _replay_line(replay: dict[str, Any]) -> str:
+def replay_line(replay: dict[str, Any]) -> str:
+    building = progress_line(replay)
     if not replay["source"]:
-        return "not built yet"
-    return f"{replay['passages']} passages ({replay['held_out']} held out), {replay['source']} corpus"
+        return f"building: {building}" if building else "not built yet"
+    built = f"{replay['passages']} passages ({replay['held_out']} held out), {replay['source']} corpus"
+    return f"{built}; updating: {building}" if building else built
 
 
 def _adapters_line(adapters: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ import jinja2
 from markupsafe import Markup
 
 from daemon.learning.decide import RULE_OF, ProbeResults, passes
-from daemon.observe.status import cycle_line, failed_reasons, span
+from daemon.observe.status import cycle_line, failed_reasons, replay_line, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
@@ -79,8 +79,7 @@ TEMPLATE = """<!doctype html>
  <div class="card" id="documents-learned">learned<b>{{ documents.learned }}</b>of {{ documents.ingested }} ingested</div>
  <div class="card" id="documents-quarantined">quarantined<b>{{ documents.quarantined }}</b>
   {{ documents.duplicates }} duplicates</div>
- <div class="card" id="replay">replay buffer<b>{{ replay.passages }} passages</b>{% if replay.source %}
-  {{ replay.held_out }} held out, {{ replay.source }} corpus{% else %}not built yet{% endif %}</div>
+ <div class="card" id="replay">replay buffer<b>{{ replay.passages }} passages</b>{{ replay_line }}</div>
  <div class="card" id="cycle-now">cycle<b>{% if running %}{{ running.id }} {{ running.stage }}{% else %}idle{% endif %}</b>
   {% if running %}{{ running_line }}{% else %}{{ cycles|length }} recent{% endif %}</div>
 </div>
@@ -127,6 +126,7 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
     running = next((c for c in reversed(cycles) if c["state"] == "running"), None)
     return _page.render(
         refresh_s=REFRESH_S, model=status["model"], documents=status["documents"], replay=status["replay"],
+        replay_line=replay_line(status["replay"]),
         adapters=status["adapters"], cycles=cycles, running=running,
         running_line=cycle_line(running) if running else "", daemon_line=_daemon_line(status["daemon"]),
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now_s)),
