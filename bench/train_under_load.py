@@ -49,6 +49,7 @@ def job_file(folder: Path, steps: int) -> Path:
     hyper = TrainSection(max_steps=steps, epochs=1000, early_stop_patience=0, replay_loss="lm", new_repeats=1)
     job = TrainJob(version="v0001", base_model=str(folder / "state" / "model"), output_dir=str(folder / "out"),
                    data=JobData(new=chunks), hyper=hyper)
+    (folder / "out").mkdir(exist_ok=True)
     path = folder / "job.json"
     path.write_text(job.model_dump_json())
     return path
@@ -58,8 +59,10 @@ def train(job: Path, policy: dict[str, str]) -> float:
     """Run the trainer as the daemon does (niced, `--json-progress`) with OpenMP `policy`; tokens/s."""
     env = {key: value for key, value in os.environ.items() if key not in TRAINER_ENV}
     done = subprocess.run([sys.executable, "-m", "daemon.learning.train", str(job), "--json-progress"],
-                          env={**env, **policy}, cwd=REPO, capture_output=True, text=True, check=True,
+                          env={**env, **policy}, cwd=REPO, capture_output=True, text=True,
                           preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+    if done.returncode != 0:
+        sys.exit(f"the trainer failed:\n{done.stderr[-3000:]}")
     summary = next(json.loads(line)["summary"] for line in done.stdout.splitlines() if '"done"' in line)
     return summary["tokens_per_s"]
 
