@@ -153,3 +153,15 @@ def exclusive_lock(path: Path, busy: Callable[[], Exception], stop: threading.Ev
                 if stop is None or stop.wait(LOCK_RETRY_S):
                     raise busy() from None
         yield
+
+
+def lock_held(path: Path) -> bool:
+    """Whether some process holds the lock `exclusive_lock` takes on `path` (asked without waiting)."""
+    try:
+        with open(path, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: nobody ever took it
+        return False

@@ -8,13 +8,12 @@ manifest is recognised. Knows nothing of what the files hold; the write discipli
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from replay.durable import atomic_write_json, exclusive_lock, read_json
+from replay.durable import atomic_write_json, exclusive_lock, lock_held, read_json
 
 MANIFEST_FILE = "manifest.json"
 PASSAGES_FILE = "passages.sqlite3"
@@ -52,7 +51,7 @@ def report_progress(folder: Path, stage: str, done: int, total: int) -> None:
 def read_progress(folder: Path) -> dict[str, Any] | None:
     """The running build's progress with an `eta_s` estimate, or None when none is under way (a
     build that was killed leaves its file, but not its lock)."""
-    if not _held(folder / LOCK_FILE):
+    if not lock_held(folder / LOCK_FILE):
         return None
     found = read_json(folder / PROGRESS_FILE, lenient=True)
     if not isinstance(found, dict) or not {"stage", "done", "total", "started_at"} <= found.keys():
@@ -61,18 +60,6 @@ def read_progress(folder: Path) -> dict[str, Any] | None:
     done, total = found["done"], found["total"]
     eta = elapsed / done * (total - done) if done and total >= done else None
     return {**found, "eta_s": eta}
-
-
-def _held(lock: Path) -> bool:
-    """Whether a process holds the lock file's lock (tried without taking it for long)."""
-    try:
-        with open(lock, "rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
 
 
 def clear_progress(folder: Path) -> None:
