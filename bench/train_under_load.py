@@ -7,8 +7,10 @@ with the trainer's OpenMP threads spinning while they wait (the OpenMP default) 
 Starts `cld run` on the embedded model in a temporary state directory as bench/cycle_latency.py
 does (a small synthetic replay corpus, so its build is over before measuring), then measures, in alternating order:
 - serving alone: `--clients` loops of sequential 16-token chat requests to the front (p50, p90);
-- the trainer alone (`python -m daemon.learning.train`, `--steps` steps of 256 tokens): tokens/s;
-- both at once, until the trainer ends: its tokens/s and the serving latency.
+- the trainer alone (`python -m daemon.learning.train`, up to `--steps` steps of 256 tokens):
+  tokens/s between its first and last step (model loading excluded);
+- both at once: the trainer's tokens/s over at most `--window-s` (a starved trainer is stopped
+  then) and the serving latency meanwhile.
 Prints a Markdown table for docs/BENCHMARKS.md (machine and date included).
 """
 
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from daemon.learning.cycle import TRAIN_NICENESS, TRAINER_ENV  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
 POLICIES = {"spin (OpenMP default)": {}, "sleep (cld: TRAINER_ENV)": TRAINER_ENV}
+SEQ_TOKENS = TrainSection().seq_len * TrainSection().batch_size  # tokens per optimizer step
 QUESTION = {"messages": [{"role": "user", "content": "Name three rivers of Europe."}], "max_tokens": 16,
             "temperature": 0}
 
@@ -55,16 +59,37 @@ def job_file(folder: Path, steps: int) -> Path:
     return path
 
 
-def train(job: Path, policy: dict[str, str]) -> float:
-    """Run the trainer as the daemon does (niced, `--json-progress`) with OpenMP `policy`; tokens/s."""
+def train(job: Path, policy: dict[str, str], window_s: float) -> float:
+    """Run the trainer as the daemon does (niced, `--json-progress`) with OpenMP `policy` for at
+    most `window_s` after its first step; its tokens/s between its first and last step seen (a
+    starved trainer is stopped at the window's end, not waited for)."""
     env = {key: value for key, value in os.environ.items() if key not in TRAINER_ENV}
-    done = subprocess.run([sys.executable, "-m", "daemon.learning.train", str(job), "--json-progress"],
-                          env={**env, **policy}, cwd=REPO, capture_output=True, text=True,
-                          preexec_fn=lambda: os.nice(TRAIN_NICENESS))
-    if done.returncode != 0:
-        sys.exit(f"the trainer failed:\n{done.stderr[-3000:]}")
-    summary = next(json.loads(line)["summary"] for line in done.stdout.splitlines() if '"done"' in line)
-    return summary["tokens_per_s"]
+    process = subprocess.Popen([sys.executable, "-m", "daemon.learning.train", str(job), "--json-progress"],
+                               env={**env, **policy}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+    steps: list[tuple[float, int]] = []  # (time, step) of each progress event
+    deadline = [float("inf")]
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "progress":
+                steps.append((time.monotonic(), event["step"]))
+                deadline[0] = min(deadline[0], steps[0][0] + window_s)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while process.poll() is None and time.monotonic() < deadline[0]:
+        time.sleep(0.2)
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    reader.join(5)
+    if len(steps) < 2:
+        sys.exit(f"the trainer made fewer than 2 steps:\n{process.stderr.read()[-3000:] if process.stderr else ''}")
+    (first_s, first), (last_s, last) = steps[0], steps[-1]
+    return (last - first) * SEQ_TOKENS / (last_s - first_s)
 
 
 async def ask_until(url: str, clients: int, stop: asyncio.Event) -> list[float]:
@@ -90,10 +115,11 @@ async def serve_alone(url: str, clients: int, seconds: float) -> list[float]:
     return await asking
 
 
-async def together(url: str, clients: int, job: Path, policy: dict[str, str]) -> tuple[float, list[float]]:
+async def together(url: str, clients: int, job: Path, policy: dict[str, str],
+                   window_s: float) -> tuple[float, list[float]]:
     stop = asyncio.Event()
     asking = asyncio.create_task(ask_until(url, clients, stop))
-    tokens_per_s = await asyncio.to_thread(train, job, policy)
+    tokens_per_s = await asyncio.to_thread(train, job, policy, window_s)
     stop.set()
     return tokens_per_s, await asking
 
@@ -119,6 +145,7 @@ def table(results: dict[str, dict[str, list]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--window-s", type=float, default=90.0, help="longest a trainer run is measured")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--serve-s", type=float, default=30.0, help="length of each serving-alone measurement")
@@ -136,8 +163,9 @@ def main() -> None:
                 order = list(POLICIES) if round_ % 2 == 0 else list(reversed(POLICIES))
                 results["serving alone"]["latency"] += asyncio.run(serve_alone(url, args.clients, args.serve_s))
                 for policy in order:
-                    results[policy]["alone"].append(train(job, POLICIES[policy]))
-                    tokens_per_s, latencies = asyncio.run(together(url, args.clients, job, POLICIES[policy]))
+                    results[policy]["alone"].append(train(job, POLICIES[policy], args.window_s))
+                    tokens_per_s, latencies = asyncio.run(together(url, args.clients, job, POLICIES[policy],
+                                                                   args.window_s))
                     results[policy]["together"].append(tokens_per_s)
                     results[policy]["latency"] += latencies
                     print(f"round {round_ + 1}, {policy}: alone {results[policy]['alone'][-1]:.0f} tok/s, "
