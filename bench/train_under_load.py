@@ -41,7 +41,8 @@ from daemon.config import TrainSection  # noqa: E402
 from daemon.learning.cycle import TRAIN_NICENESS, TRAINER_ENV  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
-POLICIES = {"spin (OpenMP default)": {}, "sleep (cld: TRAINER_ENV)": TRAINER_ENV}
+POLICIES = {"spin (OpenMP default)": {}, "short spin (GOMP_SPINCOUNT=10000)": {"GOMP_SPINCOUNT": "10000"},
+            "sleep (cld: TRAINER_ENV)": TRAINER_ENV}
 SEQ_TOKENS = TrainSection().seq_len * TrainSection().batch_size  # tokens per optimizer step
 QUESTION = {"messages": [{"role": "user", "content": "Name three rivers of Europe."}], "max_tokens": 16,
             "temperature": 0}
@@ -86,9 +87,11 @@ def train(job: Path, policy: dict[str, str], window_s: float) -> float:
         process.kill()
     process.wait()
     reader.join(5)
-    if len(steps) < 2:
-        sys.exit(f"the trainer made fewer than 2 steps:\n{process.stderr.read()[-3000:] if process.stderr else ''}")
+    if not steps:
+        sys.exit(f"the trainer made no step:\n{process.stderr.read()[-3000:] if process.stderr else ''}")
     (first_s, first), (last_s, last) = steps[0], steps[-1]
+    if last == first:  # no second step within the window: slower than one step per window
+        return 0.0
     return (last - first) * SEQ_TOKENS / (last_s - first_s)
 
 
@@ -128,7 +131,7 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=10)[int(q * 10) - 1] if len(values) >= 10 else max(values)
 
 
-def table(results: dict[str, dict[str, list]]) -> str:
+def table(results: dict[str, dict[str, list]], window_s: float) -> str:
     lines = [f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", "",
              "| trainer threads | trainer alone tok/s | trainer with serving tok/s | serving p50 / p90 ms, alone "
              "| serving p50 / p90 ms, with trainer |", "|---|---|---|---|---|"]
@@ -136,7 +139,9 @@ def table(results: dict[str, dict[str, list]]) -> str:
     for name in POLICIES:
         found = results[name]
         busy = found["latency"]
-        lines.append(f"| {name} | {statistics.mean(found['alone']):.0f} | {statistics.mean(found['together']):.0f} "
+        busy_tok_s = statistics.mean(found["together"])
+        shown = f"{busy_tok_s:.0f}" if busy_tok_s else f"< {SEQ_TOKENS / window_s:.0f} (no step in {window_s:.0f} s)"
+        lines.append(f"| {name} | {statistics.mean(found['alone']):.0f} | {shown} "
                      f"| {statistics.median(alone) * 1e3:.0f} / {quantile(alone, 0.9) * 1e3:.0f} "
                      f"| {statistics.median(busy) * 1e3:.0f} / {quantile(busy, 0.9) * 1e3:.0f} |")
     return "\n".join(lines)
@@ -174,8 +179,9 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(120)
-    print(json.dumps(results))
-    print(table(results))
+    print(json.dumps({name: {key: [round(v, 4) for v in values] for key, values in found.items()}
+                      for name, found in results.items()}))
+    print(table(results, args.window_s))
 
 
 if __name__ == "__main__":
