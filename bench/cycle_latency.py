@@ -143,7 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cld-bench-") as folder:
         process, url = start(Path(folder))
         try:
-            wait(url, lambda s: s["replay"]["source"] and s["daemon"].get("vllm") == "ready", 1800)
+            wait(url, lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
+                 1800)
             knowledge = knowledge_latency(url, Path(folder) / "state" / "inbox")
             print(json.dumps({"knowledge_latency": knowledge}, indent=2), flush=True)
             if knowledge["state"] != "promoted":

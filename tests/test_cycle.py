@@ -125,6 +125,21 @@ async def test_nothing_new_is_skipped(state: StateDir, tiny: Path) -> None:
     assert (record.state, record.reasons) == ("skipped", ["no new documents"])
 
 
+async def test_a_cycle_waits_for_a_replay_build_under_way(state: StateDir, tiny: Path) -> None:
+    """A build rewrites the passage store: a cycle then reads nothing of it and says why."""
+    from replay import files
+
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    with files.build_lock(state.root / "replay"):
+        files.report_progress(state.root / "replay", "embedding passages", 10, 40)
+        record = await learner.run_cycle("api")
+    assert record.state == "skipped" and record.version is None
+    assert record.reasons[0].startswith("the replay buffer is being built (embedding passages 10/40")
+    assert journal.docs[1]["state"] == "ready", "its documents wait for the next cycle"
+
+
 async def test_a_good_candidate_is_promoted_and_the_next_one_builds_on_it(state: StateDir, tiny: Path) -> None:
     vllm, journal = FakeVLLM(), FakeJournal()
     journal.add(FACTS)

@@ -58,7 +58,8 @@ def metrics_before(live_daemon: LiveDaemon) -> dict:
 def learned(live_daemon: LiveDaemon, metrics_before: dict) -> Iterator[str]:
     """Drop a document of invented facts into the inbox and run a cycle; the promoted version."""
     (live_daemon.state_dir / "inbox" / "velmora-accord.txt").write_text(FACTS)
-    wait_for(lambda s: s["replay"]["source"] == "synthetic", 900, "the replay buffer", live_daemon)
+    wait_for(lambda s: s["replay"]["source"] == "synthetic" and not s["replay"]["building"], 900, "the replay buffer",
+             live_daemon)
     wait_for(lambda s: s["documents"]["ready"] >= 1, 300, "the document to be ingested and chunked", live_daemon)
     result = live_daemon.cld("cycle", "--wait", timeout_s=2400)
     cycle = status(live_daemon)["cycles"][-1]
@@ -164,7 +165,14 @@ def test_a_wrecking_cycle_is_rejected_and_the_incumbent_keeps_serving(live_daemo
         (state / "inbox" / "more.txt").write_text(
             "The Odrin ferry crosses the Sael estuary twice a day. Its captain in 2032 was Rhea Valdomir.")
         wait_for(lambda s: s["replay"]["source"] and s["documents"]["ready"] >= 1, 900, "ingestion", wrecker)
-        result = wrecker.cld("cycle", "--wait", timeout_s=2400)
+        # Its replay build runs at start (another base model path: new rehearsal pairs, a rebuilt
+        # store); a cycle asked for meanwhile is skipped, saying so, and is asked for again.
+        for _ in range(60):
+            result = wrecker.cld("cycle", "--wait", timeout_s=2400)
+            if "the replay buffer is being built" not in result.stdout:
+                break
+            assert "skipped" in result.stdout and result.returncode == 0, result.stdout
+            time.sleep(10)
         cycle = status(wrecker)["cycles"][-1]
         assert result.returncode == 0, result.stdout + result.stderr
         assert cycle["state"] == "rejected", cycle

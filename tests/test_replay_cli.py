@@ -63,7 +63,7 @@ def test_build_then_query_with_the_default_embedder(tmp_path: Path) -> None:
     first, second = found.stdout.splitlines()
     assert "To bake bread" in first and float(first.split()[0]) > float(second.split()[0]) > 0
     status = json.loads(cld(config, "status", "--json").stdout)["replay"]
-    assert status == {"source": "corpus", "passages": 4, "held_out": 0}
+    assert status == {"source": "corpus", "passages": 4, "held_out": 0, "building": None}
 
 
 def test_build_without_corpus_or_daemon_says_what_to_do(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_settings_become_the_build_job_and_the_plan(tmp_path: Path) -> None:
     assert job.passage_tokens == 48 and job.held_out_fraction == 0 and job.model_id == "SmolLM2-135M-Instruct"
     plan = replay_plan.plan(settings)
     assert plan.mix == {"nearest": 1.0} and plan.ratio == settings.replay.ratio
-    assert replay_plan.summary(settings) == {"source": None, "passages": 0, "held_out": 0}
+    assert replay_plan.summary(settings) == {"source": None, "passages": 0, "held_out": 0, "building": None}
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ async def test_background_build_runs_in_its_own_process_and_stops_on_request(tmp
     background = replay_plan.BackgroundBuild(settings)
     background.start(spec)
     await asyncio.wait_for(background.task, 120)
-    assert replay_plan.summary(settings) == {"source": "corpus", "passages": 4, "held_out": 0}
+    assert replay_plan.summary(settings) == {"source": "corpus", "passages": 4, "held_out": 0, "building": None}
 
     (tmp_path / "corpus" / "more.txt").write_text("A second file that needs embedding. " * 20)
     manifest = (tmp_path / "state" / "replay" / MANIFEST_FILE).read_text()

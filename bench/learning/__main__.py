@@ -223,7 +223,8 @@ def prepare_run(args: argparse.Namespace) -> Daemon:
 async def run_bench(args: argparse.Namespace, daemon: Daemon, results: dict[str, Any]) -> None:
     """Fill `results` as the measurements come in (an interrupted run still reports them)."""
     print(f"run folder: {daemon.folder}", flush=True)
-    daemon.wait(lambda s: s["replay"]["source"] and s["daemon"].get("vllm") == "ready", START_TIMEOUT_S,
+    daemon.wait(lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
+                START_TIMEOUT_S,
                 "vLLM and the replay buffer")
     suite = build_suite(daemon.state)
     docs = suite.documents

@@ -137,10 +137,6 @@ def create_app(
 
     async def proxy(request: Request) -> Response:
         payload = await _read_payload(request)
-        (limits or GenerationLimits()).check(payload)
-        if not ready():  # e.g. vLLM restarting: the promoted adapter is not loaded yet
-            raise ProxyError(openai_error(503, "the model server is starting; try again shortly",
-                                          "service_unavailable", headers={"Retry-After": "5"}))
         public = payload.get("model") or router.model_name
         served = router.resolve(public)
         request.scope[MODEL_LABEL] = public if served else OTHER_MODEL  # for RequestMetrics
@@ -148,6 +144,10 @@ def create_app(
             valid = ", ".join(router.public_names)
             raise ProxyError(openai_error(404, f"The model `{public}` does not exist. Valid: {valid}.",
                                           "NotFoundError", "model_not_found", "model"))
+        (limits or GenerationLimits()).check(payload)
+        if not ready():  # e.g. vLLM restarting: the promoted adapter is not loaded yet
+            raise ProxyError(openai_error(503, "the model server is starting; try again shortly",
+                                          "service_unavailable", headers={"Retry-After": "5"}))
         payload["model"] = served
         router.begin(served)  # until the answer is complete, `served` must stay loaded
         try:

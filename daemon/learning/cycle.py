@@ -30,7 +30,8 @@ from daemon.learning import adapters, probes, replay_plan
 from daemon.learning.decide import Decision, decide, thresholds
 from daemon.learning.jobs import JobData, TrainJob
 from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore
-from replay.durable import atomic_write_text
+from replay.durable import atomic_write_text, lock_held
+from replay.files import LOCK_FILE as REPLAY_LOCK_FILE
 from replay.select import select_replay
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class Learner:
         # Deliberately lazy: FAISS loads into the daemon only once a cycle needs the buffer.
         from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
 
+        if lock_held(self.state.root / REPLAY_DIR / REPLAY_LOCK_FILE):  # its store is rewritten: read it after
+            building = replay_plan.progress_line(replay_plan.summary(self.settings))
+            raise Skip("the replay buffer is being built" + (f" ({building})" if building else "") +
+                       "; a cycle can run once it is ready (see `cld status`)")
         record.documents = [doc["id"] for doc in documents]
         new = self.journal.chunks(record.documents)
         learned = [doc["id"] for doc in self.journal.documents("learned")]
