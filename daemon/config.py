@@ -99,8 +99,8 @@ class ServeSection(Section):
         "request cannot hold the model server for everyone else."
     )
     max_tokens: int = Field(
-        4096, ge=1, description="Most tokens one request may ask to generate (max_tokens, max_completion_tokens); "
-        "more get 400."
+        0, ge=0, description="Most tokens one request may ask to generate (max_tokens, max_completion_tokens); "
+        "more get 400. 0 = serve.max_model_len."
     )
     client_timeout_s: float = Field(
         30.0, gt=0, description="A client must send its request headers within this long, and never pause longer "
@@ -131,6 +131,11 @@ class ServeSection(Section):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https:// (or be empty to start our own vLLM)")
         return value.rstrip("/")
+
+    @property
+    def max_generated_tokens(self) -> int:
+        """serve.max_tokens, or serve.max_model_len when it is 0."""
+        return self.max_tokens or self.max_model_len
 
     @property
     def max_request_bytes(self) -> int:

@@ -218,7 +218,7 @@ class Daemon:
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
             client_timeout_s=self.settings.serve.client_timeout_s,
-            limits=app.GenerationLimits(self.settings.serve.max_n, self.settings.serve.max_tokens),
+            limits=app.GenerationLimits(self.settings.serve.max_n, self.settings.serve.max_generated_tokens),
         )
 
     async def _cycle(self) -> dict[str, Any]:
@@ -313,18 +313,24 @@ class Daemon:
         vanished (unloaded by hand, lost in vLLM) is loaded again, or the base serves."""
         while True:
             await asyncio.sleep(KEEPER_EVERY_S)
-            adapter = self.router.current
-            if adapter is None or not self._ready() or (self.learner and self.learner.swap_lock.locked()):
-                continue
             try:
-                served = await self.vllm.served()
-            except (httpx.HTTPError, ValueError, KeyError) as error:
-                log.debug("could not list vLLM's models: %s", error)
-                continue
-            if adapter.served_name not in served and self.router.current == adapter:
-                log.error("vLLM no longer serves %s (%s): loading it again", adapter.version, adapter.served_name)
-                self.adapter_reloads += 1
-                await self._restore_adapter()
+                await self._check_adapter()
+            except Exception:  # the keeper must outlive any one failed check
+                log.exception("checking the served adapter failed; trying again in %.0f s", KEEPER_EVERY_S)
+
+    async def _check_adapter(self) -> None:
+        adapter = self.router.current
+        if adapter is None or not self._ready() or (self.learner and self.learner.swap_lock.locked()):
+            return
+        try:
+            served = await self.vllm.served()
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            log.debug("could not list vLLM's models: %s", error)
+            return
+        if adapter.served_name not in served and self.router.current == adapter:
+            log.error("vLLM no longer serves %s (%s): loading it again", adapter.version, adapter.served_name)
+            self.adapter_reloads += 1
+            await self._restore_adapter()
 
     def _ready(self) -> bool:
         """Requests can be answered: serving, and our vLLM (if we run it) ready with the promoted

@@ -96,3 +96,24 @@ async def test_health_is_503_until_the_model_server_is_ready_again(daemon: Daemo
     daemon.supervisor.state = State.READY  # type: ignore[union-attr]
     daemon.vllm.up = False  # type: ignore[attr-defined]
     assert not await daemon._healthy()
+
+
+async def test_the_keeper_survives_a_check_that_fails(daemon: Daemon) -> None:
+    calls = 0
+
+    async def broken() -> set[str]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("unexpected")
+
+    daemon.vllm.served = broken  # type: ignore[attr-defined,method-assign]
+    await keep_for(daemon, 0.1)
+    assert calls >= 2, "one failed check must not end the keeper"
+
+
+def test_generation_limit_follows_the_context_length_unless_set(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[serve]\nmax_model_len = 8192\n")
+    assert load_settings(config).serve.max_generated_tokens == 8192
+    config.write_text("[serve]\nmax_model_len = 8192\nmax_tokens = 512\n")
+    assert load_settings(config).serve.max_generated_tokens == 512
