@@ -193,7 +193,7 @@ class Daemon:
             return PHASE_STATUS.get("stopping" if self.stopping.is_set() else self.phase, self.phase)
         current = self.router.current
         return status_line(current.version if current else None, self.learner.current if self.learner else None,
-                           replay_plan.progress_line(replay_plan.summary(self.settings)))
+                           replay_plan.progress_line(replay_plan.building(self.settings)))
 
     def _start_learning(self) -> None:
         model_dir = model.prepared(self.settings.model.base, self.state)

@@ -152,9 +152,7 @@ def test_a_wrecking_cycle_is_rejected_and_the_incumbent_keeps_serving(live_daemo
     state.mkdir()
     for name in ("replay", "adapters", "cycles"):
         shutil.copytree(live_daemon.state_dir / name, state / name)
-    serving = json.loads((live_daemon.state_dir / "serving.json").read_text())
-    serving["current"]["path"] = str(state / "adapters" / learned)
-    (state / "serving.json").write_text(json.dumps(serving))
+    shutil.copy(live_daemon.state_dir / "serving.json", state / "serving.json")  # names `learned`: its folder follows
     wrecker = start_daemon(tmp_path, extra_config=(
         f'\n[model]\nbase = "{live_daemon.state_dir / "model"}"\n[train]\nlearning_rate = 0.1\nepochs = 3\n'))
     try:

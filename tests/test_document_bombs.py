@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -44,11 +43,9 @@ def ingest_one(tmp_path: Path, name: str, data: bytes, extra: str = "") -> journ
 def test_a_pdf_repeating_one_stream_on_every_page_is_stopped_early_and_quarantined(tmp_path: Path) -> None:
     bomb = shared_stream_pdf(300, WORDS)  # ~1.5 million characters from a small file
     assert len(bomb) < 60_000
-    started = time.monotonic()
     recorded = ingest_one(tmp_path, "bomb.pdf", bomb, "max_document_tokens = 20000\n")
     assert recorded.outcome == "quarantined"
     assert recorded.reason.startswith("too long: about") and "ingest.max_document_tokens = 20,000" in recorded.reason
-    assert time.monotonic() - started < 60
     assert StateDir(tmp_path / "state").journal.stat().st_size < 1_000_000, "nothing of it was journaled"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from daemon import cli, service
+from daemon import cli
 from daemon.config import load_settings
 from daemon.layout import REPLAY_DIR, StateDir
 from daemon.learning import replay_plan
@@ -58,7 +58,7 @@ def test_a_running_build_reports_its_progress_and_a_dead_one_does_not(tmp_path: 
         files.report_progress(folder, "synthesizing the corpus", 100, 400)
         found = files.read_progress(folder)
         assert found["started_at"] == started and found["eta_s"] == pytest.approx(3 * (time.time() - started), rel=0.2)
-        line = replay_plan.progress_line({"building": found})
+        line = replay_plan.progress_line(found)
         assert line.startswith("synthesizing the corpus 100/400, about ") and line.endswith(" min left")
         assert status.replay_line({"source": None, "building": found}).startswith("building: synthesizing")
         assert "replay: synthesizing the corpus 100/400" in status_line(None, None, line)
@@ -85,4 +85,3 @@ def test_the_daemon_status_line_shows_the_build(daemon: Daemon) -> None:
         files.report_progress(folder, "embedding passages", 50, 200)
         assert "; replay: embedding passages 50/200" in daemon._status_line()
     assert "replay" not in daemon._status_line()
-    assert service.CYCLE_START_WAIT_S < 5

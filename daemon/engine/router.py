@@ -72,12 +72,9 @@ class Router:
         return True
 
     def switch(self, adapter: Adapter | None) -> None:
-        """Serve `adapter` (None = the base) under the stable name from now on, persistently."""
-        record = None if adapter is None else {
-            "version": adapter.version,
-            "served_name": adapter.served_name,
-            "path": str(adapter.path),
-        }
+        """Serve `adapter` (None = the base) under the stable name from now on, persistently
+        (its version and served name: the folder follows from the version)."""
+        record = None if adapter is None else {"version": adapter.version, "served_name": adapter.served_name}
         atomic_write_json(self.state_file, {"current": record})
         self.current = adapter
         log.info("%s now serves %s", self.model_name, adapter.version if adapter else "the base model")

@@ -23,7 +23,6 @@ inbox (`daemon.ingestion.inbox`) or HTTP.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import stat
@@ -163,7 +162,7 @@ class Ingester:
         if item.bytes == 0:
             raise Unreadable("empty: the file has no bytes")
         records = normalise_records(reader(_read_bytes(path, self.max_bytes), self.limits))  # the bytes go once read
-        self.limits.check_text(sum(len(json.dumps(record, ensure_ascii=False)) for record in records))
+        self.limits.check_text(sum(_chars(record) for record in records))
         if not records:
             raise Unreadable("empty: the file holds no text")
         return records
@@ -234,6 +233,13 @@ def _link_reason(path: Path, inbox: Path) -> str:
     if not target.is_relative_to(os.path.realpath(inbox)):
         return f"escapes the inbox: a symlink to {target}, outside it; put the file itself in the inbox"
     return "a symlink: links are not followed; put the file itself in the inbox"
+
+
+def _chars(record: Record) -> int:
+    """Characters of text in a normalised record (text, prompt and completion, or messages)."""
+    if "messages" in record:
+        return sum(len(message["content"]) for message in record["messages"])
+    return sum(len(value) for value in record.values() if isinstance(value, str))
 
 
 def _recorded_reason(stored: Path) -> str:

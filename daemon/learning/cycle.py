@@ -132,7 +132,7 @@ class Learner:
         from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
 
         if lock_held(self.state.root / REPLAY_DIR / REPLAY_LOCK_FILE):  # its store is rewritten: read it after
-            building = replay_plan.progress_line(replay_plan.summary(self.settings))
+            building = replay_plan.progress_line(replay_plan.building(self.settings))
             raise Skip("the replay buffer is being built" + (f" ({building})" if building else "") +
                        "; a cycle can run once it is ready (see `cld status`)")
         record.documents = [doc["id"] for doc in documents]

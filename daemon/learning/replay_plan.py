@@ -42,12 +42,16 @@ def summary(settings: Settings) -> dict[str, Any]:
     """The status's `replay` object, from the published manifest (zeros before the first build)."""
     found = read_manifest(replay_dir(settings)) or {}
     return {"source": found.get("source"), "passages": found.get("passages", 0), "held_out": found.get("held_out", 0),
-            "building": read_progress(replay_dir(settings))}
+            "building": building(settings)}
 
 
-def progress_line(replay: dict[str, Any]) -> str | None:
+def building(settings: Settings) -> dict[str, Any] | None:
+    """The running build's progress (`summary`'s `building`), without reading the manifest."""
+    return read_progress(replay_dir(settings))
+
+
+def progress_line(building: dict[str, Any] | None) -> str | None:
     """"synthesizing the corpus 120/400, about 12 min left" while a build runs, else None."""
-    building = replay.get("building")
     if not building:
         return None
     eta = building.get("eta_s")

@@ -167,7 +167,7 @@ def span(seconds: float) -> str:
 
 
 def replay_line(replay: dict[str, Any]) -> str:
-    building = progress_line(replay)
+    building = progress_line(replay.get("building"))
     if not replay["source"]:
         return f"building: {building}" if building else "not built yet"
     built = f"{replay['passages']} passages ({replay['held_out']} held out), {replay['source']} corpus"
