@@ -48,7 +48,7 @@ from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
 WORKDIR = REPO / "var" / "bench-learning"
 PREPARED = REPO / "var" / "model"
-DRIFT_PROMPTS = REPO / "daemon" / "data" / "drift_prompts.txt"
+DRIFT_PROMPTS = REPO / "daemon" / "learning" / "data" / "drift_prompts.txt"
 HELD_OUT_PASSAGES = 64
 START_TIMEOUT_S = 3600
 CYCLE_TIMEOUT_S = 3600

@@ -38,7 +38,7 @@ from daemon.config import TrainSection  # noqa: E402
 from daemon.learning import probes  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
-DRIFT_PROMPTS = HERE.parent.parent / "daemon" / "data" / "drift_prompts.txt"
+DRIFT_PROMPTS = HERE.parent.parent / "daemon" / "learning" / "data" / "drift_prompts.txt"
 
 
 # ---- export (here, with the daemon's state) ---------------------------------------------------------
