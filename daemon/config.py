@@ -321,6 +321,11 @@ class TrainSection(Section):
         "its tokens, like new text; distill = the frozen base model's whole next-token distribution on it (KL to "
         "the base with the adapter switched off), which keeps the model closer to what it was."
     )
+    distill_top_k: int = Field(
+        64, ge=0, description="Distilled replay learns the base's k most likely next tokens (and the rest of the "
+        "vocabulary as one bucket), computed once per cycle before training; 0 = the whole distribution from a "
+        "second forward pass at every step (exact, slower)."
+    )
     seed: int = Field(0, description="Seed for shuffling and initialisation (reproducible runs).")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Compute dtype of the frozen base: auto = bf16 where the hardware has it "
@@ -336,6 +341,11 @@ class TrainSection(Section):
     early_stop_patience: int = Field(
         2, ge=0, description="Epochs without held-out improvement before stopping (0 = never stop early)."
     )
+    stop_accuracy: float = Field(
+        0.0, ge=0, le=1, description="Stop once an epoch predicted this share of the text's tokens (as the most likely "
+        "next token): the documents are learned; 0 = always train every epoch."
+    )
+    min_epochs: int = Field(1, ge=1, description="Epochs trained before train.stop_accuracy may stop a run.")
     gpu_memory_fraction: float = Field(
         0.35, gt=0, le=1, description="Most of the GPU memory the trainer may use (vLLM has serve.gpu_memory_utilization)."
     )

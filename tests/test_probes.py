@@ -78,3 +78,81 @@ def test_compare_turns_raw_numbers_into_relative_changes() -> None:
     assert results.nll_drop == pytest.approx(0.75)
     assert results.cloze_pass == 0.75 and results.retention is None
     assert results.qa_drop == pytest.approx(0.1) and results.drift_agreement == 0.8
+
+
+# ---- what each model is asked, and the base's memory -----------------------------------------
+
+class CountingVLLM:
+    """Answers like vLLM and counts the requests per model; `shift` moves every base NLL."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, int] = {}
+        self.shift = 0.0
+
+    def _count(self, model: str) -> None:
+        self.asked[model] = self.asked.get(model, 0) + 1
+
+    async def token_nll(self, model: str, text) -> list[float]:
+        self._count(model)
+        return [1.0 + self.shift + (0.5 if model == "cand" else 0.0)] * 4
+
+    async def chat_tokens(self, messages, add_generation_prompt: bool) -> list[int]:
+        return [ord(c) for m in messages for c in m["content"]] + [0] * add_generation_prompt
+
+    async def chat(self, model: str, messages, max_tokens: int) -> str:
+        self._count(model)
+        return f"answer to {messages[-1]['content']}"
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        self._count(model)
+        return " more"
+
+
+def probe_set(new: str = "a new chunk"):
+    from daemon.learning.probes import QA, Cloze, ProbeSet
+
+    return ProbeSet(held_out_passages=[f"passage {i}" for i in range(6)],
+                    behaviour=[([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(3)],
+                    drift_prompts=["hello", "how are you"], new_chunks=[new],
+                    cloze=[Cloze("The cat sat", "on the mat")], retention=[Cloze("Old", "fact here")],
+                    qa=[QA("question?", "answer")])
+
+
+async def test_the_base_and_incumbent_are_asked_only_what_the_gate_compares() -> None:
+    from daemon.learning.probes import run_probes
+
+    vllm = CountingVLLM()
+    measured = await run_probes(vllm, probe_set(), "base", "cand", "inc")  # type: ignore[arg-type]
+    assert vllm.asked["inc"] == 6, "the incumbent: held-out passages only"
+    assert vllm.asked["base"] == 6 + 3 + 1 + 1 + 2, "no cloze or retention for the base"
+    assert vllm.asked["cand"] == 6 + 3 + 1 + 1 + 1 + 1 + 2
+    assert measured.values["base"]["cloze"] is None and measured.values["incumbent"]["behaviour_nll"] is None
+    assert measured.results.forgetting_vs_base == pytest.approx(0.5)
+    assert measured.results.forgetting_vs_incumbent == pytest.approx(0.5)
+
+
+async def test_the_base_is_asked_once_and_measured_again_when_it_changes() -> None:
+    from daemon.learning.probes import BaseMemo, run_probes
+
+    vllm = CountingVLLM()
+    memo = BaseMemo(vllm)  # type: ignore[arg-type]
+    first = await run_probes(vllm, probe_set("chunk one"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
+    asked = vllm.asked["base"]
+    second = await run_probes(vllm, probe_set("chunk two"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
+    assert vllm.asked["base"] - asked == 2, "one spot check and the new chunk; the rest from memory"
+    assert second.values["base"] == first.values["base"]
+    vllm.shift = 1.0  # another base is served now
+    asked = vllm.asked["base"]
+    third = await run_probes(vllm, probe_set("chunk two"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
+    assert vllm.asked["base"] - asked == 1 + 6 + 3 + 1 + 2 + 1, "the spot check failed: everything asked again"
+    assert third.values["base"]["held_out_nll"] == pytest.approx(2.0)
+
+
+async def test_the_base_memory_is_bounded() -> None:
+    from daemon.learning.probes import BaseMemo
+
+    memo = BaseMemo(CountingVLLM(), limit=3)  # type: ignore[arg-type]
+    await memo.serving("base")
+    for i in range(10):
+        await memo.token_nll("base", f"text {i}")
+    assert len(memo.answers) == 3

@@ -235,6 +235,64 @@ def test_distilled_replay_keeps_the_base_and_token_replay_does_not(tiny: Path, t
     assert drift["distill"] < drift["lm"] / 10, drift
 
 
+def test_top_k_kl_is_the_exact_kl_with_the_whole_vocabulary_and_a_lower_bound_below() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from daemon.learning.train import topk_kl
+
+    torch.manual_seed(0)
+    student = torch.randn(5, 50, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 50, dtype=torch.float64).mul(3).log_softmax(-1)
+    exact = F.kl_div(student.log_softmax(-1), teacher, log_target=True, reduction="sum")
+    values, indices = teacher.topk(50, dim=-1)
+    whole = topk_kl(student, indices, values)
+    assert float(whole.detach()) == pytest.approx(float(exact.detach()), rel=1e-9)
+    whole.backward()
+    assert torch.isfinite(student.grad).all()
+    for k in (1, 8, 30):
+        values, indices = teacher.topk(k, dim=-1)
+        assert 0 <= float(topk_kl(student, indices, values).detach()) <= float(exact.detach()) + 1e-9
+
+
+def test_precomputed_teacher_targets_equal_the_live_teacher(tiny: Path, tmp_path: Path, tokenizer) -> None:
+    """The base's top-k targets computed once before training give the loss (and gradient) the live
+    teacher — a second forward pass with the adapter off at every step — gives."""
+    import torch
+
+    from daemon.learning.train import build_dataset, load_model, step_loss, teacher_targets
+
+    spec = job(tiny, tmp_path, replay_loss="distill", dtype="fp32", warm_start=False)
+    model, tokenizer, _ = load_model(spec)
+    with torch.no_grad():  # a trained-looking adapter, so the student differs from the base
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    dataset = build_dataset(spec, tokenizer)
+    teacher_targets(model, dataset.train, tokenizer.pad_token_id, top_k=len(tokenizer))
+    soft = [block for block in dataset.train if block.distill and any(block.distill)]
+    plain = [block for block in dataset.train if not (block.distill and any(block.distill))]
+    batch = collate([soft[0], plain[0], *soft[1:3]], tokenizer.pad_token_id)  # rows of both kinds, in turn
+    assert "teacher" in batch and batch["distill"].any()
+    live = {k: v for k, v in batch.items() if k != "teacher"}
+    cached_loss, live_loss = step_loss(model, dict(batch)), step_loss(model, live)
+    assert float(cached_loss.detach()) == pytest.approx(float(live_loss.detach()), rel=1e-4)
+    grads = []
+    for loss in (step_loss(model, dict(batch)), step_loss(model, {k: v for k, v in batch.items() if k != "teacher"})):
+        model.zero_grad()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_a_run_reports_each_epochs_text_and_distillation_loss(tiny: Path, tmp_path: Path) -> None:
+    path = run(job(tiny, tmp_path, replay_loss="distill", epochs=2))
+    training = json.loads((path / "meta.json").read_text())["training"]
+    assert len(training["epochs"]) == 2 and training["teacher_s"] >= 0
+    assert {"text_loss", "distill_loss"} <= set(training["epochs"][0])
+    assert training["epochs"][1]["text_loss"] < training["epochs"][0]["text_loss"]
+
+
 def test_versions_are_immutable(tiny: Path, tmp_path: Path) -> None:
     run(job(tiny, tmp_path, epochs=1))
     with pytest.raises(FileExistsError):

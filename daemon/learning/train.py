@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,20 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     distill: list[bool] | None = None  # per token: learn the base's distribution here, not the token
+    teacher: Teacher | None = None  # the base's top-k next-token log-probabilities where distilled
+
+
+@dataclass
+class Teacher:
+    """The frozen base model's `k` most likely next tokens and their log-probabilities (over the
+    whole vocabulary) at each distilled position of one block, in order: computed once per run,
+    since the base and the block never change (`teacher_targets`)."""
+
+    indices: Any  # int64 tensor [positions, k]
+    logprobs: Any  # float32 tensor [positions, k]
+
+    def to(self, device: Any) -> Teacher:
+        return Teacher(self.indices.to(device), self.logprobs.to(device))
 
 
 def distilled(example: Example) -> Example:
@@ -120,7 +135,15 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
     if any(e.distill for e in batch):
         flags = [(e.distill or [False] * len(e.input_ids)) + [False] * (width - len(e.input_ids)) for e in batch]
         out["distill"] = torch.tensor(flags)
+        teachers = [e.teacher for e in batch if e.distill]
+        if all(teachers):  # rows in order, like the boolean mask that selects the distilled positions
+            out["teacher"] = Teacher(torch.cat([t.indices for t in teachers]), torch.cat([t.logprobs for t in teachers]))
     return out
+
+
+def distilled_positions(labels: Any, flags: Any) -> Any:
+    """Boolean mask [batch, length - 1] of the logits that predict a distilled token."""
+    return (labels[:, 1:] != IGNORE) & flags[:, 1:]
 
 
 @dataclass
@@ -222,8 +245,10 @@ def emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
-def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progress: bool, stop: Any) -> dict[str, Any]:
-    """Run the optimisation; returns the loss summary. Raises Cancelled when `stop()` turns true."""
+def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progress: bool, stop: Any,
+          on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+    """Run the optimisation; returns the loss summary. Raises Cancelled when `stop()` turns true.
+    After each epoch, `on_epoch(epoch, report)` may end training by returning true (benchmarks use it)."""
 
     hp = job.hyper
     device = next(model.parameters()).device
@@ -236,10 +261,15 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     rng = random.Random(hp.seed)
     progress = Progress(total, json_progress)
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
-    best_state = None
+    best_state, epochs, stopped = None, [], None
+    teacher_s = time.monotonic()
+    if hp.distill_top_k:
+        teacher_targets(model, dataset.train, pad_id, hp.distill_top_k)
+    teacher_s = time.monotonic() - teacher_s
     model.train()
     try:
         for epoch in range(hp.epochs):
+            parts: dict[str, list[float]] = {}
             order = list(range(len(dataset.train)))
             rng.shuffle(order)
             batches = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
@@ -250,7 +280,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 chunk = batches[group : group + hp.grad_accum]
                 for indices in chunk:
                     batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
-                    loss = step_loss(model, batch) / len(chunk)
+                    loss = step_loss(model, batch, parts) / len(chunk)
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
@@ -263,6 +293,15 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 progress.step(step, loss_sum, tokens, scheduler.get_last_lr()[0])
                 if step >= total:
                     break
+            epochs.append({name: round(summed / max(n, 1), 5) for name, (summed, n) in parts.items()})
+            if on_epoch is not None and on_epoch(epoch + 1, epochs[-1]):
+                stopped = "asked"
+                break
+            if learned(hp, epochs[-1], epoch + 1):
+                log.info("stop after epoch %d: the text was predicted at %.3f >= train.stop_accuracy", epoch + 1,
+                         epochs[-1]["text_accuracy"])
+                stopped = "learned"
+                break
             if dataset.held_out:
                 evals.append(evaluate(model, dataset.held_out, pad_id, hp.batch_size))
                 if evals[-1] < best - 1e-4:
@@ -272,6 +311,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                     bad_epochs += 1
                 if hp.early_stop_patience and bad_epochs >= hp.early_stop_patience:
                     log.info("early stop after epoch %d: held-out loss %.4f did not improve", epoch + 1, evals[-1])
+                    stopped = "held_out"
                     break
             if step >= total:
                 break
@@ -282,31 +322,93 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     return {"steps": step, "tokens": tokens, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
             "losses": [round(x, 5) for x in losses], "held_out_losses": [round(x, 5) for x in evals],
-            "best_held_out_loss": None if best == math.inf else round(best, 5)}
+            "best_held_out_loss": None if best == math.inf else round(best, 5),
+            "epochs": epochs, "stopped": stopped, "teacher_s": round(teacher_s, 2)}
 
 
-def step_loss(model: Any, batch: dict[str, Any]) -> Any:
+def learned(hp: Any, report: dict[str, float], epoch: int) -> bool:
+    """True when the epoch's text (new documents and those learned before) was predicted well enough
+    to stop: its tokens were the model's most likely next token at least `train.stop_accuracy` of
+    the time, after at least `train.min_epochs` epochs."""
+    return bool(hp.stop_accuracy) and epoch >= hp.min_epochs and report.get("text_accuracy", 0) >= hp.stop_accuracy
+
+
+def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] | None = None) -> Any:
     """Mean loss per learned token: cross-entropy on the text's own tokens, and where the batch marks
-    tokens `distill`, KL(base ‖ model) of the next-token distributions instead — the base being the
-    same network with the adapter switched off, so no second copy of the model is loaded."""
+    tokens `distill`, KL(base ‖ model) of the next-token distributions instead. The base's side comes
+    from the block's precomputed `Teacher` (top-k, `train.distill_top_k`) or, without one, from a live
+    forward pass of the same network with the adapter switched off (no second copy is loaded).
+    `parts`, when given, gathers [sum, tokens] of "text_loss", "text_accuracy" (the learned token is
+    the most likely one) and "distill_loss" for the epoch report."""
 
-    flags = batch.pop("distill", None)
-    if flags is None:
-        return model(**batch).loss
+    flags, cached = batch.pop("distill", None), batch.pop("teacher", None)
     labels = batch.pop("labels")
     logits = model(**batch).logits[:, :-1].float()
-    target, flags = labels[:, 1:], flags[:, 1:]
+    target = labels[:, 1:]
     learned = target != IGNORE
-    plain, soft = learned & ~flags, learned & flags
+    soft = distilled_positions(labels, flags) if flags is not None else torch.zeros_like(learned)
+    plain = learned & ~soft
     total = logits.new_zeros(())
     if plain.any():
-        total = total + F.cross_entropy(logits[plain], target[plain], reduction="sum")
+        text = F.cross_entropy(logits[plain], target[plain], reduction="sum")
+        total = total + text
+        if parts is not None:
+            n = int(plain.sum())
+            _add(parts, "text_loss", float(text.detach()), n)
+            _add(parts, "text_accuracy", float((logits[plain].argmax(-1) == target[plain]).sum()), n)
     if soft.any():
-        with torch.no_grad(), model.disable_adapter():
-            teacher = model(**batch).logits[:, :-1][soft].float().log_softmax(-1)
-        student = logits[soft].log_softmax(-1)
-        total = total + F.kl_div(student, teacher, log_target=True, reduction="sum")
+        if cached is not None:
+            kl = topk_kl(logits[soft], cached.indices, cached.logprobs)
+        else:
+            with torch.no_grad(), model.disable_adapter():
+                teacher = model(**batch).logits[:, :-1][soft].float().log_softmax(-1)
+            kl = F.kl_div(logits[soft].log_softmax(-1), teacher, log_target=True, reduction="sum")
+        total = total + kl
+        if parts is not None:
+            _add(parts, "distill_loss", float(kl.detach()), int(soft.sum()))
     return total / learned.sum().clamp(min=1)
+
+
+def _add(parts: dict[str, list[float]], name: str, summed: float, tokens: int) -> None:
+    sums = parts.setdefault(name, [0.0, 0])
+    sums[0] += summed
+    sums[1] += tokens
+
+
+def topk_kl(logits: Any, indices: Any, teacher: Any) -> Any:
+    """Summed KL(base ‖ model) over positions, with the base known by its top-k log-probabilities:
+    the k tokens, plus one bucket holding the rest of the vocabulary on both sides. With k = the
+    vocabulary size it is the exact KL; with fewer it never exceeds it, and it is exact on the
+    tokens the base finds likely."""
+    log_z = logits.logsumexp(-1, keepdim=True)
+    student = logits.gather(-1, indices) - log_z
+    # the student's log-mass outside the k tokens; a large finite fill (not -inf) keeps the
+    # gradient finite when k covers the whole vocabulary
+    rest = logits.scatter(-1, indices, -1e4).logsumexp(-1, keepdim=True) - log_z
+    p = teacher.exp()
+    p_rest = (1 - p.sum(-1, keepdim=True)).clamp(min=0)
+    return (p * (teacher - student)).sum() + (torch.xlogy(p_rest, p_rest) - p_rest * rest).sum()
+
+
+def teacher_targets(model: Any, examples: list[Example], pad_id: int, top_k: int, batch_size: int = 8) -> None:
+    """Attach to each block with distilled tokens the base's top-k next-token log-probabilities
+    there (one forward pass per block for the whole run, instead of one per block per epoch)."""
+    chosen = [example for example in examples if example.distill]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        for i in range(0, len(chosen), batch_size):
+            group = chosen[i : i + batch_size]
+            batch = collate(group, pad_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+            soft = distilled_positions(batch["labels"], batch["distill"]).to(logits.device)
+            for row, example in enumerate(group):
+                logprobs = logits[row][soft[row]].float().log_softmax(-1)
+                values, indices = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+                example.teacher = Teacher(indices, values)
+    model.train(was_training)
 
 
 def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float:
