@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/cycle_latency.py [--swaps 5] [--clients 16]
 
-1. Knowledge latency: a 2 KB document of invented facts lands in the inbox; seconds until an
-   adapter that learned it is promoted, split by stage (ingest, then the cycle's own stages).
+1. Knowledge latency: a 1.7 KB document of invented facts lands in the inbox; seconds until an
+   adapter that learned it is promoted, split by stage (ingest, then the cycle's own stages). Then
+   a second document the same way: its cycle continues the first adapter (warm start, incumbent
+   probed) and finds the base's probe answers remembered.
    The probe limits are loosened here (as in the live tests): this measures the pipeline's
    speed, not whether the default limits accept a cycle on the 135M model.
 2. Hot-swap under load: `--clients` streaming chat clients loop on the stable name while the
@@ -49,6 +51,22 @@ FACTS = " ".join(
     ])
 )
 
+MORE_FACTS = " ".join(
+    f"The ferry {ship} was launched at {yard} in {2050 + i}; its first captain, {captain}, sailed it to "
+    f"{port} with {crew} crew and a cargo of {cargo}."
+    for i, (ship, yard, captain, port, crew, cargo) in enumerate([
+        ("Morning Wren", "Calder Slip", "Hale Brannock", "Istervik", 14, "slate"),
+        ("Grey Heron", "Pellham Yard", "Oona Firth", "Saltcombe", 22, "wool"),
+        ("Lantern", "Rook Point", "Dervla Main", "Anverre", 9, "glass beads"),
+        ("Small Comet", "Tidewell", "Piet Hargrove", "Lorn", 31, "copper wire"),
+        ("Juniper", "Ashby Dock", "Sefa Tallow", "Kerrow", 17, "barley"),
+        ("North Star", "Greyhaven", "Emeric Lusk", "Vannes Bay", 40, "timber"),
+        ("Kittiwake", "Orm Basin", "Adair Coble", "Pendle", 12, "salt fish"),
+        ("Brass Bell", "Wexmoor", "Lira Stenholm", "Caddon", 26, "lamp oil"),
+        ("Seven Hills", "Marrow Quay", "Bastian Roe", "Eskerby", 19, "paper"),
+        ("Blue Thistle", "Hobb's Reach", "Nell Garrow", "Tirrin", 8, "honey"),
+    ])
+)
 
 def free_port() -> int:
     import socket
@@ -90,18 +108,21 @@ def wait(url: str, condition, timeout_s: float) -> dict:
     sys.exit("timed out; see the daemon log")
 
 
-def knowledge_latency(url: str, inbox: Path) -> dict:
+def knowledge_latency(url: str, inbox: Path, name: str, text: str) -> dict:
+    before = status(url)
     landed = time.monotonic()
-    (inbox / "guild-archives.txt").write_text(FACTS)
-    wait(url, lambda s: s["documents"]["ready"] >= 1, 600)
+    (inbox / name).write_text(text)
+    wait(url, lambda s: s["documents"]["ready"] > before["documents"]["ready"], 600)
     ingested = time.monotonic()
+    last = before["cycles"][-1]["id"] if before["cycles"] else 0
     httpx.post(f"{url}/api/cycles", timeout=30).raise_for_status()
-    final = wait(url, lambda s: s["cycles"] and s["cycles"][-1]["state"] != "running", 3600)
+    final = wait(url, lambda s: s["cycles"] and s["cycles"][-1]["id"] > last and s["cycles"][-1]["state"] != "running",
+                 3600)
     done = time.monotonic()
     cycle = final["cycles"][-1]
     return {"state": cycle["state"], "version": cycle["version"], "total_s": round(done - landed, 1),
             "ingest_s": round(ingested - landed, 1), "stages_s": cycle["timings_s"], "reasons": cycle["reasons"],
-            "document_bytes": len(FACTS.encode())}
+            "document_words": len(text.split())}
 
 
 async def client_loop(url: str, stop: asyncio.Event, outcome: dict) -> None:
@@ -145,8 +166,11 @@ def main() -> None:
         try:
             wait(url, lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
                  1800)
-            knowledge = knowledge_latency(url, Path(folder) / "state" / "inbox")
+            inbox = Path(folder) / "state" / "inbox"
+            knowledge = knowledge_latency(url, inbox, "guild-archives.txt", FACTS)
             print(json.dumps({"knowledge_latency": knowledge}, indent=2), flush=True)
+            second = knowledge_latency(url, inbox, "ferries.txt", MORE_FACTS)
+            print(json.dumps({"knowledge_latency_second_document": second}, indent=2), flush=True)
             if knowledge["state"] != "promoted":
                 sys.exit("the cycle was not promoted; no adapter to swap")
             swap = asyncio.run(hot_swap(url, knowledge["version"], args.swaps, args.clients))

@@ -388,6 +388,10 @@ class ProbesSection(Section):
     )
     max_qa_drop: float = Field(0.0, ge=0, le=1, description="Largest accuracy drop on the QA sets, vs the base.")
     cloze_per_document: int = Field(8, ge=1, description="Cloze probes built from each new document.")
+    retention_probes: int = Field(
+        64, ge=0, description="Most cloze probes of earlier documents asked per cycle (spread over all of them, a "
+        "different selection each cycle), so probing does not grow with everything ever learned."
+    )
     held_out_passages: int = Field(32, ge=0, description="Held-out original passages scored per cycle.")
     new_chunks: int = Field(32, ge=0, description="Chunks of the new documents scored for the NLL drop.")
     drift_prompts: Optional[Path] = Field(
