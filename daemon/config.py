@@ -321,6 +321,10 @@ class TrainSection(Section):
         "its tokens, like new text; distill = the frozen base model's whole next-token distribution on it (KL to "
         "the base with the adapter switched off), which keeps the model closer to what it was."
     )
+    distill_weight: float = Field(
+        1.0, gt=0, le=100, description="Weight of the distillation loss on replayed text against the cross-entropy on "
+        "new text: higher keeps the model closer to the base at the same cost."
+    )
     distill_top_k: int = Field(
         64, ge=0, description="Distilled replay learns the base's k most likely next tokens (and the rest of the "
         "vocabulary as one bucket), computed once per cycle before training; 0 = the whole distribution from a "

@@ -132,10 +132,10 @@ async def test_the_base_and_incumbent_are_asked_only_what_the_gate_compares() ->
 
 
 async def test_the_base_is_asked_once_and_measured_again_when_it_changes() -> None:
-    from daemon.learning.probes import BaseMemo, run_probes
+    from daemon.learning.probes import ProbeMemo, run_probes
 
     vllm = CountingVLLM()
-    memo = BaseMemo(vllm)  # type: ignore[arg-type]
+    memo = ProbeMemo(vllm)  # type: ignore[arg-type]
     first = await run_probes(vllm, probe_set("chunk one"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
     asked = vllm.asked["base"]
     second = await run_probes(vllm, probe_set("chunk two"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
@@ -148,11 +148,22 @@ async def test_the_base_is_asked_once_and_measured_again_when_it_changes() -> No
     assert third.values["base"]["held_out_nll"] == pytest.approx(2.0)
 
 
-async def test_the_base_memory_is_bounded() -> None:
-    from daemon.learning.probes import BaseMemo
+async def test_the_incumbent_is_not_asked_what_it_answered_as_the_candidate() -> None:
+    from daemon.learning.probes import ProbeMemo, run_probes
 
-    memo = BaseMemo(CountingVLLM(), limit=3)  # type: ignore[arg-type]
-    await memo.serving("base")
+    vllm = CountingVLLM()
+    memo = ProbeMemo(vllm)  # type: ignore[arg-type]
+    await run_probes(vllm, probe_set("chunk one"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
+    asked = vllm.asked["cand"]
+    measured = await run_probes(vllm, probe_set("chunk two"), "base", "next", "cand", memo=memo)  # type: ignore[arg-type]
+    assert vllm.asked["cand"] == asked, "promoted, it is the incumbent: its held-out NLLs are remembered"
+    assert measured.values["incumbent"]["held_out_nll"] == pytest.approx(1.5)
+
+
+async def test_the_memory_is_bounded() -> None:
+    from daemon.learning.probes import ProbeMemo
+
+    memo = ProbeMemo(CountingVLLM(), limit=3)  # type: ignore[arg-type]
     for i in range(10):
         await memo.token_nll("base", f"text {i}")
     assert len(memo.answers) == 3

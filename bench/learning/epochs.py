@@ -70,11 +70,16 @@ def main() -> None:
     parser.add_argument("--replay", type=Path, help="the run's replay folder: held-out passages for forgetting")
     parser.add_argument("--passages", type=int, default=32)
     parser.add_argument("--epochs", type=int, help="override the job's epochs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train.* setting of the job (e.g. learning_rate=5e-4)")
     args = parser.parse_args()
 
     job = load_job(args.job)
     if args.epochs:
         job.hyper.epochs = args.epochs
+    if args.set:
+        overrides = dict(item.split("=", 1) for item in args.set)
+        job.hyper = type(job.hyper).model_validate({**job.hyper.model_dump(), **overrides})
     job.hyper.stop_accuracy = 0.0  # every epoch is measured
     document = next(d for d in measure.load_documents()[0] if d.name == args.document)
     held_out: list[str] = []
@@ -103,7 +108,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         return False
 
-    summary = recipe.train(job, model, dataset, pad_id, json_progress=True, stop=lambda: False, on_epoch=on_epoch)
+    summary = recipe.train(job, model, dataset, pad_id, json_progress=False, stop=lambda: False, on_epoch=on_epoch)
     print("| epoch | text top-1 | text loss | distill KL | cloze (exact) | QA | held-out NLL Δ |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

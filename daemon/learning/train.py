@@ -280,7 +280,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 chunk = batches[group : group + hp.grad_accum]
                 for indices in chunk:
                     batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
-                    loss = step_loss(model, batch, parts) / len(chunk)
+                    loss = step_loss(model, batch, parts, hp.distill_weight) / len(chunk)
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
@@ -333,13 +333,14 @@ def learned(hp: Any, report: dict[str, float], epoch: int) -> bool:
     return bool(hp.stop_accuracy) and epoch >= hp.min_epochs and report.get("text_accuracy", 0) >= hp.stop_accuracy
 
 
-def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] | None = None) -> Any:
+def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] | None = None,
+              distill_weight: float = 1.0) -> Any:
     """Mean loss per learned token: cross-entropy on the text's own tokens, and where the batch marks
     tokens `distill`, KL(base ‖ model) of the next-token distributions instead. The base's side comes
     from the block's precomputed `Teacher` (top-k, `train.distill_top_k`) or, without one, from a live
-    forward pass of the same network with the adapter switched off (no second copy is loaded).
-    `parts`, when given, gathers [sum, tokens] of "text_loss", "text_accuracy" (the learned token is
-    the most likely one) and "distill_loss" for the epoch report."""
+    forward pass of the same network with the adapter switched off (no second copy is loaded),
+    weighted by `distill_weight`. `parts`, when given, gathers [sum, tokens] of "text_loss",
+    "text_accuracy" (the learned token is the most likely one) and "distill_loss" for the epoch report."""
 
     flags, cached = batch.pop("distill", None), batch.pop("teacher", None)
     labels = batch.pop("labels")
@@ -363,7 +364,7 @@ def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] |
             with torch.no_grad(), model.disable_adapter():
                 teacher = model(**batch).logits[:, :-1][soft].float().log_softmax(-1)
             kl = F.kl_div(logits[soft].log_softmax(-1), teacher, log_target=True, reduction="sum")
-        total = total + kl
+        total = total + distill_weight * kl
         if parts is not None:
             _add(parts, "distill_loss", float(kl.detach()), int(soft.sum()))
     return total / learned.sum().clamp(min=1)
