@@ -27,6 +27,8 @@ from pydantic_settings import (
 
 from replay.select import DEFAULT_MIX, check_mix, get_strategy
 
+AUGMENT_FORMS = ("shuffled", "titled", "notes")  # daemon.learning.augment makes them
+
 ENV_PREFIX = "CLD_"
 ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
@@ -370,6 +372,25 @@ class ScheduleSection(Section):
     check_s: float = Field(30, gt=0, description="How often the waiting tokens are counted.")
 
 
+class AugmentSection(Section):
+    forms: list[str] = Field(
+        default_factory=list,
+        description="Training text made from each new document besides its chunks, so its facts can be recalled "
+        "when asked in other words: shuffled (sentence and paragraph order), titled (each sentence prefixed with "
+        "the document's title), notes (a chat question about each named thing, answered with its sentences).",
+    )
+    shuffles: int = Field(2, ge=0, le=20, description="Shuffled copies of each document (form \"shuffled\").")
+    max_notes: int = Field(12, ge=0, description="Most notes per document (form \"notes\"), most mentioned names first.")
+
+    @field_validator("forms")
+    @classmethod
+    def _forms(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(AUGMENT_FORMS))
+        if unknown:
+            raise ValueError(f"unknown form(s) {unknown}; known: {', '.join(AUGMENT_FORMS)}")
+        return value
+
+
 class ProbesSection(Section):
     max_forgetting: float = Field(
         0.02, ge=0, description="Largest relative NLL increase on held-out original text, vs the base and vs the "
@@ -476,6 +497,7 @@ class Settings(BaseSettings):
     replay: ReplaySection = Field(default_factory=ReplaySection)
     train: TrainSection = Field(default_factory=TrainSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
     probes: ProbesSection = Field(default_factory=ProbesSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
     log: LogSection = Field(default_factory=LogSection)

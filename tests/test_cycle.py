@@ -162,6 +162,20 @@ async def test_a_good_candidate_is_promoted_and_the_next_one_builds_on_it(state:
     assert views == {"v0001": "retired", "v0002": "promoted"}
 
 
+async def test_augmented_forms_of_the_new_documents_are_trained_on(state: StateDir, tiny: Path) -> None:
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.augment.forms = ["titled", "notes"]
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    job = json.loads((state.root / "jobs" / "v0001.json").read_text())
+    augmented = job["data"]["augmented"]
+    assert any("text" in r for r in augmented) and any("messages" in r for r in augmented)
+    meta = json.loads((state.adapters / "v0001" / "meta.json").read_text())
+    assert meta["records"]["augmented"] == len(augmented) and meta["augmented_sample"] == augmented[:3]
+
+
 async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state: StateDir, tiny: Path) -> None:
     vllm, journal = FakeVLLM(forgetting=0.10), FakeJournal()
     journal.add(FACTS)

@@ -26,7 +26,7 @@ from daemon.config import Settings
 from daemon.engine.router import Adapter, Router
 from daemon.engine.vllm import VLLMClient
 from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, is_version
-from daemon.learning import adapters, probes, replay_plan
+from daemon.learning import adapters, augment, probes, replay_plan
 from daemon.learning.decide import Decision, decide, thresholds
 from daemon.learning.jobs import JobData, TrainJob
 from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore
@@ -159,9 +159,19 @@ class Learner:
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
             parent_version=record.parent, parent_path=str(parent.path) if parent else None,
             documents=[doc["hash"] for doc in documents],
-            data=JobData.mixed(new, records),
+            data=JobData.mixed(new, records, [r for doc in documents for r in self.augmented(doc)]),
             hyper=self.settings.train,
         )
+
+    def augmented(self, document: dict[str, Any]) -> list[dict[str, Any]]:
+        """Other forms of a new document's text (`[augment]`); none for instruction or chat data."""
+        settings = self.settings.augment
+        records = self.journal.records(document["id"])
+        if not settings.forms or not all("text" in record for record in records):
+            return []
+        text = "\n\n".join(record["text"] for record in records)
+        return augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
+                               settings.max_notes, seed=document["id"])
 
     async def train(self, record: CycleRecord, job: TrainJob) -> Path:
         """Run the recipe in its own process; its progress goes into the cycle record."""

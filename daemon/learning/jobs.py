@@ -39,18 +39,20 @@ class JobData(BaseModel):
     replay: list[Record] = Field(default_factory=list, description="passages of the original corpus")
     knowledge: list[Record] = Field(default_factory=list, description="chunks of documents learned earlier")
     rehearsal: list[Record] = Field(default_factory=list, description="(prompt, base answer) chat pairs")
+    augmented: list[Record] = Field(default_factory=list, description="other forms of the new documents "
+                                    "(daemon.learning.augment), learned once per epoch")
 
-    @field_validator("new", "replay", "knowledge", "rehearsal")
+    @field_validator("new", "replay", "knowledge", "rehearsal", "augmented")
     @classmethod
     def _records(cls, records: list[Record]) -> list[Record]:
         return [_check_record(record) for record in records]
 
     @classmethod
-    def mixed(cls, new: list[Record], replayed: list[Record]) -> JobData:
+    def mixed(cls, new: list[Record], replayed: list[Record], augmented: list[Record] | None = None) -> JobData:
         """New chunks and replay records tagged by `kind` (corpus, knowledge, rehearsal)."""
         return cls(new=new, replay=[r for r in replayed if r["kind"] == "corpus"],
                    knowledge=[r for r in replayed if r["kind"] == "knowledge"],
-                   rehearsal=[r for r in replayed if r["kind"] == "rehearsal"])
+                   rehearsal=[r for r in replayed if r["kind"] == "rehearsal"], augmented=augmented or [])
 
 
 class TrainJob(BaseModel):

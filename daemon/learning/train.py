@@ -162,7 +162,8 @@ def build_dataset(job: TrainJob, tokenizer: Any) -> Dataset:
     rng.shuffle(new)
     n_held = int(len(new) * hp.eval_fraction) if len(new) >= hp.min_chunks_for_eval else 0
     held, new = new[:n_held], new[n_held:]
-    sources = {"new": new, "replay": job.data.replay, "knowledge": job.data.knowledge, "rehearsal": job.data.rehearsal}
+    sources = {"new": new, "replay": job.data.replay, "knowledge": job.data.knowledge, "rehearsal": job.data.rehearsal,
+               "augmented": job.data.augmented}
     distill = {"replay", "rehearsal"} if hp.replay_loss == "distill" else set()
     mixed = [distilled(example) if name in distill else example
              for name, records in sources.items() for example in (encode(r, tokenizer, hp.mask_prompt) for r in records)]
@@ -453,6 +454,7 @@ def _meta(job: TrainJob, dataset: Dataset, summary: dict[str, Any], dtype: Any, 
         "base_model": job.base_model,
         "documents": job.documents,
         "records": dataset.counts,
+        "augmented_sample": job.data.augmented[:3],
         "train_tokens_per_epoch": dataset.train_tokens,
         "hyperparameters": job.hyper.model_dump(),
         "dtype": str(dtype).removeprefix("torch."),

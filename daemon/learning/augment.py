@@ -1,0 +1,136 @@
+"""Augmentation: training text beyond a document's raw chunks, so that its facts can be recalled
+when asked in other words, not only continued word for word.
+
+A fact trained in one phrasing and one context is stored but hard to extract by a question
+(Physics of Language Models 3.1, arXiv 2309.14316); what makes it extractable is seeing it in
+varied contexts and tied to its subject. Three deterministic forms, no model needed:
+
+- shuffled: the document with the sentences of each paragraph, and the paragraphs, in another order;
+- titled: every sentence prefixed with the document's subject (its title), so each fact names
+  what it is about (the "full name" augmentation of the paper above);
+- notes: for each named thing the document mentions (capitalised names, versions), a chat turn
+  "What do you know about X?" answered with the sentences that mention it.
+
+Owns only text → records; pure. Knows nothing of tokens, the journal or the trainer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from pathlib import PurePath
+from typing import Any
+
+from daemon.config import AUGMENT_FORMS as FORMS
+
+Record = dict[str, Any]
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
+# Capitalised words in a row ("Ines Varga", "Quorrel Systems"), optionally with a version or
+# number after them ("Tidewell 4.2").
+NAME = re.compile(r"\b[A-Z][\w'’-]*[a-z0-9][\w'’-]*(?:\s+(?:[A-Z][\w'’-]+|\d+(?:\.\d+)*))*")
+COMMON = frozenset(
+    "A An The This That These Those It Its In On At For From By With And Or But If When While As After Before "
+    "During Since Until Unlike Like We Our You Your They Their He She His Her I Each Every All Some Most Many "
+    "Both Other Another Also However Then There Here What Which Who Why How Note See Use Yes No New One Two Much "
+    "January February March April May June July August September October November December "
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+)
+QUESTIONS = ("What do you know about {}?", "Tell me about {}.", "What is known about {}?", "Who or what is {}?")
+MIN_WORDS = 5          # shorter sentences (headings, fragments) carry no fact to tie to a subject
+MAX_NOTE_SENTENCES = 6  # a note answers with at most this many sentences about its subject
+
+
+def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_notes: int, seed: int) -> list[Record]:
+    """The records of `forms` for one document (`source`: its file name, the title of last resort)."""
+    unknown = set(forms) - set(FORMS)
+    if unknown:
+        raise ValueError(f"unknown augmentation form(s) {sorted(unknown)}; known: {', '.join(FORMS)}")
+    rng = random.Random(seed)
+    paragraphs = split_paragraphs(text)
+    title = title_of(text, source)
+    records: list[Record] = []
+    if "shuffled" in forms:
+        records += [{"text": shuffled(paragraphs, rng)} for _ in range(shuffles) if len(paragraphs) > 1 or
+                    any(len(p) > 1 for p in paragraphs)]
+    if "titled" in forms:
+        records += [{"text": " ".join(f"{title}: {s}" for s in sentences if len(s.split()) >= MIN_WORDS)}
+                    for sentences in paragraphs if any(len(s.split()) >= MIN_WORDS for s in sentences)]
+    if "notes" in forms:
+        records += notes(paragraphs, title, max_notes)
+    return records
+
+
+def split_paragraphs(text: str) -> list[list[str]]:
+    """Paragraphs (blank-line separated) as lists of sentences; code blocks are left out."""
+    text = re.sub(r"```.*?(```|$)", "\n\n", text, flags=re.DOTALL)
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in block.splitlines() if line.strip() and not HEADING.match(line)]
+        if not lines:
+            continue
+        if len(lines) > 1 and all(re.match(r"([-*+]|\d+[.)])\s", line) for line in lines[1:]):
+            sentences = lines  # a list: each item stands alone
+        else:
+            sentences = [s.strip() for s in SENTENCE_END.split(" ".join(lines)) if s.strip()]
+        paragraphs.append(sentences)
+    return paragraphs
+
+
+def title_of(text: str, source: str) -> str:
+    """The document's subject: its first heading, else a short first line, else its file name."""
+    for line in text.splitlines():
+        if match := HEADING.match(line):
+            return match.group(1).strip()
+        if line.strip():
+            first = line.strip()
+            if len(first.split()) <= 10 and not first.endswith((".", "!", "?", ":")):
+                return first
+            break
+    stem = PurePath(source).name.split(".")[0] if source else ""
+    return re.sub(r"[-_]+", " ", stem).strip() or "this document"
+
+
+def shuffled(paragraphs: list[list[str]], rng: random.Random) -> str:
+    """The paragraphs in a new order, each with its sentences in a new order."""
+    order = [list(p) for p in paragraphs]
+    rng.shuffle(order)
+    for sentences in order:
+        rng.shuffle(sentences)
+    return "\n\n".join(" ".join(sentences) for sentences in order)
+
+
+def names(sentence: str) -> list[str]:
+    """Named things in a sentence: runs of capitalised words, without a leading common word. One
+    capitalised word that opens the sentence is not taken: any first word is capitalised."""
+    found = []
+    for match in NAME.finditer(sentence):
+        words = match.group(0).split()
+        while words and words[0] in COMMON:
+            words = words[1:]
+        opening = match.start() == 0 and len(words) == len(match.group(0).split())
+        if words and not words[0][0].isdigit() and not (len(words) == 1 and (len(words[0]) < 3 or opening)):
+            found.append(" ".join(words).rstrip("'’"))
+    return found
+
+
+def notes(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
+    """Up to `limit` chat records, one per named thing, most mentioned first: a question about it,
+    answered with the sentences that mention it (tied to the title)."""
+    mentions: dict[str, list[str]] = {}
+    for sentences in paragraphs:
+        for sentence in sentences:
+            if len(sentence.split()) < MIN_WORDS:
+                continue
+            for name in dict.fromkeys(names(sentence)):
+                mentions.setdefault(name, []).append(sentence)
+    chosen = sorted(mentions, key=lambda name: (-len(mentions[name]), name))[:limit]
+    records = []
+    for index, name in enumerate(chosen):
+        answer = " ".join(mentions[name][:MAX_NOTE_SENTENCES])
+        if name not in title:
+            answer = f"{title}: {answer}"
+        records.append({"messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)].format(name)},
+                                     {"role": "assistant", "content": answer}]})
+    return records

@@ -1,0 +1,86 @@
+"""Augmentation: other forms of a new document, made without a model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from daemon.config import ConfigError, load_settings
+from daemon.learning.augment import augment, names, notes, shuffled, split_paragraphs, title_of
+
+DOC = """# Harbour Lights 2.0
+
+Kestrel Labs released Harbour Lights 2.0 on 4 May 2026. The release was led by Mira Oakes, who joined in 2024.
+Harbour Lights now reads tide tables from the Selbrin observatory.
+
+The new planner is called Tidemark. Tidemark plans a week of crossings in two seconds.
+
+```
+pip install harbour-lights
+```
+
+- Faster start-up
+- Dark mode
+"""
+
+
+def test_paragraphs_are_sentences_without_headings_or_code() -> None:
+    paragraphs = split_paragraphs(DOC)
+    assert paragraphs[0][0].startswith("Kestrel Labs released") and len(paragraphs[0]) == 3
+    assert paragraphs[1] == ["The new planner is called Tidemark.", "Tidemark plans a week of crossings in two seconds."]
+    assert not any("pip install" in s or s.startswith("#") for p in paragraphs for s in p)
+    assert paragraphs[2] == ["- Faster start-up", "- Dark mode"]
+
+
+@pytest.mark.parametrize(("text", "source", "title"), [
+    (DOC, "x.md", "Harbour Lights 2.0"),
+    ("Release notes for Kettle\n\nKettle boils water.", "", "Release notes for Kettle"),
+    ("Kettle boils water in two minutes, as everyone knows.", "docs/kettle_guide.txt", "kettle guide"),
+    ("Kettle boils water in two minutes, as everyone knows.", "", "this document"),
+])
+def test_the_title_is_the_heading_a_short_first_line_or_the_file_name(text: str, source: str, title: str) -> None:
+    assert title_of(text, source) == title
+
+
+def test_shuffled_keeps_every_sentence_once_in_another_order() -> None:
+    paragraphs = split_paragraphs(DOC)
+    text = shuffled(paragraphs, random.Random(1))
+    assert all(text.count(sentence) == 1 for p in paragraphs for sentence in p)
+    assert len(text) == len("\n\n".join(" ".join(p) for p in paragraphs))
+    assert text != "\n\n".join(" ".join(p) for p in paragraphs)
+
+
+def test_names_skip_common_and_sentence_opening_words() -> None:
+    assert names("The release was led by Mira Oakes, who joined Kestrel Labs.") == ["Mira Oakes", "Kestrel Labs"]
+    assert names("Tidemark plans a week of crossings.") == [], "one capitalised word opening a sentence is no name"
+    assert names("It ships Harbour Lights 2.0 in May 2026.") == ["Harbour Lights 2.0"]
+
+
+def test_notes_answer_a_question_about_each_name_with_its_sentences() -> None:
+    found = notes(split_paragraphs(DOC), "Harbour Lights 2.0", limit=10)
+    by_name = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in found}
+    question = next(q for q in by_name if "Tidemark" in q)
+    assert "called Tidemark" in by_name[question] and by_name[question].startswith("Harbour Lights 2.0: ")
+    assert any("Mira Oakes" in q for q in by_name)
+    assert len(notes(split_paragraphs(DOC), "Harbour Lights 2.0", limit=2)) == 2
+
+
+def test_augment_makes_each_form_asked_for() -> None:
+    records = augment(DOC, "x.md", ["shuffled", "titled", "notes"], shuffles=2, max_notes=3, seed=0)
+    texts = [r["text"] for r in records if "text" in r]
+    titled = [t for t in texts if t.startswith("Harbour Lights 2.0: ")]
+    assert len(titled) == 2, "one per paragraph with a sentence (the list's items are too short)"
+    assert "Harbour Lights 2.0: The new planner is called Tidemark. Harbour Lights 2.0: Tidemark plans" in titled[1]
+    assert len(texts) == 4, "and two shuffled copies"
+    assert sum("messages" in r for r in records) == 3
+    assert augment(DOC, "x.md", [], 2, 3, 0) == []
+    with pytest.raises(ValueError, match="unknown augmentation form"):
+        augment(DOC, "x.md", ["paraphrase"], 2, 3, 0)
+
+
+def test_an_unknown_form_in_the_config_names_the_key(tmp_path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[augment]\nforms = ["titled", "rephrase"]\n')
+    with pytest.raises(ConfigError, match="augment.forms"):
+        load_settings(config)
