@@ -269,3 +269,25 @@ def test_retention_probes_are_bounded_and_every_one_is_asked_in_turn() -> None:
     assert all(len(c) == len(set(c)) == 8 for c in chosen)
     assert set().union(*chosen) == set(items)
     assert chosen[0] != chosen[1]
+
+
+def test_trainer_threads_spin_briefly_only_while_serving_is_quiet(state: StateDir, tiny: Path) -> None:
+    from daemon.learning.cycle import QUIET_S, SHORT_SPIN_ENV, TRAINER_ENV, trainer_env
+
+    learner = make(state, tiny, FakeVLLM(), FakeJournal())
+    router = learner.router
+    router.last_active -= QUIET_S + 1
+    assert learner.thread_policy() == SHORT_SPIN_ENV
+    router.begin("cld-base")
+    assert router.idle_s() == 0 and learner.thread_policy() == TRAINER_ENV, "a request in flight: sleep"
+    router.end("cld-base")
+    assert learner.thread_policy() == TRAINER_ENV, "a request just ended: sleep"
+    router.last_active -= QUIET_S + 1
+    learner.settings.train.thread_wait = "sleep"
+    assert learner.thread_policy() == TRAINER_ENV
+    learner.settings.train.thread_wait = "short-spin"
+    router.begin("cld-base")
+    assert learner.thread_policy() == SHORT_SPIN_ENV
+    assert trainer_env({"PATH": "/bin"}, SHORT_SPIN_ENV) == {"PATH": "/bin", **SHORT_SPIN_ENV}
+    assert trainer_env({"OMP_WAIT_POLICY": "ACTIVE"}, TRAINER_ENV) == {"OMP_WAIT_POLICY": "ACTIVE"}, \
+        "the operator's setting wins"

@@ -164,12 +164,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def sequence_table(steps: list[dict[str, Any]]) -> str:
     lines = ["| after cycle | gate | serving | cycle-1 facts (cloze) | this cycle's facts | all facts so far "
-             "| held-out NLL Δ | behaviour NLL Δ | general QA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| this cycle's QA | all QA so far | held-out NLL Δ | behaviour NLL Δ | general QA | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s['cycle']} | {s['gate']} | {s['serving'] or 'base'} | {_pct(s['first_cloze'], False)} "
-                     f"| {_pct(s['this_cloze'], False)} | {_pct(s['all_cloze'], False)} | {_pct(s['held_out_delta'])} "
-                     f"| {_pct(s['behaviour_delta'])} | {s['general_qa']} |")
+                     f"| {_pct(s['this_cloze'], False)} | {_pct(s['all_cloze'], False)} "
+                     f"| {_pct(s.get('this_qa'), False)} | {_pct(s.get('all_qa'), False)} | {_pct(s['held_out_delta'])} "
+                     f"| {_pct(s['behaviour_delta'])} | {s['general_qa']} | {s.get('wall_s') or 0:.0f} |")
     return "\n".join(lines)
 
 

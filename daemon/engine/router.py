@@ -38,6 +38,11 @@ class Router:
         self.state_file = state_file
         self.current: Adapter | None = _load(state_file)
         self.in_flight: Counter[str] = Counter()
+        self.last_active = time.monotonic()  # when a request last started or ended
+
+    def idle_s(self) -> float:
+        """Seconds since the last request started or ended; 0 while any is in flight."""
+        return 0.0 if self.in_flight else time.monotonic() - self.last_active
 
     @property
     def public_names(self) -> list[str]:
@@ -54,9 +59,11 @@ class Router:
     def begin(self, served_name: str) -> None:
         """A request to `served_name` starts; `end` must follow (the front does both)."""
         self.in_flight[served_name] += 1
+        self.last_active = time.monotonic()
 
     def end(self, served_name: str) -> None:
         self.in_flight[served_name] -= 1
+        self.last_active = time.monotonic()
         if self.in_flight[served_name] <= 0:
             del self.in_flight[served_name]
 

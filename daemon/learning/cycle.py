@@ -41,10 +41,13 @@ TRAINER_STOP_TIMEOUT_S = 30.0
 PROMOTE_FINISH_TIMEOUT_S = 15.0  # at shutdown the front is closed already, so nothing is left to drain
 CANCEL_TIMEOUT_S = 5.0  # a cancelled cycle only writes its record
 TRAIN_NICENESS = 10  # the trainer yields the CPU to serving (vLLM) and the daemon; idle, it gets it all
-# OpenMP threads that wait for work sleep instead of spinning: a spinning trainer burns the cores
-# a busy vLLM needs (GNU OpenMP: OMP_WAIT_POLICY, GOMP_SPINCOUNT; Intel's: KMP_BLOCKTIME).
-# bench/train_under_load.py measures it.
+# How the trainer's OpenMP threads wait for work (GNU OpenMP: OMP_WAIT_POLICY, GOMP_SPINCOUNT;
+# Intel's: KMP_BLOCKTIME). Beside a busy vLLM, threads that spin starve each other and the server,
+# so they sleep (TRAINER_ENV); with serving quiet, a short spin trains ~1.5x faster and costs
+# serving no more than sleeping if requests come (bench/train_under_load.py, docs/BENCHMARKS.md).
 TRAINER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+SHORT_SPIN_ENV = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+QUIET_S = 60.0  # serving counts as quiet after this long without a request (train.thread_wait = "auto")
 SHIPPED_DRIFT_PROMPTS = Path(__file__).parent / "data" / "drift_prompts.txt"
 
 
@@ -180,7 +183,7 @@ class Learner:
         atomic_write_text(job_file, job.model_dump_json(indent=1))
         self.state.logs.mkdir(parents=True, exist_ok=True)
         with open(self.state.logs / f"train-{job.version}.log", "ab") as train_log:
-            self.trainer = await start_trainer(job_file, train_log)
+            self.trainer = await start_trainer(job_file, train_log, self.thread_policy())
             try:
                 await self._follow(record, self.trainer)
                 code = await self.trainer.wait()
@@ -192,6 +195,14 @@ class Learner:
         folder = self.state.adapters / job.version
         adapters.check_adapter(folder, self.settings.train.vllm_max_lora_rank)
         return folder
+
+    def thread_policy(self) -> dict[str, str]:
+        """How the trainer's threads wait: a short spin when serving has been quiet (and
+        `train.thread_wait` allows it), else sleep."""
+        wait, idle = self.settings.train.thread_wait, self.router.idle_s()
+        spin = wait == "short-spin" or (wait == "auto" and idle >= QUIET_S)
+        log.info("trainer threads %s (serving idle for %.0f s)", "spin briefly" if spin else "sleep", idle)
+        return SHORT_SPIN_ENV if spin else TRAINER_ENV
 
     async def _follow(self, record: CycleRecord, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -328,21 +339,22 @@ class Learner:
 
 
 
-async def start_trainer(job_file: Path, log: Any) -> asyncio.subprocess.Process:
+async def start_trainer(job_file: Path, log: Any, policy: dict[str, str] = TRAINER_ENV) -> asyncio.subprocess.Process:
     """`python -m daemon.learning.train JOB --json-progress`, below serving's CPU priority
-    (TRAIN_NICENESS), with OpenMP threads that sleep when they wait (TRAINER_ENV)."""
+    (TRAIN_NICENESS), with its OpenMP threads waiting as `policy` says (TRAINER_ENV: sleep)."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "daemon.learning.train", str(job_file), "--json-progress",
         stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-        env=trainer_env(), preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+        env=trainer_env(policy=policy), preexec_fn=lambda: os.nice(TRAIN_NICENESS))
 
 
-def trainer_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The trainer's environment: TRAINER_ENV over `base` (default: ours), unless set there."""
+def trainer_env(base: dict[str, str] | None = None, policy: dict[str, str] = TRAINER_ENV) -> dict[str, str]:
+    """The trainer's environment: `policy` over `base` (default: ours), unless the OpenMP wait
+    settings are set there already (an operator's choice wins)."""
     env = dict(os.environ if base is None else base)
-    for key, value in TRAINER_ENV.items():
-        env.setdefault(key, value)
-    return env
+    if any(key in env for key in TRAINER_ENV):
+        return env
+    return env | policy
 
 
 def _text(record: dict[str, Any]) -> str:
