@@ -229,8 +229,12 @@ class Learner:
     async def probe(self, record: CycleRecord, documents: list[dict[str, Any]], served: str) -> probes.Measured:
         probe_set = self.probe_set(record, documents)
         incumbent = self.router.current.served_name if self.router.current else None
-        return await probes.run_probes(self.client, probe_set, self.router.base_served_name, served, incumbent,
-                                       drift_tokens=self.settings.probes.drift_tokens, memo=self.memo)
+        hits, misses = self.memo.hits, self.memo.misses
+        measured = await probes.run_probes(self.client, probe_set, self.router.base_served_name, served, incumbent,
+                                           drift_tokens=self.settings.probes.drift_tokens, memo=self.memo)
+        log.info("cycle %d: probes asked vLLM %d questions, %d answered from memory", record.id,
+                 self.memo.misses - misses, self.memo.hits - hits)
+        return measured
 
     def probe_set(self, record: CycleRecord, documents: list[dict[str, Any]]) -> probes.ProbeSet:
         """The texts to probe with, derived from whatever arrived and from the replay buffer."""
