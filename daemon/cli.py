@@ -253,8 +253,9 @@ def adapters_cmd(
         forgetting = probes.get("forgetting_vs_base")
         measured = (f"cloze {cloze:.0%}" if cloze is not None else "cloze -") + (
             f", forgetting {forgetting:+.1%}" if forgetting is not None else "")
+        augmented = (a.get("records") or {}).get("augmented")
         typer.echo(f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
-                   f"{a['documents']} docs  {measured}")
+                   f"{a['documents']} docs{f' (+{augmented} augmented records)' if augmented else ''}  {measured}")
 
 
 @app.command()

@@ -174,6 +174,8 @@ async def test_augmented_forms_of_the_new_documents_are_trained_on(state: StateD
     assert any("text" in r for r in augmented) and any("messages" in r for r in augmented)
     meta = json.loads((state.adapters / "v0001" / "meta.json").read_text())
     assert meta["records"]["augmented"] == len(augmented) and meta["augmented_sample"] == augmented[:3]
+    [view] = adapters_view(state.adapters, learner.cycles, "v0001")
+    assert view["records"]["augmented"] == len(augmented) and view["augmented_sample"] == augmented[:3]
 
 
 async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state: StateDir, tiny: Path) -> None:

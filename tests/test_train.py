@@ -152,7 +152,7 @@ def test_a_run_writes_a_complete_servable_version(tiny: Path, tmp_path: Path) ->
     assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} >= {"q_proj", "v_proj", "down_proj"}
     meta = json.loads((path / "meta.json").read_text())
     assert meta["version"] == "v0001" and meta["parent"] is None and meta["documents"] == ["abc"]
-    assert meta["records"] == {"new": 8, "replay": 1, "knowledge": 0, "rehearsal": 1, "held_out": 0}
+    assert meta["records"] == {"new": 8, "replay": 1, "knowledge": 0, "rehearsal": 1, "augmented": 0, "held_out": 0}
     training = meta["training"]
     assert training["steps"] > 0 and training["tokens"] > 0
     assert training["last_loss"] < training["first_loss"], "training did not lower the loss"

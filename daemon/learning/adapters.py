@@ -104,6 +104,8 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
             "failed": record.failed if record else [],
             "created_at": meta.get("created_at"),
             "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
+            "records": meta.get("records", {}),  # how many of each kind it trained on (new, replay, augmented, ...)
+            "augmented_sample": meta.get("augmented_sample", []),
         })
     return out
 
