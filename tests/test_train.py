@@ -293,6 +293,17 @@ def test_a_run_reports_each_epochs_text_and_distillation_loss(tiny: Path, tmp_pa
     assert training["epochs"][1]["text_loss"] < training["epochs"][0]["text_loss"]
 
 
+def test_training_stops_once_the_text_is_predicted_well_enough(tiny: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = json.loads((run(job(tiny, tmp_path / "a", epochs=6, stop_accuracy=0.01)) / "meta.json").read_text())
+    assert first["training"]["stopped"] == "learned" and len(first["training"]["epochs"]) == 1
+    later = json.loads((run(job(tiny, tmp_path / "b", epochs=6, stop_accuracy=0.01, min_epochs=3)) / "meta.json")
+                       .read_text())
+    assert later["training"]["stopped"] == "learned" and len(later["training"]["epochs"]) == 3
+    assert later["training"]["epochs"][2]["text_accuracy"] >= 0.01
+
+
 def test_versions_are_immutable(tiny: Path, tmp_path: Path) -> None:
     run(job(tiny, tmp_path, epochs=1))
     with pytest.raises(FileExistsError):
