@@ -262,17 +262,6 @@ async def test_the_trainer_runs_below_the_daemons_cpu_priority(tmp_path: Path) -
             await process.wait()
 
 
-def test_retention_probes_are_bounded_and_every_one_is_asked_in_turn() -> None:
-    from daemon.learning.cycle import spread
-
-    items = list(range(50))
-    assert spread(items[:5], 8, turn=3) == items[:5]
-    chosen = [spread(items, 8, turn) for turn in range(50)]
-    assert all(len(c) == len(set(c)) == 8 for c in chosen)
-    assert set().union(*chosen) == set(items)
-    assert chosen[0] != chosen[1]
-
-
 def test_trainer_threads_spin_briefly_only_while_serving_is_quiet(state: StateDir, tiny: Path) -> None:
     from daemon.learning.cycle import QUIET_S, SHORT_SPIN_ENV, TRAINER_ENV, trainer_env
 

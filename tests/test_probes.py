@@ -167,3 +167,14 @@ async def test_the_memory_is_bounded() -> None:
     for i in range(10):
         await memo.token_nll("base", f"text {i}")
     assert len(memo.answers) == 3
+
+
+def test_retention_probes_are_bounded_and_every_one_is_asked_in_turn() -> None:
+    from daemon.learning.probes import spread
+
+    items = list(range(50))
+    assert spread(items[:5], 8, turn=3) == items[:5]
+    chosen = [spread(items, 8, turn) for turn in range(50)]
+    assert all(len(c) == len(set(c)) == 8 for c in chosen)
+    assert set().union(*chosen) == set(items)
+    assert chosen[0] != chosen[1]

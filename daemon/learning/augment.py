@@ -11,7 +11,8 @@ varied contexts and tied to its subject. Three deterministic forms, no model nee
 - notes: for each named thing the document mentions (capitalised names, versions), a chat turn
   "What do you know about X?" answered with the sentences that mention it.
 
-Owns only text → records; pure. Knows nothing of tokens, the journal or the trainer.
+Owns only text → records; pure (sentences are split as the cloze probes split them:
+`probes.split_sentences`). Knows nothing of tokens, the journal or the trainer.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import PurePath
 from typing import Any
 
 from daemon.config import AUGMENT_FORMS as FORMS
+from daemon.learning.probes import split_sentences
 
 Record = dict[str, Any]
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
 # Capitalised words in a row ("Ines Varga", "Quorrel Systems"), optionally with a version or
 # number after them ("Tidewell 4.2").
@@ -51,9 +52,9 @@ def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_not
     paragraphs = split_paragraphs(text)
     title = title_of(text, source)
     records: list[Record] = []
-    if "shuffled" in forms:
-        records += [{"text": shuffled(paragraphs, rng)} for _ in range(shuffles) if len(paragraphs) > 1 or
-                    any(len(p) > 1 for p in paragraphs)]
+    reorderable = len(paragraphs) > 1 or any(len(sentences) > 1 for sentences in paragraphs)
+    if "shuffled" in forms and reorderable:
+        records += [{"text": shuffled(paragraphs, rng)} for _ in range(shuffles)]
     if "titled" in forms:
         records += [{"text": " ".join(f"{title}: {s}" for s in sentences if len(s.split()) >= MIN_WORDS)}
                     for sentences in paragraphs if any(len(s.split()) >= MIN_WORDS for s in sentences)]
@@ -73,7 +74,7 @@ def split_paragraphs(text: str) -> list[list[str]]:
         if len(lines) > 1 and all(re.match(r"([-*+]|\d+[.)])\s", line) for line in lines[1:]):
             sentences = lines  # a list: each item stands alone
         else:
-            sentences = [s.strip() for s in SENTENCE_END.split(" ".join(lines)) if s.strip()]
+            sentences = split_sentences(" ".join(lines))
         paragraphs.append(sentences)
     return paragraphs
 

@@ -258,7 +258,7 @@ class Learner:
             drift_prompts=_lines(settings.drift_prompts or SHIPPED_DRIFT_PROMPTS),
             new_chunks=new_texts[: settings.new_chunks],
             cloze=cloze,
-            retention=spread(self._retention_probes(), settings.retention_probes, record.id),
+            retention=probes.spread(self._retention_probes(), settings.retention_probes, record.id),
             qa=[probes.QA(item["question"], item["answer"]) for path in settings.qa_sets for item in _jsonl(path)],
         )
 
@@ -367,15 +367,6 @@ def _text(record: dict[str, Any]) -> str:
     if "prompt" in record:
         return f"{record['prompt']}\n{record['completion']}"
     return "\n".join(message["content"] for message in record.get("messages", []))
-
-
-def spread(items: list[T], limit: int, turn: int) -> list[T]:
-    """At most `limit` of `items`, evenly spaced over all of them, starting `turn` places further
-    each time (so every item is asked in turn, and none is asked twice in one selection)."""
-    if len(items) <= limit:
-        return list(items)
-    step = len(items) / limit
-    return [items[(int(i * step) + turn) % len(items)] for i in range(limit)]
 
 
 def _lines(path: Path) -> list[str]:

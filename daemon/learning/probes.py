@@ -65,7 +65,7 @@ class ProbeSet:
 def build_cloze(text: str, limit: int, min_words: int = 6, keep: float = 0.6) -> list[Cloze]:
     """Up to `limit` cloze probes, evenly spread over `text`: the first `keep` of a sentence's
     words (after the previous sentence, for context) must be continued with the rest."""
-    sentences = [s.strip() for s in SENTENCE_END.split(" ".join(text.split())) if s.strip()]
+    sentences = split_sentences(text)
     found = []
     for index, sentence in enumerate(sentences):
         words = sentence.split()
@@ -76,10 +76,21 @@ def build_cloze(text: str, limit: int, min_words: int = 6, keep: float = 0.6) ->
         expected = " ".join(words[cut:]).rstrip(".!?;:,")
         if _content_words(expected):
             found.append(Cloze(context + " ".join(words[:cut]), expected))
-    if len(found) <= limit:
-        return found
-    step = len(found) / limit
-    return [found[int(i * step)] for i in range(limit)]
+    return spread(found, limit)
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`, whitespace collapsed (a full stop, ! or ? before a capital or digit)."""
+    return [s.strip() for s in SENTENCE_END.split(" ".join(text.split())) if s.strip()]
+
+
+def spread(items: list[T], limit: int, turn: int = 0) -> list[T]:
+    """At most `limit` of `items`, evenly spaced over all of them, starting `turn` places further
+    (so that, turn after turn, every item is chosen; none twice in one selection)."""
+    if len(items) <= limit:
+        return list(items)
+    step = len(items) / limit
+    return [items[(int(i * step) + turn) % len(items)] for i in range(limit)]
 
 
 def cloze_passed(expected: str, generated: str, min_recall: float = 0.6) -> bool:

@@ -263,10 +263,10 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     progress = Progress(total, json_progress)
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
     best_state, epochs, stopped = None, [], None
-    teacher_s = time.monotonic()
+    started = time.monotonic()
     if hp.distill_top_k:
         teacher_targets(model, dataset.train, pad_id, hp.distill_top_k)
-    teacher_s = time.monotonic() - teacher_s
+    teacher_s = time.monotonic() - started
     model.train()
     try:
         for epoch in range(hp.epochs):
