@@ -9,6 +9,7 @@ from daemon.learning.probes import (
     build_cloze,
     cloze_passed,
     compare,
+    prose_sentences,
     qa_correct,
 )
 
@@ -34,6 +35,50 @@ def test_cloze_probes_are_spread_and_limited() -> None:
     probes = build_cloze(text, limit=5)
     assert len(probes) == 5
     assert len({probe.expected for probe in probes}) == 5
+
+
+README = """# fooly
+
+[![PyPI](https://img.shields.io/pypi/v/fooly)](https://pypi.org/project/fooly)
+
+**fooly** syncs your dotfiles across machines through a Git remote you choose.
+It was started in 2025 by the Barnacle team.
+
+## Install
+
+```bash
+pip install fooly && fooly init --remote git@example.org:me/dots.git --interval 15 --verbose
+```
+
+## Features
+
+- Watches your home directory and commits changes every 15 minutes by default
+- `fooly push --force --all --remote=origin` overwrites the remote
+
+    fooly status --json --since=2025-01-01 --limit 10
+
+| option   | default | meaning of the option |
+|----------|---------|-----------------------|
+| interval | 15      | minutes between two commits of the folder |
+"""
+
+
+def test_cloze_probes_of_a_readme_skip_code_tables_and_markup() -> None:
+    probes = build_cloze(README, limit=10)
+    assert [p.expected for p in probes] == [
+        "a Git remote you choose", "by the Barnacle team", "changes every 15 minutes by default"]
+    assert probes[0].prompt == "# fooly **fooly** syncs your dotfiles across machines through", "no badge as context"
+    assert probes[2].prompt == "## Features - Watches your home directory and commits", "the heading gives context"
+
+
+def test_prose_sentences_mark_what_a_reader_would_be_asked() -> None:
+    sentences = dict(prose_sentences(README))
+    assert sentences["## Features"] is False
+    assert sentences["- `fooly push --force --all --remote=origin` overwrites the remote"] is False
+    assert not any("pip install" in s or "status --json" in s or "PyPI" in s for s in sentences), "code and badges left out"
+    assert sentences["| interval | 15 | minutes between two commits of the folder |"] is False
+    titled = dict(prose_sentences("Getting there\n\nWe ask staff to think about the journey first.\n"))
+    assert titled == {"Getting there": False, "We ask staff to think about the journey first.": True}
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,15 @@ STOPWORDS = frozenset(
     "those as into than then there their his her he she they we you i not no so if".split()
 )
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+FENCE = re.compile(r"^(```|~~~)")
+STRUCTURAL = re.compile(r"^(#{1,6}\s|\|)")  # a heading or a table row: its own block, never probed
+MARKUP = re.compile(r"^(<|!\[|\[!\[)")  # an HTML, image or badge line: left out
+LIST_ITEM = re.compile(r"^([-*+]|\d+[.)])\s")
+# A word as prose has it: letters (with an inner apostrophe or hyphen, or a number), optionally
+# wrapped in quotes, brackets or emphasis and followed by punctuation.
+PLAIN_WORD = re.compile(r"^[\"'(*_]*([A-Za-z][A-Za-z'’-]*|\d[\d,.]*%?)[\"')*_]*[.,;:!?]*[\"')]*$")
+MIN_PLAIN_SHARE = 0.6
+TITLE_WORDS = 12
 
 
 @dataclass(frozen=True)
@@ -63,20 +72,82 @@ class ProbeSet:
 # ---- cloze probes from any text ------------------------------------------------------------
 
 def build_cloze(text: str, limit: int, min_words: int = 6, keep: float = 0.6) -> list[Cloze]:
-    """Up to `limit` cloze probes, evenly spread over `text`: the first `keep` of a sentence's
-    words (after the previous sentence, for context) must be continued with the rest."""
-    sentences = split_sentences(text)
+    """Up to `limit` cloze probes, evenly spread over the prose of `text`: the first `keep` of a
+    sentence's words (after the previous sentence, for context) must be continued with the rest.
+    Sentences are taken as written; code, tables and markup-heavy lines are never probed
+    (`prose_sentences`)."""
+    sentences = prose_sentences(text)
     found = []
-    for index, sentence in enumerate(sentences):
+    for index, (sentence, prose) in enumerate(sentences):
         words = sentence.split()
-        if len(words) < min_words:
+        if not prose or len(words) < min_words:
             continue
         cut = max(3, int(len(words) * keep))
-        context = sentences[index - 1] + " " if index else ""
+        context = sentences[index - 1][0] + " " if index else ""
         expected = " ".join(words[cut:]).rstrip(".!?;:,")
-        if _content_words(expected):
+        if _content_words(expected) and _is_prose(expected):
             found.append(Cloze(context + " ".join(words[:cut]), expected))
     return spread(found, limit)
+
+
+def prose_sentences(text: str) -> list[tuple[str, bool]]:
+    """The sentences of `text` in order, each with whether it is prose a reader would be asked
+    about. Markdown-aware: fenced code is left out, headings, list items and table rows are
+    blocks of their own, and a sentence of mostly code, URLs or markup is not prose."""
+    found: list[tuple[str, bool]] = []
+    for block, structural in _blocks(text):
+        for sentence in split_sentences(block):
+            found.append((sentence, not structural and _is_prose(sentence)))
+    return found
+
+
+def _blocks(text: str) -> list[tuple[str, bool]]:
+    """Paragraphs and list items of `text` (whitespace collapsed), each with whether it is a
+    heading, title or table row rather than running text; fenced code, HTML and images left out."""
+    blocks: list[tuple[str, bool]] = []
+    lines: list[str] = []
+    fence = ""
+
+    def close() -> None:
+        if lines:
+            block = " ".join(" ".join(lines).split())
+            # a short line of its own without a full stop is a title ("Getting there")
+            title = (len(lines) == 1 and len(block.split()) < TITLE_WORDS and not LIST_ITEM.match(block)
+                     and not block.endswith((".", "!", "?", ":")))
+            blocks.append((block, title))
+            lines.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if fence:
+            fence = "" if stripped.startswith(fence) else fence
+            continue
+        if FENCE.match(stripped):
+            close()
+            fence = stripped[:3]
+            continue
+        if not stripped or line.startswith(("    ", "\t")) and not lines:  # blank, or indented code
+            close()
+            continue
+        if MARKUP.match(stripped):
+            close()
+        elif STRUCTURAL.match(stripped):
+            close()
+            blocks.append((stripped, True))
+        elif LIST_ITEM.match(stripped):
+            close()
+            lines.append(stripped)
+        else:
+            lines.append(stripped)
+    close()
+    return blocks
+
+
+def _is_prose(text: str) -> bool:
+    """Mostly plain words: not code, paths, URLs or markup."""
+    words = text.split()
+    plain = sum(1 for word in words if PLAIN_WORD.match(word))
+    return bool(words) and plain / len(words) >= MIN_PLAIN_SHARE
 
 
 def split_sentences(text: str) -> list[str]:
