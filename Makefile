@@ -12,7 +12,7 @@ SHELL   := /bin/bash
 CHROMIUM := /usr/bin/chromium
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 
-.PHONY: install run test test-unit bench bench-learning clean
+.PHONY: install run test test-unit bench bench-learning bench-lifelong clean
 
 install: $(VENV)/.installed-$(FLAVOUR)
 
@@ -59,6 +59,11 @@ bench: install
 # How much the served model learns and forgets: cld's cycle vs naive LoRA (about an hour on 2 cores).
 bench-learning: install
 	$(BIN)/python bench/learning --naive-sequence --plot docs/learning.png
+
+# Does cld keep learning over 20 documents (half of them real 2025-26 READMEs)? Several hours on
+# 2 cores; stopped, it continues with `$(BIN)/python bench/learning/lifelong.py --resume`.
+bench-lifelong: install
+	$(BIN)/python bench/learning/lifelong.py --naive --plot docs/lifelong.png
 
 clean:
 	rm -rf $(VENV) var

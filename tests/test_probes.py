@@ -92,6 +92,9 @@ def test_prose_sentences_mark_what_a_reader_would_be_asked() -> None:
         ("Ilse Quorvant, a hydrologist from Brask", " John Smith.", False),
         ("headquartered in Odrin", "", False),
         ("café in Zürich", " cafe in zurich", True),
+        # a reader's words: link targets are not what a probe asks for
+        ("[Emma Smith](https://github.com/emmatyping) ported `pyzstd`", " [Emma Smith](https://github.com/e) ported pyzstd", True),
+        ("[Emma Smith](https://github.com/emmatyping) ported `pyzstd`", " Emma Jones wrote it", False),
     ],
 )
 def test_cloze_matching(expected: str, generated: str, passed: bool) -> None:

@@ -53,6 +53,7 @@ class Suite:
 
 
 def load_documents(path: Path = DATA_FILE) -> tuple[list[Document], list[tuple[str, list[str]]]]:
+    """The documents of a benchmark file and its general questions (none when it has no `general_qa`)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     documents = [
         Document(doc["name"], doc["text"], [
@@ -60,7 +61,7 @@ def load_documents(path: Path = DATA_FILE) -> tuple[list[Document], list[tuple[s
             for f in doc["facts"]])
         for doc in data["documents"]
     ]
-    return documents, [(item["question"], item["answers"]) for item in data["general_qa"]]
+    return documents, [(item["question"], item["answers"]) for item in data.get("general_qa", [])]
 
 
 # ---- scoring of one answer ---------------------------------------------------------------------
@@ -88,19 +89,10 @@ async def evaluate(client: VLLMClient, model: str, suite: Suite, documents: list
     """Every measure for `model`, the facts of `documents` only. `general` = indices of the general
     questions to score (those the base answers correctly); `drift_reference` = the base's greedy
     answers to the drift prompts."""
-    chosen_docs = [doc for doc in suite.documents if doc.name in documents]
-    facts = [fact for doc in chosen_docs for fact in doc.facts]
-    continuations = await probes.gather(
-        facts, lambda f: client.complete(model, f.prompt, max_tokens=4 * len(f.answer.split()) + 8))
-    replies = await probes.greedy_chat(client, model, [f.question for f in facts], QA_MAX_TOKENS)
+    per_doc, samples = await recall(client, model, suite, documents)
     chosen = range(len(suite.general_qa)) if general is None else general
     general_replies = await probes.greedy_chat(client, model, [suite.general_qa[i][0] for i in chosen], QA_MAX_TOKENS)
     drift = await probes.greedy_chat(client, model, suite.drift_prompts, DRIFT_TOKENS)
-    per_doc: dict[str, dict[str, float]] = {}
-    for doc in chosen_docs:
-        rows = [(cloze_exact(f.answer, c), contains(f.qa_answer, r))
-                for f, c, r in zip(facts, continuations, replies) if f.document == doc.name]
-        per_doc[doc.name] = {"cloze": statistics.fmean(r[0] for r in rows), "qa": statistics.fmean(r[1] for r in rows)}
     general_ok = [i for i, reply in zip(chosen, general_replies)
                   if any(contains(answer, reply) for answer in suite.general_qa[i][1])]
     return {
@@ -112,9 +104,26 @@ async def evaluate(client: VLLMClient, model: str, suite: Suite, documents: list
         "behaviour_nll": await probes.answer_nll(client, model, suite.behaviour),
         "drift_answers": drift,
         "drift_agreement": probes.agreement(drift_reference, drift) if drift_reference is not None else 1.0,
-        "samples": [{"prompt": f.prompt[-60:], "answer": f.answer, "continuation": c, "question": f.question,
-                     "reply": r} for f, c, r in list(zip(facts, continuations, replies))[:8]],
+        "samples": samples,
     }
+
+
+async def recall(client: VLLMClient, model: str, suite: Suite,
+                 documents: list[str]) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
+    """Exact cloze and QA recall of the facts of `documents`, per document, and a few samples."""
+    chosen_docs = [doc for doc in suite.documents if doc.name in documents]
+    facts = [fact for doc in chosen_docs for fact in doc.facts]
+    continuations = await probes.gather(
+        facts, lambda f: client.complete(model, f.prompt, max_tokens=4 * len(f.answer.split()) + 8))
+    replies = await probes.greedy_chat(client, model, [f.question for f in facts], QA_MAX_TOKENS)
+    per_doc: dict[str, dict[str, float]] = {}
+    for doc in chosen_docs:
+        rows = [(cloze_exact(f.answer, c), contains(f.qa_answer, r))
+                for f, c, r in zip(facts, continuations, replies) if f.document == doc.name]
+        per_doc[doc.name] = {"cloze": statistics.fmean(r[0] for r in rows), "qa": statistics.fmean(r[1] for r in rows)}
+    samples = [{"prompt": f.prompt[-60:], "answer": f.answer, "continuation": c, "question": f.question, "reply": r}
+               for f, c, r in list(zip(facts, continuations, replies))[:8]]
+    return per_doc, samples
 
 
 def relative(value: Optional[float], reference: Optional[float]) -> Optional[float]:

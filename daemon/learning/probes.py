@@ -39,6 +39,8 @@ LIST_ITEM = re.compile(r"^([-*+]|\d+[.)])\s")
 # wrapped in quotes, brackets or emphasis and followed by punctuation.
 PLAIN_WORD = re.compile(r"^[\"'(*_]*([A-Za-z][A-Za-z'’-]*|\d[\d,.]*%?)[\"')*_]*[.,;:!?]*[\"')]*$")
 MIN_PLAIN_SHARE = 0.6
+LINK_TARGET = re.compile(r"\]\([^)\s]*\)")
+URL = re.compile(r"\bhttps?://\S+")
 TITLE_WORDS = 12
 
 
@@ -167,6 +169,7 @@ def spread(items: list[T], limit: int, turn: int = 0) -> list[T]:
 def cloze_passed(expected: str, generated: str, min_recall: float = 0.6) -> bool:
     """True when the generated continuation recalls at least `min_recall` of the expected
     continuation's content words (order-free, case- and accent-insensitive)."""
+    expected, generated = _without_urls(expected), _without_urls(generated)
     wanted = _content_words(expected)
     got = set(normalized_words(generated)[: len(normalized_words(expected)) + 8])
     return bool(wanted) and len(wanted & got) / len(wanted) >= min_recall
@@ -180,6 +183,11 @@ def normalized_words(text: str) -> list[str]:
     """Casefolded words without accents: how every probe compares text (and the benchmark too)."""
     plain = unicodedata.normalize("NFKD", text.casefold())
     return re.findall(r"[^\W_]+", "".join(c for c in plain if not unicodedata.combining(c)))
+
+
+def _without_urls(text: str) -> str:
+    """A reader's words of markdown: link targets and bare URLs left out ("[Emma](https://…)" → "[Emma]")."""
+    return URL.sub(" ", LINK_TARGET.sub("]", text))
 
 
 def _content_words(text: str) -> set[str]:

@@ -1,0 +1,224 @@
+"""What every learning benchmark drives: the real daemon (`cld run` as a subprocess on its own state
+directory, documents handed in through its inbox, cycles run through its API), the models it is
+measured on (the base, an adapter folder loaded into the daemon's vLLM under a fresh name), naive
+LoRA (the recipe on one document's chunks, no replay, no gate), and the measurement suite built
+from the run's replay buffer. Used by `bench/learning` (one cycle and a short sequence) and
+`bench/learning/lifelong.py` (20 documents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path[:0] = [str(REPO)]
+
+import measure  # noqa: E402  (beside this file)
+
+from daemon.config import load_settings  # noqa: E402
+from daemon.engine.vllm import VLLMClient, auth_headers  # noqa: E402
+from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
+from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
+
+WORKDIR = REPO / "var" / "bench-learning"
+PREPARED = REPO / "var" / "model"
+DRIFT_PROMPTS = REPO / "daemon" / "learning" / "data" / "drift_prompts.txt"
+HELD_OUT_PASSAGES = 64
+START_TIMEOUT_S = 3600
+CYCLE_TIMEOUT_S = 3600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- the daemon under test ------------------------------------------------------------------------
+
+class Daemon:
+    """`cld run` in `folder`, with `overrides` ({"train.learning_rate": "5e-4"}) as CLD_* variables."""
+
+    def __init__(self, folder: Path, state: Path, overrides: dict[str, str]):
+        self.folder, self.state, self.port, self.vllm_port = folder, state, free_port(), free_port()
+        base = f'[model]\nbase = "{PREPARED}"\n' if (PREPARED / "config.json").is_file() else ""
+        self.config = folder / "config.toml"
+        self.config.write_text(f'[state]\ndir = "{state}"\n{base}[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'
+                               "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n")
+        self.env = {**os.environ, **{f"CLD_{k.replace('.', '__').upper()}": v for k, v in overrides.items()}}
+        self.settings = load_settings(self.config) if not overrides else _settings_with(self.config, self.env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.vllm_url = f"http://127.0.0.1:{self.vllm_port}"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        log = open(self.folder / "daemon.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config)],
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(180)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def status(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/api/status", timeout=60).json()
+
+    def wait(self, condition: Any, timeout_s: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                sys.exit(f"cld run exited ({self.process.returncode}); see {self.folder / 'daemon.log'}")
+            try:
+                current = self.status()
+                if condition(current):
+                    return current
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        sys.exit(f"timed out waiting for {what}; see {self.folder / 'daemon.log'}")
+
+    def cycle(self, document: measure.Document) -> dict[str, Any]:
+        """Hand `document` in through the inbox, run a cycle on it, return its full record."""
+        self.hand_in(document)
+        return self.run_cycle()
+
+    def hand_in(self, document: measure.Document) -> None:
+        """Drop `document` into the inbox (whole, by a rename) and wait until it is ingested."""
+        before = self.status()["documents"]["ready"]
+        inbox = self.state / "inbox"
+        (inbox / f".{document.name}.part").write_text(document.text, encoding="utf-8")
+        (inbox / f".{document.name}.part").rename(inbox / document.name)
+        self.wait(lambda s: s["documents"]["ready"] > before, 600, "the document to be ingested")
+
+    def run_cycle(self) -> dict[str, Any]:
+        """Run a cycle through the API and wait for it; its full record."""
+        before = self.status()
+        last = before["cycles"][-1]["id"] if before["cycles"] else 0
+        httpx.post(f"{self.url}/api/cycles", timeout=60).raise_for_status()
+        self.wait(lambda s: s["cycles"] and s["cycles"][-1]["id"] > last and s["cycles"][-1]["state"] != "running",
+                  CYCLE_TIMEOUT_S, "the cycle")
+        return json.loads((self.state / "cycles" / f"{last + 1:06d}.json").read_text())
+
+    def wait_ready(self) -> None:
+        """Until vLLM serves and the replay buffer is built."""
+        self.wait(lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
+                  START_TIMEOUT_S, "vLLM and the replay buffer")
+
+    def vllm(self) -> VLLMClient:
+        """A client of the daemon's own vLLM, with the key cld gave it."""
+        key = (self.state / "vllm.key").read_text()
+        return VLLMClient(self.vllm_url, httpx.AsyncClient(base_url=self.vllm_url, timeout=600,
+                                                           headers=auth_headers(key)))
+
+
+def _settings_with(config: Path, env: dict[str, str]) -> Any:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return load_settings(config)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, daemon: Daemon, suite: measure.Suite, client: VLLMClient):
+        self.daemon, self.suite, self.client = daemon, suite, client
+        self.base_name = ""
+        self.base: dict[str, Any] = {}
+
+    async def measure_base(self) -> dict[str, Any]:
+        self.base_name = await self.client.base_model()
+        result = await measure.evaluate(self.client, self.base_name, self.suite, [d.name for d in self.suite.documents])
+        self.general = result["general_correct"]  # the questions the base answers: its ability to keep
+        result["general_accuracy"] = 1.0
+        self.base = result
+        return result
+
+    async def measure_adapter(self, folder: Optional[Path], documents: list[measure.Document]) -> dict[str, Any]:
+        """Measure the adapter in `folder` (None = the base) on the facts of `documents`."""
+        if folder is None:
+            return self.base
+        name = f"bench-{folder.name}-{secrets.token_hex(3)}"
+        await self.client.load_lora(name, folder)
+        try:
+            return await measure.evaluate(self.client, name, self.suite, [d.name for d in documents],
+                                          self.base["drift_answers"], self.general)
+        finally:
+            await self.client.unload_lora(name)
+
+    async def recall(self, folder: Optional[Path], documents: list[measure.Document]) -> dict[str, dict[str, float]]:
+        """Only the fact recall of `documents` for the adapter in `folder` (None = the base)."""
+        if folder is None:
+            return (await measure.recall(self.client, self.base_name, self.suite, [d.name for d in documents]))[0]
+        name = f"bench-{folder.name}-{secrets.token_hex(3)}"
+        await self.client.load_lora(name, folder)
+        try:
+            return (await measure.recall(self.client, name, self.suite, [d.name for d in documents]))[0]
+        finally:
+            await self.client.unload_lora(name)
+
+    def train_naive(self, document: measure.Document, version: str, parent: Optional[Path]) -> tuple[Path, float]:
+        """The recipe on the document's chunks alone: no replay, no rehearsal, no gate."""
+        settings = self.daemon.settings
+        model_dir = PREPARED if (PREPARED / "config.json").is_file() else self.daemon.state / "model"
+        chunker = Chunker(load_tokenizer(model_dir), settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
+        new = [record for _, record in chunker.chunks([{"text": document.text}])]
+        out = self.daemon.folder / "naive"
+        out.mkdir(exist_ok=True)
+        job = TrainJob(version=version, base_model=str(model_dir), output_dir=str(out),
+                       parent_version=parent.name if parent else None, parent_path=str(parent) if parent else None,
+                       data=JobData(new=new), hyper=settings.train)
+        job_file = out / f"{version}.json"
+        job_file.write_text(job.model_dump_json(indent=1))
+        started = time.monotonic()
+        with open(out / f"{version}.log", "wb") as log:
+            subprocess.run([sys.executable, "-m", "daemon.learning.train", str(job_file)], check=True, cwd=REPO,
+                           stdout=log, stderr=subprocess.STDOUT)
+        return out / version, time.monotonic() - started
+
+
+def meta(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def build_suite(state: Path, held_out_passages: int = HELD_OUT_PASSAGES,
+                data: Path = measure.DATA_FILE) -> measure.Suite:
+    from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
+
+    documents, general = measure.load_documents(data)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:  # the daemon may be (re)building it
+        try:
+            buffer = ReplayBuffer.open(state / "replay")
+            break
+        except BufferMissing:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(5)
+    try:
+        held_out = [p.text for p in buffer.held_out_passages(held_out_passages, seed=0)]
+    finally:
+        buffer.close()
+    _, behaviour = load_rehearsal(state / "replay")
+    drift = [line.strip() for line in DRIFT_PROMPTS.read_text().splitlines() if line.strip()]
+    return measure.Suite(documents, general, held_out,
+                         [([{"role": "user", "content": p.prompt}], p.answer) for p in behaviour], drift)
