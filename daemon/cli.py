@@ -275,6 +275,30 @@ def rollback(
     typer.echo(f"{settings.serve.model_name} now serves {reply['serving'] or 'the base model'}")
 
 
+@app.command()
+def retry(
+    documents: Annotated[Optional[list[int]], typer.Argument(help="Ids of set-aside documents (default: all).")] = None,
+    config: ConfigOption = None,
+    list_only: Annotated[bool, typer.Option("--list", help="Only list the set-aside documents and why.")] = False,
+) -> None:
+    """Put documents set aside after refused cycles (schedule.max_attempts) back into the next cycle."""
+    from daemon.ingestion import journal
+
+    settings = _settings(config)
+    if list_only:
+        aside = journal.set_aside(StateDir(settings.state.dir).journal)
+        for doc in aside:
+            typer.echo(f"{doc['id']}  {doc['source']}  refused in {doc['attempts']} cycles; last: {doc['why']}")
+        if not aside:
+            typer.echo("no documents are set aside")
+        return
+    retried = _daemon_api(settings, "POST", "/api/documents/retry", {"documents": documents})["retried"]
+    for doc in retried:
+        typer.echo(f"{doc['id']}  {doc['source']}  back in the next cycle")
+    if not retried:
+        typer.echo("no set-aside documents to retry" + (" with those ids" if documents else ""))
+
+
 def _auth_headers(settings: Settings, admin: bool = False) -> dict[str, str]:
     key = (settings.security.admin_key if admin else "") or settings.security.api_key
     return {"Authorization": f"Bearer {key}"} if key else {}

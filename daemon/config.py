@@ -376,6 +376,11 @@ class ScheduleSection(Section):
         2000, ge=0, description="Start a cycle as soon as this many new tokens are waiting (0 = never early)."
     )
     check_s: float = Field(30, gt=0, description="How often the waiting tokens are counted.")
+    max_attempts: int = Field(
+        3, ge=0, description="Cycles a document may be part of whose candidate the gate refuses; then it is set aside "
+        "(`cld status` counts it, the cycle record says why) and waits for `cld retry` instead of joining every "
+        "later cycle. 0 = retry in every cycle.",
+    )
 
 
 class AugmentSection(Section):
@@ -443,7 +448,7 @@ class SecuritySection(Section):
     )
     admin_key: str = Field(
         "",
-        description="Bearer key for the admin actions (POST /api/rollback, /api/cycles, /api/documents), so that "
+        description="Bearer key for the admin actions (POST /api/rollback, /api/cycles, /api/documents, /api/documents/retry), so that "
         "inference clients holding security.api_key cannot change what is served or learned. Empty = "
         "security.api_key guards them too. Prefer the environment (CLD_SECURITY__ADMIN_KEY).",
     )

@@ -214,7 +214,7 @@ class Daemon:
         return app.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
             api_key=self.settings.security.api_key, admin_key=self.settings.security.admin_key, ready=self._ready,
-            admin=app.Admin(self._cycle, self._adapters, self._rollback),
+            admin=app.Admin(self._cycle, self._adapters, self._rollback, self._retry),
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
             client_timeout_s=self.settings.serve.client_timeout_s,
@@ -239,6 +239,10 @@ class Daemon:
             raise app.NotReady("the model server is not ready")
         adapter = await self.learner.rollback(version)
         return {"serving": adapter.version if adapter else None}
+
+    async def _retry(self, document_ids: list[int] | None) -> dict[str, Any]:
+        retried = await asyncio.to_thread(self.journal.retry, document_ids)
+        return {"retried": [{"id": doc["id"], "source": doc["source"]} for doc in retried]}
 
     def _bind(self) -> socket.socket:
         serve = self.settings.serve

@@ -30,16 +30,26 @@ MORE = "The Blue Ridge Water Authority is headquartered in Odrin and its emblem 
 class FakeJournal:
     def __init__(self) -> None:
         self.docs: dict[int, dict[str, Any]] = {}
+        self.aside: list[dict[str, Any]] = []
 
     def add(self, text: str) -> int:
         doc_id = len(self.docs) + 1
         self.docs[doc_id] = {"id": doc_id, "hash": f"h{doc_id}", "source": f"d{doc_id}.txt", "bytes": len(text),
-                             "tokens": len(text.split()), "version": None, "state": "ready", "text": text}
+                             "tokens": len(text.split()), "version": None, "state": "ready", "text": text,
+                             "attempts": 0, "set_aside": None}
         return doc_id
 
     def documents(self, state: str) -> list[dict[str, Any]]:
         return [{k: v for k, v in d.items() if k not in ("state", "text")} for d in self.docs.values()
-                if d["state"] == state]
+                if (d["state"], bool(d["set_aside"])) in ((state, False), ("ready", state == "set_aside"))]
+
+    def refused(self, ids: list[int], why: str, max_attempts: int) -> list[dict[str, Any]]:
+        for i in ids:
+            self.docs[i]["attempts"] += 1
+            if max_attempts and self.docs[i]["attempts"] >= max_attempts and not self.docs[i]["set_aside"]:
+                self.docs[i]["set_aside"] = why
+                self.aside.append(self.docs[i])
+        return [d for d in self.aside if d["id"] in ids and d["attempts"] == max_attempts]
 
     def chunks(self, ids: list[int]) -> list[dict[str, Any]]:
         return [{"text": self.docs[i]["text"]} for i in ids]
@@ -188,6 +198,21 @@ async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state
     assert learner.router.current is None and vllm.loaded == {} and len(vllm.unloaded) == 1
     assert journal.docs[1]["state"] == "ready", "rejected documents wait for the next cycle"
     assert (state.adapters / "v0001" / "meta.json").is_file(), "rejected versions stay on disk for inspection"
+
+
+async def test_a_document_refused_in_too_many_cycles_is_set_aside(state: StateDir, tiny: Path) -> None:
+    vllm, journal = FakeVLLM(forgetting=0.10), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    learner.settings.schedule.max_attempts = 2
+    first = await learner.run_cycle("api")
+    assert first.state == "rejected" and not any("set aside" in r for r in first.reasons)
+    second = await learner.run_cycle("api")
+    assert second.state == "rejected"
+    assert second.reasons[-1] == "d1.txt set aside after 2 refused cycles (`cld retry 1` puts it back)"
+    assert journal.docs[1]["set_aside"].startswith("cycle 2 refused its candidate v0002: forgetting vs base +10.0%")
+    third = await learner.run_cycle("api")
+    assert third.state == "skipped" and third.reasons == ["no new documents"], "it joins no further cycle"
 
 
 async def test_a_failed_training_leaves_serving_untouched(state: StateDir, tiny: Path, tmp_path: Path) -> None:

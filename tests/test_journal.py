@@ -124,3 +124,37 @@ def test_reopening_keeps_everything(path: Path) -> None:
         assert second.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         second.close()
+
+
+def test_documents_refused_too_often_are_set_aside_until_retried(book: Journal, path: Path) -> None:
+    ids = [book.accept(item(f"{n}.txt"), f"processed/{n}.txt", n, TEXT).document_id for n in ("a", "b")]
+    for doc in ids:
+        book.set_chunks(doc, [(1, {"text": "x"})])
+    assert book.refused(ids, "cycle 1 refused v0001: cloze 0.25 < 0.50", max_attempts=2) == []
+    aside = book.refused(ids[:1], "cycle 2 refused v0002: cloze 0.12 < 0.50", max_attempts=2)
+    assert [(d["id"], d["attempts"], d["set_aside"]) for d in aside] == \
+        [(ids[0], 2, "cycle 2 refused v0002: cloze 0.12 < 0.50")]
+    assert [d["id"] for d in book.documents("ready")] == [ids[1]], "a set-aside document joins no cycle"
+    assert journal.counts(path) == {**EMPTY_COUNTS, "ingested": 2, "pending": 1, "ready": 1, "set_aside": 1}
+    assert [(d["id"], d["why"]) for d in journal.set_aside(path)] == [(ids[0], aside[0]["set_aside"])]
+    assert [d["id"] for d in book.retry()] == [ids[0]]
+    assert [(d["id"], d["attempts"]) for d in book.documents("ready")] == [(ids[0], 0), (ids[1], 1)]
+    assert book.refused(ids, "again", max_attempts=0) == [], "0 = never set aside"
+
+
+def test_a_journal_of_schema_1_is_brought_up_to_date(path: Path) -> None:
+    old = sqlite3.connect(path)
+    old.executescript(journal.SCHEMA.replace(",\n    attempts INTEGER NOT NULL DEFAULT 0,\n    set_aside TEXT", "")
+                      + "\nPRAGMA user_version = 1;")
+    old.execute("INSERT INTO documents (hash, source, bytes, tokens, state, added_at) VALUES ('h1', 'a.txt', 1, 1, "
+                "'ready', 0)")
+    old.commit()
+    assert "attempts" not in {row[1] for row in old.execute("PRAGMA table_info(documents)")}
+    old.close()
+    assert journal.set_aside(path) == [] and journal.counts(path)["ready"] == 1, "readers cope before the upgrade"
+    book = Journal(path)
+    try:
+        assert [(d["source"], d["attempts"], d["set_aside"]) for d in book.documents("ready")] == [("a.txt", 0, None)]
+        assert book.db.execute("PRAGMA user_version").fetchone()[0] == journal.SCHEMA_VERSION
+    finally:
+        book.close()

@@ -51,7 +51,7 @@ def cld(settings: Settings, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-EXPECTED = {"ingested": 2, "pending": 1, "quarantined": 1, "learned": 1, "duplicates": 1, "ready": 1}
+EXPECTED = {"ingested": 2, "pending": 1, "quarantined": 1, "learned": 1, "duplicates": 1, "ready": 1, "set_aside": 0}
 
 
 def test_the_fixture_is_what_the_rebuild_must_restore(settings: Settings) -> None:

@@ -66,3 +66,22 @@ def test_an_empty_state_directory(tmp_path: Path) -> None:
     console.print(status.render(status.collect(settings_for(tmp_path))))
     text = console.export_text()
     assert "not running" in text and "none yet" in text and "not built yet" in text
+
+
+def test_set_aside_documents_are_counted_and_listed_with_why(tmp_path: Path) -> None:
+    from daemon.ingestion.journal import Input, Journal
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[state]\ndir = "{tmp_path / "state"}"\n')
+    book = Journal(tmp_path / "state" / "journal.sqlite3")
+    doc = book.accept(Input("notes.md", 1, 1), "processed/notes.md", "h1", [{"text": "x"}]).document_id
+    book.set_chunks(doc, [(1, {"text": "x"})])
+    book.refused([doc], "cycle 4 refused its candidate v0004: cloze probes passed 0.25 < 0.50", max_attempts=1)
+    book.close()
+    listed = CliRunner().invoke(app, ["retry", "--list", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.strip() == (f"{doc}  notes.md  refused in 1 cycles; last: cycle 4 refused its candidate v0004: "
+                                     "cloze probes passed 0.25 < 0.50")
+    shown = CliRunner().invoke(app, ["status", "--config", str(config)])
+    assert "1 document refused in too many cycles (`cld retry --list` says why)" in shown.output
+    assert "0 pending (0 ready)" in shown.output

@@ -192,7 +192,7 @@ def table(steps: list[dict[str, Any]], header: bool = True) -> str:
     for s in steps:
         gate = s["gate"] + (f" ({'; '.join(s['failed'])})" if s["gate"] == "rejected" else "")
         lines.append(
-            f"| {s['cycle']} | {s['document'].split('.')[0]}{' (real)' if s['real'] else ''} | {gate} "
+            f"| {s['cycle']} | {s['document'].rsplit('.', 1)[0]}{' (real)' if s['real'] else ''} | {gate} "
             f"| {_pct(s['this_cloze'])} / {_pct(s['this_qa'])} | {_pct(s['first_cloze'])} / {_pct(s['first_qa'])} "
             f"| {_pct(s['all_cloze'])} / {_pct(s['all_qa'])} | {_pct(s['tuned_cloze'])} / {_pct(s['tuned_qa'])} "
             f"| {_pct(s['held_out_docs_cloze'])} / {_pct(s['held_out_docs_qa'])} | {_pct(s['held_out_delta'], True)} "

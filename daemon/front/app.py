@@ -57,6 +57,11 @@ class Admin:
     cycle: Callable[[], Awaitable[dict[str, Any]]]
     adapters: Callable[[], Awaitable[list[dict[str, Any]]]]
     rollback: Callable[[Optional[str]], Awaitable[dict[str, Any]]]
+    retry: Callable[[Optional[list[int]]], Awaitable[dict[str, Any]]]
+
+
+class RetryRequest(BaseModel):
+    documents: Optional[list[int]] = Field(None, description="Ids of set-aside documents; null = all of them.")
 
 
 class RollbackRequest(BaseModel):
@@ -245,6 +250,11 @@ def _admin_routes(app: FastAPI, admin: Admin, require_key: Callable[[Request], A
     async def start_cycle() -> dict[str, Any]:
         """Start a learning cycle now (or report the one already running)."""
         return await admin.cycle()
+
+    @app.post("/api/documents/retry", dependencies=[Depends(require_admin)])
+    async def retry_documents(body: RetryRequest) -> dict[str, Any]:
+        """Put documents set aside after refused cycles (schedule.max_attempts) back into the next cycle."""
+        return await admin.retry(body.documents)
 
     @app.get("/api/adapters", dependencies=[Depends(require_key)])
     async def list_adapters() -> dict[str, Any]:

@@ -8,7 +8,9 @@ formats or tokenizers: it stores what it is handed.
 Tables:
 - `documents`: one row per unique content (`hash`: sha256 of the normalised records), with the
   name and size of the first file that brought it. State `pending` (accepted, not chunked yet)
-  → `ready` (chunked) → `learned` (by adapter `version`).
+  → `ready` (chunked) → `learned` (by adapter `version`). `attempts` counts the cycles a ready
+  document was part of whose candidate the gate refused; at the limit the document is set aside
+  (`set_aside`: why) and waits for `retry` instead of the next cycle.
 - `contents`: each document's normalised records (JSON), kept so chunking can be (re)done.
 - `chunks`: each document's training records in order, with their token counts.
 - `inputs`: one row per input file, whatever became of it: a new `document`, a `duplicate` of
@@ -32,7 +34,7 @@ from typing import Any
 from daemon.layout import StateDir
 from replay.durable import DamagedFile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     id INTEGER PRIMARY KEY,
@@ -43,7 +45,9 @@ CREATE TABLE IF NOT EXISTS documents (
     state TEXT NOT NULL CHECK (state IN ('pending', 'ready', 'learned')),
     version TEXT,
     added_at REAL NOT NULL,
-    learned_at REAL);
+    learned_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    set_aside TEXT);
 CREATE INDEX IF NOT EXISTS documents_state ON documents (state);
 CREATE TABLE IF NOT EXISTS contents (
     document_id INTEGER PRIMARY KEY REFERENCES documents (id),
@@ -70,7 +74,10 @@ CREATE INDEX IF NOT EXISTS inputs_name ON inputs (name);
 CREATE INDEX IF NOT EXISTS inputs_unmoved ON inputs (moved) WHERE moved = 0;
 """
 BUSY_TIMEOUT_MS = 10_000
-EMPTY_COUNTS = {"ingested": 0, "pending": 0, "quarantined": 0, "learned": 0, "duplicates": 0, "ready": 0}
+EMPTY_COUNTS = {"ingested": 0, "pending": 0, "quarantined": 0, "learned": 0, "duplicates": 0, "ready": 0,
+                "set_aside": 0}
+SET_ASIDE = "set_aside"  # a pseudo-state: ready documents the gate refused too often (schedule.max_attempts)
+DOCUMENT_KEYS = ("id", "hash", "source", "bytes", "tokens", "version", "attempts", "set_aside")
 
 REBUILD_HINT = "stop cld and run `cld journal rebuild` (it rebuilds the journal from processed/ and quarantine/)"
 
@@ -125,6 +132,7 @@ class Journal:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            _migrate(self.db)
             self.db.executescript(f"{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};")  # idempotent
         except sqlite3.DatabaseError as error:
             self.db.close()
@@ -221,11 +229,32 @@ class Journal:
         return found
 
     def documents(self, state: str) -> list[dict[str, Any]]:
-        """Documents in `state` (pending, ready, learned): id, hash, source, bytes, tokens, version."""
-        rows = self._query(
-            "SELECT id, hash, source, bytes, tokens, version FROM documents WHERE state = ? ORDER BY id", (state,))
-        keys = ("id", "hash", "source", "bytes", "tokens", "version")
-        return [dict(zip(keys, row)) for row in rows]
+        """Documents in `state` (pending, ready, learned, or set_aside: ready, but refused too often):
+        id, hash, source, bytes, tokens, version, attempts, set_aside (why, or None)."""
+        where = "state = 'ready' AND set_aside IS NOT NULL" if state == SET_ASIDE else "state = ? AND set_aside IS NULL"
+        rows = self._query(f"SELECT {', '.join(DOCUMENT_KEYS)} FROM documents WHERE {where} ORDER BY id",
+                           () if state == SET_ASIDE else (state,))
+        return [dict(zip(DOCUMENT_KEYS, row)) for row in rows]
+
+    def refused(self, document_ids: Iterable[int], why: str, max_attempts: int) -> list[dict[str, Any]]:
+        """Count a refused cycle against these ready documents; those refused `max_attempts` times
+        (0 = never) are set aside with `why`. Returns the documents set aside now."""
+        ids = list(document_ids)
+        with self._write() as db:
+            db.executemany("UPDATE documents SET attempts = attempts + 1 WHERE id = ? AND state = 'ready'",
+                           [(i,) for i in ids])
+            if max_attempts:
+                db.executemany("UPDATE documents SET set_aside = ? WHERE id = ? AND state = 'ready' "
+                               "AND set_aside IS NULL AND attempts >= ?", [(why, i, max_attempts) for i in ids])
+        return [doc for doc in self.documents(SET_ASIDE) if doc["id"] in ids and doc["attempts"] >= max_attempts > 0]
+
+    def retry(self, document_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Put set-aside documents (these, or all) back into the next cycle, their count restarted."""
+        chosen = [doc for doc in self.documents(SET_ASIDE) if document_ids is None or doc["id"] in set(document_ids)]
+        with self._write() as db:
+            db.executemany("UPDATE documents SET set_aside = NULL, attempts = 0 WHERE id = ?",
+                           [(doc["id"],) for doc in chosen])
+        return chosen
 
     def mark_learned_by_hash(self, hashes: Iterable[str], version: str) -> int:
         """Record that adapter `version` learned the documents with these content hashes (a
@@ -253,6 +282,14 @@ def _check_not_emptied(path: Path) -> None:
     if any(folder.is_dir() and any(folder.iterdir()) for folder in (state.processed, state.quarantine)):
         raise DamagedJournal(f"{path} is empty, but {state.processed} or {state.quarantine} hold files it "
                              f"recorded: {REBUILD_HINT}")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a journal of an older schema up to this one (version 1 had no attempts or set_aside)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(documents)").fetchall()}
+    if columns and "attempts" not in columns:
+        db.executescript("BEGIN; ALTER TABLE documents ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0; "
+                         "ALTER TABLE documents ADD COLUMN set_aside TEXT; COMMIT;")
 
 
 def _check_intact(db: sqlite3.Connection, path: Path) -> None:
@@ -321,21 +358,40 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection | None]:
 
 def counts(path: Path) -> dict[str, int]:
     """The status counts: unique documents `ingested`, of them `pending` (not learned yet; `ready`
-    of those are chunked and wait for the next cycle) and `learned`; input files `quarantined`,
+    of those are chunked and wait for the next cycle) and `learned`; `set_aside` (refused too often,
+    not counted as pending: they wait for `cld retry`); input files `quarantined`,
     and `duplicates` (files whose content was already known)."""
     with _reading(path) as db:
         if db is None:
             return dict(EMPTY_COUNTS)
         states = dict(db.execute("SELECT state, COUNT(*) FROM documents GROUP BY state").fetchall())
         outcomes = dict(db.execute("SELECT outcome, COUNT(*) FROM inputs GROUP BY outcome").fetchall())
+        try:
+            aside = db.execute("SELECT COUNT(*) FROM documents WHERE state = 'ready' AND set_aside IS NOT NULL").fetchone()[0]
+        except sqlite3.OperationalError:  # a journal of schema 1, not opened by a daemon since
+            aside = 0
     return {
         "ingested": sum(states.values()),
-        "pending": states.get("pending", 0) + states.get("ready", 0),
+        "pending": states.get("pending", 0) + states.get("ready", 0) - aside,
         "quarantined": outcomes.get("quarantined", 0),
         "learned": states.get("learned", 0),
         "duplicates": outcomes.get("duplicate", 0),
-        "ready": states.get("ready", 0),
+        "ready": states.get("ready", 0) - aside,
+        "set_aside": aside,
     }
+
+
+def set_aside(path: Path) -> list[dict[str, Any]]:
+    """The documents set aside (refused too often), read alongside the writer: id, source, attempts, why."""
+    with _reading(path) as db:
+        if db is None:
+            return []
+        try:
+            rows = db.execute("SELECT id, source, attempts, set_aside FROM documents "
+                              "WHERE state = 'ready' AND set_aside IS NOT NULL ORDER BY id").fetchall()
+        except sqlite3.OperationalError:  # schema 1: nothing was ever set aside
+            return []
+    return [dict(zip(("id", "source", "attempts", "why"), row)) for row in rows]
 
 
 def outcome(path: Path, name: str, after: int = 0) -> Recorded | None:

@@ -267,10 +267,21 @@ class Learner:
         if not decision.promote:
             log.info("cycle %d: %s rejected: %s", record.id, record.version, "; ".join(decision.reasons))
             await self._unload_quietly(served)
+            self.set_aside(record, [doc["id"] for doc in documents], decision)
             return
         await self.swap(Adapter(record.version or "", served, folder))
         self.journal.mark_learned([doc["id"] for doc in documents], record.version)
         log.info("cycle %d: %s promoted: %s", record.id, record.version, "; ".join(decision.reasons))
+
+    def set_aside(self, record: CycleRecord, document_ids: list[int], decision: Decision) -> None:
+        """Count the refusal against the cycle's documents; set aside those refused
+        `schedule.max_attempts` times, so they stop joining (and lengthening) every later cycle."""
+        limit = self.settings.schedule.max_attempts
+        why = f"cycle {record.id} refused its candidate {record.version}: " + "; ".join(c.reason for c in decision.failures)
+        for doc in self.journal.refused(document_ids, why, limit):
+            note = (f"{doc['source']} set aside after {limit} refused cycles (`cld retry {doc['id']}` puts it back)")
+            log.warning("cycle %d: %s", record.id, note)
+            record.reasons.append(note)
 
     # ---- serving changes ------------------------------------------------------------------------
 

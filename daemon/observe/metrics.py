@@ -96,9 +96,9 @@ class StateCollector(Collector):
 
 def _documents(counts: dict[str, int]) -> Metric:
     family = GaugeMetricFamily("cld_documents", "Documents by state: ingested (unique), pending (not learned yet), "
-                               "ready (chunked, waiting for a cycle), learned; input files quarantined and "
-                               "duplicates.", labels=["state"])
-    for state in ("ingested", "pending", "ready", "learned", "quarantined", "duplicates"):
+                               "ready (chunked, waiting for a cycle), learned, set_aside (refused in schedule.max_attempts "
+                               "cycles); input files quarantined and duplicates.", labels=["state"])
+    for state in ("ingested", "pending", "ready", "learned", "set_aside", "quarantined", "duplicates"):
         family.add_metric([state], counts.get(state, 0))
     return family
 

@@ -100,6 +100,9 @@ def render(status: dict[str, Any], now_s: float | None = None) -> Group:
     facts.add_row("documents", f"{docs['ingested']} ingested · {docs['pending']} pending ({docs.get('ready', 0)} "
                   f"ready) · {docs['learned']} learned · {docs['quarantined']} quarantined · "
                   f"{docs.get('duplicates', 0)} duplicates")
+    if docs.get("set_aside"):
+        facts.add_row("set aside", Text(f"{docs['set_aside']} document{'s' * (docs['set_aside'] != 1)} refused in "
+                                        "too many cycles (`cld retry --list` says why)", style="bold yellow"))
     if daemon.get("ingest_error"):
         facts.add_row("intake", Text(f"failing: {daemon['ingest_error']}", style="bold red"))
     facts.add_row("replay", replay_line(status["replay"]))

@@ -75,7 +75,8 @@ TEMPLATE = """<!doctype html>
 
 <h2>Now</h2>
 <div class="facts">
- <div class="card" id="documents-pending">pending documents<b>{{ documents.pending }}</b>{{ documents.ready }} ready</div>
+ <div class="card" id="documents-pending">pending documents<b>{{ documents.pending }}</b>{{ documents.ready }} ready
+  {%- if documents.set_aside %} · <span class="fail">{{ documents.set_aside }} set aside</span>{% endif %}</div>
  <div class="card" id="documents-learned">learned<b>{{ documents.learned }}</b>of {{ documents.ingested }} ingested</div>
  <div class="card" id="documents-quarantined">quarantined<b>{{ documents.quarantined }}</b>
   {{ documents.duplicates }} duplicates</div>
