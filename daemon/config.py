@@ -327,6 +327,11 @@ class TrainSection(Section):
         3.0, gt=0, le=100, description="Weight of the distillation loss on replayed text against the cross-entropy on "
         "new text: higher keeps the model closer to the base at the same cost."
     )
+    distill_budget: float = Field(
+        0.0, ge=0, description="Largest KL to the base per distilled token (recent average) a cycle may reach on "
+        "replayed text: the distillation weight rises above train.distill_weight while it is over, so each cycle "
+        "keeps the same distance from the base instead of adding to the last one's. 0 = a fixed weight."
+    )
     distill_top_k: int = Field(
         64, ge=0, description="Distilled replay learns the base's k most likely next tokens (and the rest of the "
         "vocabulary as one bucket), computed once per cycle before training; 0 = the whole distribution from a "

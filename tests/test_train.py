@@ -20,7 +20,7 @@ from daemon.learning.adapters import (
     versions,
 )
 from daemon.learning.jobs import JobData, TrainJob
-from daemon.learning.train import IGNORE, Example, collate, encode, pack, run
+from daemon.learning.train import IGNORE, DistillBudget, Example, collate, encode, pack, run
 from tests.conftest import REPO
 from tests.tiny import build_tiny_model
 
@@ -291,6 +291,35 @@ def test_a_run_reports_each_epochs_text_and_distillation_loss(tiny: Path, tmp_pa
     assert len(training["epochs"]) == 2 and training["teacher_s"] >= 0
     assert {"text_loss", "distill_loss"} <= set(training["epochs"][0])
     assert training["epochs"][1]["text_loss"] < training["epochs"][0]["text_loss"]
+
+
+def test_a_distillation_budget_raises_the_weight_only_while_the_kl_is_over_it() -> None:
+    fixed = DistillBudget(3.0, 0.0)
+    fixed.update(5.0)
+    assert fixed.weight == 3.0, "no budget: the configured weight"
+    budget = DistillBudget(3.0, 0.01)
+    for _ in range(40):
+        budget.update(0.05)
+    assert 3.0 * 2 < budget.weight <= 3.0 * DistillBudget.MAX_FACTOR
+    raised = budget.weight
+    for _ in range(400):
+        budget.update(0.0)
+    assert budget.weight == 3.0 < raised, "back to the configured weight, never below it"
+
+
+def test_a_run_raises_the_distillation_weight_only_over_its_budget(tiny: Path, tmp_path: Path) -> None:
+    """A warm start from an adapter that drifted (token replay): a budget below its KL to the base
+    raises the weight, step by step; one far above it leaves the configured weight. (Whether that
+    keeps forgetting flat over cycles is the lifelong benchmark's question.)"""
+    parent = run(job(tiny, tmp_path / "parent", epochs=4))
+    weights = {}
+    for name, budget in (("tight", 1e-4), ("loose", 10.0)):
+        child = job(tiny, tmp_path / name, "v0002", replay_loss="distill", distill_weight=1.0, distill_budget=budget,
+                    epochs=3)
+        child.parent_version, child.parent_path = parent.name, str(parent)
+        weights[name] = [e["distill_weight"] for e in json.loads((run(child) / "meta.json").read_text())["training"]["epochs"]]
+    assert 1.0 < weights["tight"][0] < weights["tight"][1] < weights["tight"][2], weights
+    assert weights["loose"] == [1.0, 1.0, 1.0], weights
 
 
 def test_training_stops_once_the_text_is_predicted_well_enough(tiny: Path, tmp_path: Path) -> None:

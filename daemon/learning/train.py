@@ -261,6 +261,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
     rng = random.Random(hp.seed)
     progress = Progress(total, json_progress)
+    budget = DistillBudget(hp.distill_weight, hp.distill_budget)
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
     best_state, epochs, stopped = None, [], None
     started = time.monotonic()
@@ -279,12 +280,16 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                     raise Cancelled()
                 loss_sum = 0.0
                 chunk = batches[group : group + hp.grad_accum]
+                before = list(parts.get("distill_loss", (0.0, 0)))
                 for indices in chunk:
                     batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
-                    loss = step_loss(model, batch, parts, hp.distill_weight) / len(chunk)
+                    loss = step_loss(model, batch, parts, budget.weight) / len(chunk)
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
+                after = parts.get("distill_loss", (0.0, 0))
+                if after[1] > before[1]:
+                    budget.update((after[0] - before[0]) / (after[1] - before[1]))
                 torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -294,7 +299,8 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 progress.step(step, loss_sum, tokens, scheduler.get_last_lr()[0])
                 if step >= total:
                     break
-            epochs.append({name: round(summed / max(n, 1), 5) for name, (summed, n) in parts.items()})
+            epochs.append({name: round(summed / max(n, 1), 5) for name, (summed, n) in parts.items()}
+                          | ({"distill_weight": round(budget.weight, 3)} if hp.distill_budget else {}))
             if on_epoch is not None and on_epoch(epoch + 1, epochs[-1]):
                 stopped = "asked"
                 break
@@ -325,6 +331,30 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
             "losses": [round(x, 5) for x in losses], "held_out_losses": [round(x, 5) for x in evals],
             "best_held_out_loss": None if best == math.inf else round(best, 5),
             "epochs": epochs, "stopped": stopped, "teacher_s": round(teacher_s, 2)}
+
+
+class DistillBudget:
+    """The weight of distillation on replayed text. Fixed (`train.distill_weight`) without a budget;
+    with `train.distill_budget` (KL per token), a multiplier that rises while the recent KL to the
+    base (an average over steps) is above the budget and falls back while below, never under the
+    configured weight: the cycle learns as much as it can within the same distance from the base,
+    however far earlier cycles have already moved the adapter it continues."""
+
+    RATE = 0.05     # per step: the weight changes by at most about 5 % × (KL / budget − 1)
+    SMOOTHING = 0.9  # of the recent KL (steps differ a lot in how much replay they hold)
+    MAX_FACTOR = 30.0
+
+    def __init__(self, weight: float, budget: float):
+        self.floor, self.budget, self.weight = weight, budget, weight
+        self.recent: float | None = None
+
+    def update(self, kl: float) -> None:
+        """One optimizer step's KL per distilled token."""
+        if not self.budget:
+            return
+        self.recent = kl if self.recent is None else self.SMOOTHING * self.recent + (1 - self.SMOOTHING) * kl
+        change = math.exp(self.RATE * max(-1.0, min(1.0, self.recent / self.budget - 1)))
+        self.weight = min(self.floor * self.MAX_FACTOR, max(self.floor, self.weight * change))
 
 
 def learned(hp: Any, report: dict[str, float], epoch: int) -> bool:
