@@ -27,7 +27,7 @@ from pydantic_settings import (
 
 from replay.select import DEFAULT_MIX, check_mix, get_strategy
 
-AUGMENT_FORMS = ("shuffled", "titled", "notes")  # daemon.learning.augment makes them
+AUGMENT_FORMS = ("shuffled", "titled", "notes", "quiz")  # daemon.learning.augment makes them
 
 ENV_PREFIX = "CLD_"
 ENV_DELIMITER = "__"
@@ -393,10 +393,12 @@ class AugmentSection(Section):
         default_factory=list,
         description="Training text made from each new document besides its chunks, so its facts can be recalled "
         "when asked in other words: shuffled (sentence and paragraph order), titled (each sentence prefixed with "
-        "the document's title), notes (a chat question about each named thing, answered with its sentences).",
+        "the document's title), notes (a chat question about each named thing, answered with its sentences), quiz "
+        "(each sentence as a chat question with its key term blanked out, answered with the term and the sentence).",
     )
     shuffles: int = Field(2, ge=0, le=20, description="Shuffled copies of each document (form \"shuffled\").")
     max_notes: int = Field(12, ge=0, description="Most notes per document (form \"notes\"), most mentioned names first.")
+    max_quiz: int = Field(24, ge=0, description="Most quiz questions per document (form \"quiz\"), spread over it.")
 
     @field_validator("forms")
     @classmethod

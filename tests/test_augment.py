@@ -7,7 +7,7 @@ import random
 import pytest
 
 from daemon.config import ConfigError, load_settings
-from daemon.learning.augment import augment, names, notes, shuffled, split_paragraphs, title_of
+from daemon.learning.augment import augment, key_term, names, notes, quiz, shuffled, split_paragraphs, title_of
 
 DOC = """# Harbour Lights 2.0
 
@@ -77,6 +77,30 @@ def test_augment_makes_each_form_asked_for() -> None:
     assert augment(DOC, "x.md", [], 2, 3, 0) == []
     with pytest.raises(ValueError, match="unknown augmentation form"):
         augment(DOC, "x.md", ["paraphrase"], 2, 3, 0)
+
+
+@pytest.mark.parametrize("sentence, term", [
+    ("Kestrel Labs released Harbour Lights 2.0 on 4 May 2026.", "2026"),
+    ("The new planner is called Tidemark.", "Tidemark"),
+    ("Tidemark plans a week of crossings in two seconds, down from 40 minutes before.", "40 minutes"),
+    ("It drops support for PostgreSQL 12, which is old.", "12"),
+    ("Set `tide_source` to choose where the tables come from.", "`tide_source`"),
+    ("nothing here is named or counted at all", None),
+])
+def test_the_key_term_is_the_last_name_number_or_code_span(sentence: str, term: str | None) -> None:
+    assert key_term(sentence) == term
+
+
+def test_quiz_asks_for_each_sentences_key_term_and_answers_with_it_first() -> None:
+    records = quiz(split_paragraphs(DOC), "Harbour Lights 2.0", limit=10)
+    asked = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in records]
+    assert len(asked) == 4, "four sentences of five words or more; code and list items too short are left out"
+    assert asked[2][0] == "A question on Harbour Lights 2.0: Harbour Lights now reads tide tables from the ___ observatory. " \
+        "What is missing?"
+    question, answer = asked[3]
+    assert question == "About Harbour Lights 2.0: The new planner is called ___. What goes in the blank?"
+    assert answer == "Tidemark. The new planner is called Tidemark."
+    assert len(quiz(split_paragraphs(DOC), "Harbour Lights 2.0", limit=2)) == 2
 
 
 def test_an_unknown_form_in_the_config_names_the_key(tmp_path) -> None:

@@ -188,6 +188,22 @@ async def test_augmented_forms_of_the_new_documents_are_trained_on(state: StateD
     assert view["records"]["augmented"] == len(augmented) and view["augmented_sample"] == augmented[:3]
 
 
+async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: StateDir, tiny: Path) -> None:
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.augment.forms = ["quiz"]
+    assert (await learner.run_cycle("api")).state == "promoted"
+    journal.add(MORE)
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    data = json.loads((state.root / "jobs" / "v0002.json").read_text())["data"]
+    assert {"text": FACTS, "kind": "knowledge"} in data["knowledge"], "the earlier document's chunk is replayed"
+    quizzes = [r["messages"] for r in data["knowledge"] if "messages" in r]
+    assert quizzes and all("Velmora" in m[0]["content"] or "Quorvant" in m[1]["content"] for m in quizzes)
+    assert all("Heron" not in m[0]["content"] for m in quizzes) and data["augmented"], "new forms stay apart"
+
+
 async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state: StateDir, tiny: Path) -> None:
     vllm, journal = FakeVLLM(forgetting=0.10), FakeJournal()
     journal.add(FACTS)

@@ -9,7 +9,10 @@ varied contexts and tied to its subject. Three deterministic forms, no model nee
 - titled: every sentence prefixed with the document's subject (its title), so each fact names
   what it is about (the "full name" augmentation of the paper above);
 - notes: for each named thing the document mentions (capitalised names, versions), a chat turn
-  "What do you know about X?" answered with the sentences that mention it.
+  "What do you know about X?" answered with the sentences that mention it;
+- quiz: each sentence as a chat question about the document with its key term (the last name,
+  number or code span in it) blanked out, answered with the term, then the whole sentence: the
+  fact is practised as an answer to a question, the way users will ask for it.
 
 Owns only text → records; pure (sentences are split as the cloze probes split them:
 `probes.split_sentences`). Knows nothing of tokens, the journal or the trainer.
@@ -24,7 +27,7 @@ from pathlib import PurePath
 from typing import Any
 
 from daemon.config import AUGMENT_FORMS as FORMS
-from daemon.learning.probes import split_sentences
+from daemon.learning.probes import split_sentences, spread
 
 Record = dict[str, Any]
 HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
@@ -39,11 +42,18 @@ COMMON = frozenset(
     "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 )
 QUESTIONS = ("What do you know about {}?", "Tell me about {}.", "What is known about {}?", "Who or what is {}?")
+QUIZ = ("About {title}: {blank} What goes in the blank?", "{title}. Fill in the blank: {blank}",
+        "A question on {title}: {blank} What is missing?")
+CODE_SPAN = re.compile(r"`[^`]+`")
+# a number, with its unit when one follows ("250 megabytes", "40 %"), not a word that merely follows it
+NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*(?:\s?%|\s(?!(?:which|that|and|or|but|after|before|when|while|where|in|on|at|"
+                    r"to|of|for|from|by|with|as|is|are|was|were|the|a|an)\b)[a-z]+)?")
 MIN_WORDS = 5          # shorter sentences (headings, fragments) carry no fact to tie to a subject
 MAX_NOTE_SENTENCES = 6  # a note answers with at most this many sentences about its subject
 
 
-def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_notes: int, seed: int) -> list[Record]:
+def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_notes: int, seed: int,
+            max_quiz: int = 24) -> list[Record]:
     """The records of `forms` for one document (`source`: its file name, the title of last resort)."""
     unknown = set(forms) - set(FORMS)
     if unknown:
@@ -60,6 +70,8 @@ def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_not
                     for sentences in paragraphs if any(len(s.split()) >= MIN_WORDS for s in sentences)]
     if "notes" in forms:
         records += notes(paragraphs, title, max_notes)
+    if "quiz" in forms:
+        records += quiz(paragraphs, title, max_quiz)
     return records
 
 
@@ -135,3 +147,28 @@ def notes(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
         records.append({"messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)].format(name)},
                                      {"role": "assistant", "content": answer}]})
     return records
+
+
+def key_term(sentence: str) -> str | None:
+    """The span a question about the sentence would ask for: its last code span, number (with the
+    word after it) or name; None when it has none."""
+    found = [(m.start(), m.group(0)) for m in CODE_SPAN.finditer(sentence)]
+    found += [(m.start(), m.group(0)) for m in NUMBER.finditer(sentence)]
+    found += [(sentence.rfind(name), name) for name in names(sentence)]
+    found = [(at, term) for at, term in found if at >= 0 and term and len(term) < len(sentence) // 2]
+    return max(found)[1] if found else None
+
+
+def quiz(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
+    """Up to `limit` chat records, evenly spread over the document: a sentence with its key term
+    blanked, asked about the document, answered with the term and then the sentence."""
+    items = []
+    for sentences in paragraphs:
+        for sentence in sentences:
+            term = key_term(sentence) if len(sentence.split()) >= MIN_WORDS else None
+            if term:
+                at = sentence.rfind(term)
+                items.append((sentence, term, sentence[:at] + "___" + sentence[at + len(term):]))
+    return [{"messages": [{"role": "user", "content": QUIZ[index % len(QUIZ)].format(title=title, blank=blank)},
+                          {"role": "assistant", "content": f"{term}. {sentence}"}]}
+            for index, (sentence, term, blank) in enumerate(spread(items, limit))]

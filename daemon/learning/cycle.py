@@ -141,19 +141,23 @@ class Learner:
                        "; a cycle can run once it is ready (see `cld status`)")
         record.documents = [doc["id"] for doc in documents]
         new = self.journal.chunks(record.documents)
-        learned = [doc["id"] for doc in self.journal.documents("learned")]
-        knowledge = [chunk["text"] for chunk in self.journal.chunks(learned) if "text" in chunk]
+        learned = {doc["id"]: doc for doc in self.journal.documents("learned")}
+        owner = {chunk["text"]: doc for doc in learned.values() for chunk in self.journal.chunks([doc["id"]])
+                 if "text" in chunk}
         try:
             buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
         except BufferMissing:
             raise Skip("the replay buffer is not built yet (cld builds it after start; see `cld status`)") from None
         rehearsal, _ = load_rehearsal(self.state.root / REPLAY_DIR)
         try:
-            chosen = select_replay(buffer, [_text(chunk) for chunk in new], knowledge, rehearsal,
+            chosen = select_replay(buffer, [_text(chunk) for chunk in new], list(owner), rehearsal,
                                    replay_plan.plan(self.settings), seed=record.id)
         finally:
             buffer.close()
-        records = chosen.records()
+        # an earlier document replayed comes with its augmented forms, so what they taught is kept too
+        replayed = {owner[text]["id"]: owner[text] for text in chosen.knowledge if text in owner}
+        records = chosen.records() + [{"kind": "knowledge", **form} for doc in replayed.values()
+                                      for form in self.augmented(doc)]
         record.version = adapters.next_version(self.state.adapters, [r.version for r in self.cycles.all() if r.version])
         parent = self.router.current if self.settings.train.warm_start else None
         record.parent = parent.version if parent else None
@@ -167,14 +171,15 @@ class Learner:
         )
 
     def augmented(self, document: dict[str, Any]) -> list[dict[str, Any]]:
-        """Other forms of a new document's text (`[augment]`); none for instruction or chat data."""
+        """Other forms of a document's text (`[augment]`; the same every time: seeded by its id);
+        none for instruction or chat data."""
         settings = self.settings.augment
         records = self.journal.records(document["id"])
         if not settings.forms or not all("text" in record for record in records):
             return []
         text = "\n\n".join(record["text"] for record in records)
         return augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
-                               settings.max_notes, seed=document["id"])
+                               settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
 
     async def train(self, record: CycleRecord, job: TrainJob) -> Path:
         """Run the recipe in its own process; its progress goes into the cycle record."""
