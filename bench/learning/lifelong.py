@@ -270,7 +270,10 @@ def plot(steps: list[dict[str, Any]], naive_steps: list[dict[str, Any]], path: P
         forgetting.plot([s["cycle"] for s in naive_steps], [100 * (s["held_out_delta"] or 0) for s in naive_steps],
                         "v--", color="#fdb863", label="naive LoRA: held-out NLL Δ (%)")
     forgetting.axhline(2.0, color="#d95f02", ls=":", lw=1)
+    shown = [100 * (s["held_out_delta"] or 0) for s in steps + naive_steps]
+    forgetting.set_ylim(min(0.0, *shown), max(4.0, *shown) * 1.1)  # the gate's +2 % mid-height, not the top
     forgetting.set_ylabel("held-out NLL increase (%)")
+    ax.set_xticks(cycles)
     lines = ax.get_legend_handles_labels()
     more = forgetting.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
