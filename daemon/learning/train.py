@@ -261,7 +261,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
     rng = random.Random(hp.seed)
     progress = Progress(total, json_progress)
-    budget = DistillBudget(hp.distill_weight, hp.distill_budget)
+    budget = DistillBudget(hp.distill_weight, hp.distill_budget, total)
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
     best_state, epochs, stopped = None, [], None
     started = time.monotonic()
@@ -288,8 +288,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                     loss_sum += loss.item()
                     tokens += int(batch["attention_mask"].sum())
                 after = parts.get("distill_loss", (0.0, 0))
-                if after[1] > before[1]:
-                    budget.update((after[0] - before[0]) / (after[1] - before[1]))
+                budget.update((after[0] - before[0]) / (after[1] - before[1]) if after[1] > before[1] else None)
                 torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -335,22 +334,28 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
 
 class DistillBudget:
     """The weight of distillation on replayed text. Fixed (`train.distill_weight`) without a budget;
-    with `train.distill_budget` (KL per token), a multiplier that rises while the recent KL to the
-    base (an average over steps) is above the budget and falls back while below, never under the
-    configured weight: the cycle learns as much as it can within the same distance from the base,
-    however far earlier cycles have already moved the adapter it continues."""
+    with `train.distill_budget` (KL per token), in the last part of the run (from SETTLE of its
+    steps on, when the new text is learned and the learning rate is low) a multiplier that rises
+    while the recent KL to the base is above the budget and falls back while below, never under the
+    configured weight: the run ends as close to the base as the budget says, however far earlier
+    cycles had moved the adapter it continues. (Held all run long, it starved the learning itself:
+    the KL is high while new facts go in, bench/learning/lifelong.py, docs/BENCHMARKS.md.)"""
 
     RATE = 0.05     # per step: the weight changes by at most about 5 % × (KL / budget − 1)
     SMOOTHING = 0.9  # of the recent KL (steps differ a lot in how much replay they hold)
     MAX_FACTOR = 30.0
+    SETTLE = 0.6    # share of the run's steps before the budget is held
 
-    def __init__(self, weight: float, budget: float):
+    def __init__(self, weight: float, budget: float, steps: int = 0):
         self.floor, self.budget, self.weight = weight, budget, weight
+        self.start = int(steps * self.SETTLE)
+        self.steps = 0
         self.recent: float | None = None
 
-    def update(self, kl: float) -> None:
-        """One optimizer step's KL per distilled token."""
-        if not self.budget:
+    def update(self, kl: float | None) -> None:
+        """After each optimizer step: its KL per distilled token (None: it held no replayed text)."""
+        self.steps += 1
+        if not self.budget or self.steps <= self.start or kl is None:
             return
         self.recent = kl if self.recent is None else self.SMOOTHING * self.recent + (1 - self.SMOOTHING) * kl
         change = math.exp(self.RATE * max(-1.0, min(1.0, self.recent / self.budget - 1)))
