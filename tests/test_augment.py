@@ -100,6 +100,7 @@ def test_quiz_asks_for_each_sentences_key_term_and_answers_with_it_first() -> No
     question, answer = asked[3]
     assert question == "About Harbour Lights 2.0: The new planner is called ___. What goes in the blank?"
     assert answer == "Tidemark. The new planner is called Tidemark."
+    assert all(r["mask_prompt"] for r in records), "the blanked sentence is never learned as text"
     assert len(quiz(split_paragraphs(DOC), "Harbour Lights 2.0", limit=2)) == 2
 
 

@@ -70,6 +70,13 @@ def test_prompt_completion_masks_exactly_the_prompt(tokenizer) -> None:
     assert unmasked.labels == prompt + answer
 
 
+def test_a_record_can_ask_for_its_prompt_to_be_masked(tokenizer) -> None:
+    chat = [{"role": "user", "content": "Fill in: the planner is called ___."}, {"role": "assistant", "content": "Tidemark."}]
+    assert encode({"messages": chat, "mask_prompt": True}, tokenizer, mask_prompt=False) == \
+        encode({"messages": chat}, tokenizer, mask_prompt=True)
+    assert encode({"messages": chat}, tokenizer, mask_prompt=False).labels.count(IGNORE) == 0
+
+
 def test_chat_masking_learns_only_the_assistant_turns(tokenizer) -> None:
     messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
                 {"role": "user", "content": "And Quux?"}, {"role": "assistant", "content": "Zorblat."}]

@@ -169,6 +169,7 @@ def quiz(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
             if term:
                 at = sentence.rfind(term)
                 items.append((sentence, term, sentence[:at] + "___" + sentence[at + len(term):]))
+    # only the answer is learned: the blanked sentence learned as text would teach "___" as the fact
     return [{"messages": [{"role": "user", "content": QUIZ[index % len(QUIZ)].format(title=title, blank=blank)},
-                          {"role": "assistant", "content": f"{term}. {sentence}"}]}
+                          {"role": "assistant", "content": f"{term}. {sentence}"}], "mask_prompt": True}
             for index, (sentence, term, blank) in enumerate(spread(items, limit))]

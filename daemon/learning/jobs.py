@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from daemon.config import TrainSection
 
 # A record is {"text": str} (raw text, every token learned), {"prompt": str, "completion": str}
-# or {"messages": [{"role": ..., "content": ...}, ...]} (chat; see train.mask_prompt).
+# or {"messages": [{"role": ..., "content": ...}, ...]} (chat; see train.mask_prompt; a record with
+# "mask_prompt": true has only its answer learned whatever the setting).
 Record = dict[str, Any]
 
 

@@ -75,7 +75,10 @@ def distilled(example: Example) -> Example:
 
 
 def encode(record: Record, tokenizer: Any, mask_prompt: bool) -> Example:
-    """Tokens and labels of one record: raw text, prompt/completion, or chat messages."""
+    """Tokens and labels of one record: raw text, prompt/completion, or chat messages. A record
+    that says `"mask_prompt": true` has only its answer learned, whatever `mask_prompt` says (a
+    quiz's blanked sentence must not be learned as text)."""
+    mask_prompt = mask_prompt or bool(record.get("mask_prompt"))
     if "messages" in record:
         return _encode_chat(record["messages"], tokenizer, mask_prompt)
     if "prompt" in record:
