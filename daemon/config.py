@@ -328,7 +328,7 @@ class TrainSection(Section):
         "new text: higher keeps the model closer to the base at the same cost."
     )
     distill_budget: float = Field(
-        0.0, ge=0, description="Largest KL to the base per distilled token (recent average) a cycle may end at on "
+        0.015, ge=0, description="Largest KL to the base per distilled token (recent average) a cycle may end at on "
         "replayed text: over the last 40 % of its steps the distillation weight rises above train.distill_weight "
         "while it is over, so each cycle ends as close to the base instead of adding to the last one's distance. "
         "0 = a fixed weight."
