@@ -119,7 +119,8 @@ def test_the_same_text_twice_is_one_document(settings: Settings, ingester: Inges
         ("e.txt", b"Zorblat is the capital!"),
     ]]
     assert outcomes == ["document", "duplicate", "duplicate", "duplicate", "document"]
-    assert counts(settings) == {"ingested": 2, "pending": 2, "quarantined": 0, "learned": 0, "duplicates": 3, "ready": 2}
+    assert counts(settings) == {"ingested": 2, "pending": 2, "quarantined": 0, "learned": 0, "duplicates": 3, "ready": 2,
+                               "set_aside": 0}
     assert len(list((settings.state.dir / "processed").iterdir())) == 5  # every file is kept and accounted
 
 
