@@ -141,9 +141,8 @@ class Learner:
                        "; a cycle can run once it is ready (see `cld status`)")
         record.documents = [doc["id"] for doc in documents]
         new = self.journal.chunks(record.documents)
-        learned = {doc["id"]: doc for doc in self.journal.documents("learned")}
-        owner = {chunk["text"]: doc for doc in learned.values() for chunk in self.journal.chunks([doc["id"]])
-                 if "text" in chunk}
+        owner = {chunk["text"]: doc for doc in self.journal.documents("learned")  # earlier chunks, by document
+                 for chunk in self.journal.chunks([doc["id"]]) if "text" in chunk}
         try:
             buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
         except BufferMissing:
