@@ -102,6 +102,10 @@ async def run(args: argparse.Namespace, daemon: Daemon, results: dict[str, Any])
             results["handed_in"].append(doc.name)
             save(daemon.folder, results)
         record = daemon.run_cycle() if daemon.status()["documents"]["ready"] else last_record(daemon.state)
+        while record["state"] == "skipped" and "replay buffer" in " ".join(record["reasons"]):
+            time.sleep(10)  # a copied buffer is re-checked (or re-embedded) by the daemon after start
+            daemon.wait_ready()
+            record = daemon.run_cycle()
         if record["state"] in ("skipped", "failed"):
             sys.exit(f"cycle {record['id']} {record['state']}: {record.get('error') or record['reasons']}")
         previous = steps[-1] if steps else None
