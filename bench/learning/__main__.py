@@ -20,11 +20,9 @@ Writes results.json and report.md into the run folder and prints the tables.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -48,7 +46,7 @@ def prepare_run(args: argparse.Namespace) -> Daemon:
     for entry in state.iterdir():
         if entry.name != "replay":
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    return Daemon(run, state, dict(item.split("=", 1) for item in args.set))
+    return Daemon(run, state, args.set)
 
 
 async def run_bench(args: argparse.Namespace, daemon: Daemon, results: dict[str, Any]) -> None:
@@ -143,19 +141,15 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="also write the plot here (e.g. docs/learning.png)")
     args = parser.parse_args()
     daemon = prepare_run(args)
-    daemon.start()
     started = time.monotonic()
     results: dict[str, Any] = {}
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped by hand: report what was measured
-    try:
-        asyncio.run(run_bench(args, daemon, results))
-    except KeyboardInterrupt:
-        print("interrupted: reporting what was measured", flush=True)
-    finally:
-        daemon.stop()
+
+    def keep_logs() -> None:
         for kept in ("cycles", "logs"):
             if (daemon.state / kept).is_dir():
                 shutil.copytree(daemon.state / kept, daemon.folder / kept)
+
+    harness.drive(daemon, run_bench(args, daemon, results), "interrupted: reporting what was measured", keep_logs)
     results["wall_s"] = time.monotonic() - started
     report(results, daemon.folder, args.plot)
 

@@ -8,6 +8,7 @@ from the run's replay buffer. Used by `bench/learning` (one cycle and a short se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,9 +51,11 @@ def free_port() -> int:
 # ---- the daemon under test ------------------------------------------------------------------------
 
 class Daemon:
-    """`cld run` in `folder`, with `overrides` ({"train.learning_rate": "5e-4"}) as CLD_* variables."""
+    """`cld run` in `folder`, with `settings` (["train.learning_rate=5e-4"], as `--set` gives them)
+    as CLD_* variables."""
 
-    def __init__(self, folder: Path, state: Path, overrides: dict[str, str]):
+    def __init__(self, folder: Path, state: Path, settings: list[str]):
+        overrides = dict(item.split("=", 1) for item in settings)
         self.folder, self.state, self.port, self.vllm_port = folder, state, free_port(), free_port()
         base = f'[model]\nbase = "{PREPARED}"\n' if (PREPARED / "config.json").is_file() else ""
         self.config = folder / "config.toml"
@@ -222,3 +226,17 @@ def build_suite(state: Path, held_out_passages: int = HELD_OUT_PASSAGES,
     drift = [line.strip() for line in DRIFT_PROMPTS.read_text().splitlines() if line.strip()]
     return measure.Suite(documents, general, held_out,
                          [([{"role": "user", "content": p.prompt}], p.answer) for p in behaviour], drift)
+
+
+def drive(daemon: Daemon, work: Coroutine[Any, Any, None], stopped: str, finish: Callable[[], None]) -> None:
+    """Start the daemon, run `work` against it, stop it; `finish` runs in any case. SIGTERM or ^C
+    ends `work` early with `stopped` printed, so what was measured is still reported."""
+    daemon.start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        asyncio.run(work)
+    except KeyboardInterrupt:
+        print(stopped, flush=True)
+    finally:
+        daemon.stop()
+        finish()

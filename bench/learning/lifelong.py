@@ -20,11 +20,9 @@ continues from its last finished cycle with `--resume`. Writes report.md and lif
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -34,7 +32,7 @@ from typing import Any, Optional
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import measure  # noqa: E402  (beside this file)
-from harness import HERE, WORKDIR, Bench, Daemon, build_suite, meta  # noqa: E402
+from harness import HERE, WORKDIR, Bench, Daemon, build_suite, drive, meta  # noqa: E402
 
 RUNS = WORKDIR / "lifelong"
 SEQUENCE = HERE / "lifelong.json"
@@ -62,14 +60,14 @@ def prepare(args: argparse.Namespace) -> tuple[Daemon, dict[str, Any]]:
         if folder is None or not (folder / "results.json").is_file():
             sys.exit(f"no run to resume in {RUNS}")
         results = json.loads((folder / "results.json").read_text())
-        return Daemon(folder, folder / "state", dict(item.split("=", 1) for item in results["overrides"])), results
+        return Daemon(folder, folder / "state", results["overrides"]), results
     folder = RUNS / time.strftime("%Y%m%d-%H%M%S")
     (folder / "state").mkdir(parents=True)
     shared = WORKDIR / "state" / "replay"
     if (shared / "manifest.json").is_file():  # the synthetic corpus takes the base model ~25 min to write
         shutil.copytree(shared, folder / "state" / "replay", ignore=shutil.ignore_patterns("*.lock", "job.json"))
     results = {"overrides": args.set, "handed_in": [], "steps": [], "facts": [], "naive": []}
-    return Daemon(folder, folder / "state", dict(item.split("=", 1) for item in args.set)), results
+    return Daemon(folder, folder / "state", args.set), results
 
 
 def save(folder: Path, results: dict[str, Any]) -> None:
@@ -297,15 +295,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="also write the plot here (e.g. docs/lifelong.png)")
     args = parser.parse_args()
     daemon, results = prepare(args)
-    daemon.start()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped by hand: keep what was measured
-    try:
-        asyncio.run(run(args, daemon, results))
-    except KeyboardInterrupt:
-        print("interrupted: continue with --resume", flush=True)
-    finally:
-        daemon.stop()
-        save(daemon.folder, results)
+    drive(daemon, run(args, daemon, results), "interrupted: continue with --resume", lambda: save(daemon.folder, results))
     report(results, daemon.folder, args.plot)
 
 

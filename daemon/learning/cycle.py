@@ -173,8 +173,10 @@ class Learner:
         """Other forms of a document's text (`[augment]`; the same every time: seeded by its id);
         none for instruction or chat data."""
         settings = self.settings.augment
+        if not settings.forms:  # asked for every earlier document replayed: no journal read when off
+            return []
         records = self.journal.records(document["id"])
-        if not settings.forms or not all("text" in record for record in records):
+        if not all("text" in record for record in records):
             return []
         text = "\n\n".join(record["text"] for record in records)
         return augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
