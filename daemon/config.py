@@ -288,6 +288,12 @@ class ReplaySection(Section):
 
 
 class TrainSection(Section):
+    method: Literal["lora", "mora", "expand", "full"] = Field(
+        "lora", description="How a cycle adapts the model: lora (an adapter vLLM serves beside the base), or trained "
+        "as merged weights: mora (one high-rank square matrix per layer, as many weights as a LoRA of train.rank), "
+        "expand (added blocks, base frozen: train.expand_blocks), full (train.full_layers). The daemon serves "
+        "lora only for now; the others train with `python -m daemon.learning.train` and bench/learning/sweep.py."
+    )
     rank: int = Field(16, ge=1, le=512, description="LoRA rank; vLLM is started to serve adapters up to it.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with rsLoRA).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -366,6 +372,14 @@ class TrainSection(Section):
     min_epochs: int = Field(1, ge=1, description="Epochs trained before train.stop_accuracy may stop a run.")
     gpu_memory_fraction: float = Field(
         0.35, gt=0, le=1, description="Most of the GPU memory the trainer may use (vLLM has serve.gpu_memory_utilization)."
+    )
+    expand_blocks: int = Field(2, ge=1, le=64, description="train.method = expand: decoder blocks added.")
+    expand_every: int = Field(
+        0, ge=0, description="train.method = expand: one added block after every this many base blocks, the last "
+        "after the top one (0 = spread evenly)."
+    )
+    full_layers: list[int] = Field(
+        default_factory=list, description="train.method = full: indices of the decoder blocks trained (empty = all)."
     )
 
     @property
@@ -544,6 +558,12 @@ class Settings(BaseSettings):
             )
         if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
             raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
+        if self.train.method != "lora":
+            raise ValueError(
+                f"train.method = {self.train.method!r}: the daemon serves LoRA adapters only for now (merged weights "
+                "need a second vLLM instance, not built yet); train such versions with `python -m "
+                "daemon.learning.train JOB.json` or bench/learning/sweep.py, or set train.method = 'lora'"
+            )
         return self
 
 

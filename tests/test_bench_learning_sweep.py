@@ -74,12 +74,16 @@ def test_a_run_trains_each_cycle_and_scores_what_it_learned(tiny: Path, tmp_path
                                 "held_out": ["The lazy dog sleeps."], "behaviour": [["Hi?", "Hello."]],
                                 "drift": ["Tell me a joke."]}))
     grid = tmp_path / "grid.json"
-    grid.write_text(json.dumps([{"name": "tiny", "cycles": 2, "documents": [4], "max_steps": 2, "seq_len": 32,
-                                 "dtype": "fp32"}]))
+    recipe = {"cycles": 2, "documents": [4], "max_steps": 2, "seq_len": 32, "dtype": "fp32"}
+    grid.write_text(json.dumps([{"name": "tiny", **recipe},
+                                {"name": "added", "method": "expand", "expand_blocks": 1, **recipe}]))
     out = tmp_path / "results.json"
     sweep.run(data, tiny, grid, out)
     found = json.loads(out.read_text())
-    (result,) = found["results"]
+    result, added = found["results"]
+    assert added["recipe"] == "added" and len(added["steps"]) == 2
+    assert added["steps"][1]["held_out_delta"] != 0.0  # the added block trained (it starts as the identity)
+    assert added["trainable_parameters"] != result["trainable_parameters"] > 0
     assert result["recipe"] == "tiny" and result["first_document"] == 4
     assert [s["document"] for s in result["steps"]] == [documents[4].name, documents[5].name]
     first, second = result["steps"]

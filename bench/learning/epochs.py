@@ -26,6 +26,7 @@ sys.path[:0] = [str(HERE.parent.parent)]
 import measure  # noqa: E402  (beside this file)
 import torch  # noqa: E402
 
+from daemon.learning import methods  # noqa: E402
 from daemon.learning import train as recipe  # noqa: E402
 from daemon.learning.jobs import load_job  # noqa: E402
 
@@ -93,7 +94,7 @@ def main() -> None:
     model, tokenizer, _ = recipe.load_model(job)
     dataset = recipe.build_dataset(job, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with model.disable_adapter():
+    with methods.base_view(model):
         model.eval()
         base_nll = nll(model, tokenizer, held_out) if held_out else None
     rows, started = [], time.monotonic()

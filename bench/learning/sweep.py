@@ -193,7 +193,7 @@ def summarize(result: dict[str, Any], base: dict[str, Any], learned: list[str], 
 def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     import torch
 
-    from daemon.learning import train
+    from daemon.learning import methods, train
 
     data = json.loads(data_file.read_text())
     documents, general = measure.load_documents()
@@ -222,7 +222,7 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
                     model, tokenizer, _ = train.load_model(job)
                     tokenizer.padding_side = "left"
                     if base_eval is None:
-                        with model.disable_adapter():
+                        with methods.base_view(model):
                             base_eval = evaluate(Scorer(model, tokenizer), data, documents, general, None)
                 dataset = train.build_dataset(job, tokenizer)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -237,7 +237,8 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
                 print(json.dumps({"recipe": name, "first": first, **steps[-1]}), flush=True)
                 if k == 0:
                     results.append({"recipe": name, "ratio": float(ratio), "first_document": first,
-                                    "hyper": recipe, "steps": steps})
+                                    "hyper": recipe, "trainable_parameters": methods.count_trainable(model),
+                                    "steps": steps})
                 results[-1]["wall_s"] = round(time.monotonic() - started, 1)
                 out.write_text(json.dumps({"base": {m: base_eval[m] for m in ("held_out_nll", "behaviour_nll")},
                                            "general_base": len(base_eval["general_correct"]),

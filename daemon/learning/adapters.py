@@ -1,7 +1,8 @@
 """Adapter version folders: names, files, and the check that vLLM can serve one.
 
 An adapter version is `<state>/adapters/vNNNN/` holding a PEFT LoRA (`adapter_config.json`,
-`adapter_model.safetensors`) and `meta.json` (lineage, data, hyperparameters, losses). Folders
+`adapter_model.safetensors`) and `meta.json` (lineage, data, hyperparameters, losses); a version of
+a method that trains merged weights (`train.method`) holds a complete model folder instead. Folders
 appear by rename only when complete and are never modified after. Owns version numbering and the
 view of every version (state, lineage, probe results) that status and the CLI show. Knows nothing
 of training or probing.
@@ -84,6 +85,17 @@ def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
     if problems:
         raise AdapterError(f"{folder.name}: " + "; ".join(problems))
     return config
+
+
+def check_model(folder: Path) -> dict[str, Any]:
+    """Raise AdapterError unless `folder` is a complete model folder (merged weights) a server can
+    load on its own: config, weights, tokenizer."""
+    problems = [f"{name} is missing" for name in ("config.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    if not any(folder.glob("model*.safetensors")):
+        problems.append("it holds no weights (model*.safetensors)")
+    if problems:
+        raise AdapterError(f"{folder.name}: " + "; ".join(problems))
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
 def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -> list[dict[str, Any]]:

@@ -1,10 +1,11 @@
-"""The LoRA training recipe: one job in, one immutable adapter version folder out.
+"""The training recipe: one job in, one immutable version folder out.
 
     python -m daemon.learning.train JOB.json [--json-progress]
 
-Setup (tokenize, mix, shuffle, pack; load the base model and the LoRA), train (AdamW, warmup +
-cosine, early stop on held-out new chunks), save (PEFT folder + meta.json, checked, then renamed
-into place). The daemon runs it as a subprocess so a crash or OOM never touches serving; it can
+Setup (tokenize, mix, shuffle, pack; load the base model and put the job's method in place: a LoRA
+by default, `daemon.learning.methods`), train (AdamW, warmup + cosine, early stop on held-out new
+chunks), save (a PEFT folder, or a complete model folder for the methods that train merged weights;
+meta.json; checked, then renamed into place). The daemon runs it as a subprocess so a crash or OOM never touches serving; it can
 cancel it with SIGTERM. Knows nothing of the journal, replay selection or serving: the job file
 (`daemon.learning.jobs.TrainJob`) carries everything.
 """
@@ -30,11 +31,11 @@ import peft
 import torch
 import torch.nn.functional as F
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from daemon.learning.adapters import META_FILE, check_adapter
+from daemon.learning import methods
+from daemon.learning.adapters import META_FILE, check_adapter, check_model
 from daemon.learning.jobs import Record, TrainJob, load_job
 from replay.durable import atomic_write_json, publish_dir
 
@@ -193,28 +194,29 @@ def pick_dtype(requested: str) -> Any:
 
 
 def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
-    """The base model (frozen, in the compute dtype) with a trainable LoRA, and its tokenizer."""
+    """The base model (frozen) with the job's method in place (`methods.attach`: a trainable LoRA by
+    default, warm-started from the parent), its tokenizer and the compute dtype (fp32 for the
+    methods that train merged weights)."""
 
     hp = job.hyper
     torch.manual_seed(hp.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and hp.gpu_memory_fraction < 1:
         torch.cuda.set_per_process_memory_fraction(hp.gpu_memory_fraction)
-    dtype = pick_dtype(hp.dtype)
+    dtype = pick_dtype(hp.dtype) if hp.method == "lora" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
     model = AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype).to(device)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    if job.parent_path:
-        model = PeftModel.from_pretrained(model, job.parent_path, is_trainable=True)
-    else:
-        config = LoraConfig(
-            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=hp.target_modules,
-            use_rslora=hp.use_rslora, bias="none", task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
-    return model, tokenizer, dtype
+    return methods.attach(model, job), tokenizer, dtype
+
+
+def saved_dtype(model_dir: str) -> Any:
+    """The dtype the base model's weights are stored in (merged versions are saved in it)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 evals.append(evaluate(model, dataset.held_out, pad_id, hp.batch_size))
                 if evals[-1] < best - 1e-4:
                     best, bad_epochs = evals[-1], 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+                    best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
                 else:
                     bad_epochs += 1
                 if hp.early_stop_patience and bad_epochs >= hp.early_stop_patience:
@@ -400,7 +402,7 @@ def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] |
         if cached is not None:
             kl = topk_kl(logits[soft], cached.indices, cached.logprobs)
         else:
-            with torch.no_grad(), model.disable_adapter():
+            with torch.no_grad(), methods.base_view(model):
                 teacher = model(**batch).logits[:, :-1][soft].float().log_softmax(-1)
             kl = F.kl_div(logits[soft].log_softmax(-1), teacher, log_target=True, reduction="sum")
         total = total + distill_weight * kl
@@ -437,7 +439,7 @@ def teacher_targets(model: Any, examples: list[Example], pad_id: int, top_k: int
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), methods.base_view(model):
         for i in range(0, len(chosen), batch_size):
             group = chosen[i : i + batch_size]
             batch = collate(group, pad_id)
@@ -469,25 +471,34 @@ def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) 
 
 # ---- save -------------------------------------------------------------------------------------
 
-def save(job: TrainJob, model: Any, dataset: Dataset, summary: dict[str, Any], dtype: Any, started: float) -> Path:
+def save(job: TrainJob, model: Any, tokenizer: Any, dataset: Dataset, summary: dict[str, Any], dtype: Any,
+         started: float) -> Path:
     """Write the version folder in a hidden staging folder, check it, and rename it into place."""
     final = Path(job.output_dir) / job.version
     if final.exists():
         raise FileExistsError(f"{final} already exists: adapter versions are immutable")
     staging = Path(tempfile.mkdtemp(prefix=f".{job.version}.", dir=job.output_dir))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        atomic_write_json(staging / META_FILE, _meta(job, dataset, summary, dtype, started))
-        check_adapter(staging, job.hyper.vllm_max_lora_rank)
+        method = methods.of(model)
+        method.save(model, tokenizer, staging, saved_dtype(job.base_model))
+        atomic_write_json(staging / META_FILE, _meta(job, model, dataset, summary, dtype, started))
+        if method.merged:
+            check_model(staging)
+        else:
+            check_adapter(staging, job.hyper.vllm_max_lora_rank)
         publish_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def _meta(job: TrainJob, dataset: Dataset, summary: dict[str, Any], dtype: Any, started: float) -> dict[str, Any]:
+def _meta(job: TrainJob, model: Any, dataset: Dataset, summary: dict[str, Any], dtype: Any,
+          started: float) -> dict[str, Any]:
     return {
         "version": job.version,
+        "method": job.hyper.method,
+        **methods.of(model).info(),
+        "trainable_parameters": methods.count_trainable(model),
         "parent": job.parent_version,
         "base_model": job.base_model,
         "documents": job.documents,
@@ -524,7 +535,7 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
              job.hyper.seq_len, dataset.counts, dtype)
     summary = train(job, model, dataset, pad_id, json_progress, stop=lambda: stopping["flag"])
     summary["tokens_per_s"] = round(summary["tokens"] / max(time.time() - started, 1e-9), 1)
-    path = save(job, model, dataset, summary, dtype, started)
+    path = save(job, model, tokenizer, dataset, summary, dtype, started)
     if json_progress:
         emit({"event": "done", "path": str(path), "summary": {k: v for k, v in summary.items() if k != "losses"}})
     return path
