@@ -91,3 +91,29 @@ def test_a_run_trains_each_cycle_and_scores_what_it_learned(tiny: Path, tmp_path
     assert second["first_cloze"] == first["this_cloze"] == 0.0  # a tiny model knows none of the facts
     assert second["held_out_delta"] != 0.0  # trained: the held-out NLL moved
     assert found["general_base"] == 0 and 0.0 <= second["drift_agreement"] <= 1.0
+
+
+def test_a_lifelong_runs_jobs_export_cycle_by_cycle(tmp_path: Path) -> None:
+    from replay import build
+    from replay.job import BuildJob
+    from tests.replay_helpers import BagOfWords, use_embedder, write_topic_corpus
+
+    run = tmp_path / "run"
+    (run / "state" / "jobs").mkdir(parents=True)
+    write_topic_corpus(tmp_path / "corpus", per_topic=8)
+    build.run(BuildJob(folder=run / "state" / "replay", corpus=[tmp_path / "corpus"],
+                       embedder=use_embedder(BagOfWords()).name, passage_tokens=24, held_out_fraction=0.25))
+    names = ["tidewell-4.2-release-notes.md", "prek-readme.md", "django-bolt-readme.md"]
+    (run / "results.json").write_text(json.dumps({"steps": [{"cycle": k + 1, "document": n} for k, n in enumerate(names)]}))
+    for k, documents in enumerate([["a"], ["b"], ["b", "c"]]):
+        data = {"new": [{"text": f"chunk of {documents[-1]}"}], "replay": [], "knowledge": [], "rehearsal": []}
+        (run / "state" / "jobs" / f"v{k + 1:04d}.json").write_text(json.dumps({"documents": documents, "data": data}))
+    out = tmp_path / "run-data.json"
+    sweep.export_run(run, out, cycles=2, held_out=4)
+    found = json.loads(out.read_text())
+    assert found["documents"] == names[:2]
+    assert [job["new"][0]["text"] for job in found["jobs"]["run"]] == ["chunk of a", "chunk of b"]
+    assert len(found["held_out"]) == 4 and found["drift"]
+    assert set(found["documents"]) <= set(sweep.known_documents())
+    with pytest.raises(SystemExit, match="cycle 3 trained 2 documents"):
+        sweep.export_run(run, out, cycles=3, held_out=4)

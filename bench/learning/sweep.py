@@ -8,8 +8,15 @@
 `export` writes what the daemon's cycles would train on for each benchmark document in turn (its
 chunks, the replay the daemon's own selection picks at each replay ratio, earlier documents as
 knowledge replay, rehearsal pairs) and the benchmark's held-out measures (held-out passages,
-behaviour pairs, drift prompts). `run` trains each recipe of the grid — a JSON list of
-{"name", "ratio", "cycles", "documents", train settings...} — with the daemon's own trainer
+behaviour pairs, drift prompts). `export-run` takes the same from a lifelong run instead
+(`bench/learning/lifelong.py`): the jobs its daemon trained, cycle by cycle, under the ratio "run",
+so a recipe is measured on exactly the data the daemon's cycles had:
+
+    .venv/bin/python bench/learning/sweep.py export-run var/bench-learning/lifelong/RUN run-data.json --cycles 6
+    python bench/learning/sweep.py run run-data.json MODEL_DIR grid.json   # grid: {"ratio": "run", ...}
+
+`run` trains each recipe of the grid — a JSON list of {"name", "ratio", "cycles", "documents",
+train settings...}, `"method"` among them — with the daemon's own trainer
 (`daemon.learning.train`, in process, adapters warm-started from cycle to cycle as the daemon does) and
 measures it with `measure`'s scoring, computing greedy answers and NLLs with transformers instead
 of through vLLM. Its numbers rank recipes; the recorded results come from `bench/learning`, which
@@ -42,6 +49,40 @@ DRIFT_PROMPTS = HERE.parent.parent / "daemon" / "learning" / "data" / "drift_pro
 
 
 # ---- export (here, with the daemon's state) ---------------------------------------------------------
+
+def export_run(run: Path, out: Path, cycles: int, held_out: int) -> None:
+    """The first `cycles` jobs a lifelong run's daemon trained, each with one new document, and the
+    lifelong benchmark's held-out measures from the run's replay buffer."""
+    from replay.buffer import ReplayBuffer, load_rehearsal
+
+    steps = json.loads((run / "results.json").read_text())["steps"][:cycles]
+    state = run / "state"
+    jobs, names = [], []
+    for step in steps:
+        job = json.loads((state / "jobs" / f"v{step['cycle']:04d}.json").read_text())
+        if len(job["documents"]) != 1:
+            sys.exit(f"cycle {step['cycle']} trained {len(job['documents'])} documents (refused ones retried): "
+                     "export fewer cycles")
+        jobs.append(job["data"])
+        names.append(step["document"])
+    _, behaviour = load_rehearsal(state / "replay")
+    buffer = ReplayBuffer.open(state / "replay")
+    try:
+        passages = [p.text for p in buffer.held_out_passages(held_out, seed=0)]
+    finally:
+        buffer.close()
+    drift = [line.strip() for line in DRIFT_PROMPTS.read_text().splitlines() if line.strip()]
+    out.write_text(json.dumps({"documents": names, "jobs": {"run": jobs}, "held_out": passages,
+                               "behaviour": [[p.prompt, p.answer] for p in behaviour], "drift": drift}))
+    print(f"{out}: {len(jobs)} cycles of {run.name}, {len(passages)} held-out passages, {len(behaviour)} behaviour pairs")
+
+
+def known_documents() -> dict[str, measure.Document]:
+    """Every benchmark document by name: the invented ones and the real READMEs."""
+    invented, _ = measure.load_documents()
+    real, _ = measure.load_documents(HERE / "real_documents.json")
+    return {doc.name: doc for doc in invented + real}
+
 
 def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowledge_share: float,
            held_out: int) -> None:
@@ -183,6 +224,7 @@ def summarize(result: dict[str, Any], base: dict[str, Any], learned: list[str], 
         "this_cloze": result["facts"][current]["cloze"],
         "this_qa": result["facts"][current]["qa"],
         "all_cloze": statistics.fmean(result["facts"][d]["cloze"] for d in learned),
+        "all_qa": statistics.fmean(result["facts"][d]["qa"] for d in learned),
         "held_out_delta": measure.relative(result["held_out_nll"], base["held_out_nll"]),
         "behaviour_delta": measure.relative(result["behaviour_nll"], base["behaviour_nll"]),
         "general_kept": len(kept & set(result["general_correct"])), "general_base": len(kept),
@@ -196,15 +238,17 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     from daemon.learning import methods, train
 
     data = json.loads(data_file.read_text())
-    documents, general = measure.load_documents()
-    by_name = {doc.name: doc for doc in documents}
+    _, general = measure.load_documents()
+    by_name = known_documents()
+    documents = [by_name[name] for name in data["documents"]]
     grid = json.loads(grid_file.read_text())
     results: list[dict[str, Any]] = []
     base_eval: dict[str, Any] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="cld-sweep-"))
     for recipe in grid:
         recipe = dict(recipe)
-        name, ratio = recipe.pop("name"), str(float(recipe.pop("ratio", 4.0)))
+        name, ratio = recipe.pop("name"), recipe.pop("ratio", 4.0)
+        ratio = ratio if ratio == "run" else str(float(ratio))
         cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
         hyper = TrainSection(**recipe)  # a misspelt setting is an error, not ignored
         for first in order:
@@ -236,7 +280,7 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
                               **summarize(result, base_eval, learned, learned[-1])})
                 print(json.dumps({"recipe": name, "first": first, **steps[-1]}), flush=True)
                 if k == 0:
-                    results.append({"recipe": name, "ratio": float(ratio), "first_document": first,
+                    results.append({"recipe": name, "ratio": ratio, "first_document": first,
                                     "hyper": recipe, "trainable_parameters": methods.count_trainable(model),
                                     "steps": steps})
                 results[-1]["wall_s"] = round(time.monotonic() - started, 1)
@@ -258,6 +302,11 @@ def main() -> None:
     ex.add_argument("--ratios", type=float, nargs="+", default=[4.0])
     ex.add_argument("--knowledge-share", type=float, default=0.5)
     ex.add_argument("--held-out", type=int, default=64)
+    er = sub.add_parser("export-run", help="write the sweep's data from a lifelong run's jobs (here)")
+    er.add_argument("run", type=Path, help="a run folder of bench/learning/lifelong.py")
+    er.add_argument("out", type=Path)
+    er.add_argument("--cycles", type=int, default=6)
+    er.add_argument("--held-out", type=int, default=32, help="passages (the lifelong benchmark scores 32)")
     go = sub.add_parser("run", help="train and measure each recipe of a grid (GPU machine)")
     go.add_argument("data", type=Path)
     go.add_argument("model", type=Path)
@@ -266,6 +315,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "export":
         export(args.state, args.model, args.out, args.ratios, args.knowledge_share, args.held_out)
+    elif args.command == "export-run":
+        export_run(args.run, args.out, args.cycles, args.held_out)
     else:
         run(args.data, args.model, args.grid, args.out)
 
