@@ -419,12 +419,13 @@ def journal_rebuild(config: ConfigOption = None) -> None:
     """Rebuild a damaged or lost journal from processed/ and quarantine/ (the daemon must be stopped).
 
     The old journal is kept beside it as journal.sqlite3.damaged-<time>; documents the promoted
-    adapter versions learned are marked learned again (from their meta.json).
+    adapter versions learned are marked learned again (from their meta.json), and those refused
+    schedule.max_attempts times set aside again (from the cycle records).
     """
     from daemon import service
     from daemon.ingestion.rebuild import rebuild
     from daemon.layout import CYCLES_DIR
-    from daemon.learning.adapters import learned_documents
+    from daemon.learning.adapters import learned_documents, refused_documents
     from daemon.learning.records import CycleStore
 
     settings = _settings(config)
@@ -432,12 +433,13 @@ def journal_rebuild(config: ConfigOption = None) -> None:
     state = StateDir(settings.state.dir)
     try:
         with service.state_lock(state):
-            done = rebuild(settings, learned_documents(state.adapters, CycleStore(state.root / CYCLES_DIR)))
+            cycles = CycleStore(state.root / CYCLES_DIR)
+            done = rebuild(settings, learned_documents(state.adapters, cycles), refused_documents(state.adapters, cycles))
     except service.StartupError:
         _fail("the daemon is running on this state directory: stop it first (systemctl stop cld)", code=1)
     kept = f"; the old one is kept as {done.set_aside.name}" if done.set_aside else ""
-    typer.echo(f"journal rebuilt: {done.documents} documents ({done.learned} learned), {done.duplicates} "
-               f"duplicates, {done.quarantined} quarantined{kept}")
+    typer.echo(f"journal rebuilt: {done.documents} documents ({done.learned} learned, {done.set_aside_documents} set "
+               f"aside), {done.duplicates} duplicates, {done.quarantined} quarantined{kept}")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """A damaged or emptied journal is refused at start with a message naming the file and the
 recovery command, never trusted silently; `cld journal rebuild` makes it anew from processed/
-and quarantine/, keeping the old one, and marks learned what promoted versions learned."""
+and quarantine/, keeping the old one, marks learned what promoted versions learned and sets aside
+again what refused cycles set aside."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from daemon.ingestion import journal
 from daemon.ingestion.ingest import open_ingester
 from daemon.ingestion.journal import DamagedJournal, Journal
 from daemon.layout import CYCLES_DIR, StateDir
-from daemon.learning.records import PROMOTED, CycleRecord, CycleStore
+from daemon.learning.records import PROMOTED, REJECTED, CycleRecord, CycleStore
 from replay.durable import atomic_write_json
 from tests.conftest import REPO
 from tests.ingest_helpers import make_settings
@@ -28,7 +29,8 @@ FILES = {"a.txt": b"Zorblat is the capital of Quux. It has nine bridges.",
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """A state directory after intake: 2 documents, 1 duplicate, 1 quarantined; v0001 learned a.txt."""
+    """A state directory after intake: 2 documents, 1 duplicate, 1 quarantined; v0001 learned a.txt,
+    the candidates of cycles 2-4 (v0002-v0004) were refused with b.md, which is set aside."""
     made = make_settings(tmp_path)
     made.watch.inbox.mkdir(parents=True, exist_ok=True)
     for name, data in FILES.items():
@@ -37,12 +39,26 @@ def settings(tmp_path: Path) -> Settings:
         for name in FILES:
             ingester.ingest(made.watch.inbox / name)
         ingester.chunk_pending()
-        first = ingester.journal.documents("ready")[0]
+        first, second = ingester.journal.documents("ready")
         ingester.journal.mark_learned([first["id"]], "v0001")
+        for cycle in (2, 3, 4):
+            ingester.journal.refused([second["id"]], refusal(cycle), made.schedule.max_attempts)
     state = StateDir(made.state.dir)
+    cycles = CycleStore(state.root / CYCLES_DIR)
     atomic_write_json(state.adapters / "v0001" / "meta.json", {"version": "v0001", "documents": [first["hash"]]})
-    CycleStore(state.root / CYCLES_DIR).save(CycleRecord(id=1, trigger="api", state=PROMOTED, version="v0001"))
+    cycles.save(CycleRecord(id=1, trigger="api", state=PROMOTED, version="v0001"))
+    for cycle in (2, 3, 4):
+        version = f"v{cycle:04d}"
+        atomic_write_json(state.adapters / version / "meta.json", {"version": version, "documents": [second["hash"]]})
+        cycles.save(CycleRecord(id=cycle, trigger="api", state=REJECTED, version=version, failed=[
+            {"probe": "forgetting_vs_base", "value": 0.03, "limit": 0.02, "passed": False,
+             "reason": "forgetting vs base +3.0% > +2.0%"}]))
     return made
+
+
+def refusal(cycle: int) -> str:
+    """What the cycle writes when its candidate is refused (`Learner.set_aside`)."""
+    return f"cycle {cycle} refused its candidate v{cycle:04d}: forgetting vs base +3.0% > +2.0%"
 
 
 def cld(settings: Settings, *args: str) -> subprocess.CompletedProcess:
@@ -51,7 +67,7 @@ def cld(settings: Settings, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-EXPECTED = {"ingested": 2, "pending": 1, "quarantined": 1, "learned": 1, "duplicates": 1, "ready": 1, "set_aside": 0}
+EXPECTED = {"ingested": 2, "pending": 0, "quarantined": 1, "learned": 1, "duplicates": 1, "ready": 0, "set_aside": 1}
 
 
 def test_the_fixture_is_what_the_rebuild_must_restore(settings: Settings) -> None:
@@ -89,8 +105,10 @@ def test_cld_journal_rebuild_restores_the_counts_and_keeps_the_old_journal(setti
     state.journal.write_bytes(b"")
     done = cld(settings, "journal", "rebuild")
     assert done.returncode == 0, done.stderr
-    assert "journal rebuilt: 2 documents (1 learned), 1 duplicates, 1 quarantined" in done.stdout
+    assert "journal rebuilt: 2 documents (1 learned, 1 set aside), 1 duplicates, 1 quarantined" in done.stdout
     assert journal.counts(state.journal) == EXPECTED
+    (aside,) = Journal(state.journal).documents("set_aside")
+    assert aside["source"].endswith("b.md") and aside["attempts"] == 3 and aside["set_aside"] == refusal(4)
     kept = [p.name for p in state.root.iterdir() if p.name.startswith("journal.sqlite3.damaged-")]
     assert kept and kept[0].startswith("journal.sqlite3.damaged-")
     with open_ingester(settings) as ingester:

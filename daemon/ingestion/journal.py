@@ -248,6 +248,13 @@ class Journal:
                                "AND set_aside IS NULL AND attempts >= ?", [(why, i, max_attempts) for i in ids])
         return [doc for doc in self.documents(SET_ASIDE) if doc["id"] in ids and doc["attempts"] >= max_attempts > 0]
 
+    def refused_by_hash(self, hashes: Iterable[str], why: str, max_attempts: int) -> list[dict[str, Any]]:
+        """`refused` for the ready documents with these content hashes (a rebuilt journal learns of
+        refused cycles from their records and the candidates' meta.json)."""
+        wanted = set(hashes)
+        ids = [doc["id"] for doc in self.documents("ready") if doc["hash"] in wanted]
+        return self.refused(ids, why, max_attempts)
+
     def retry(self, document_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
         """Put set-aside documents (these, or all) back into the next cycle, their count restarted."""
         chosen = [doc for doc in self.documents(SET_ASIDE) if document_ids is None or doc["id"] in set(document_ids)]

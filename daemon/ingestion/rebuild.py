@@ -5,8 +5,9 @@ The damaged journal is moved aside (never deleted); every file in processed/ is 
 journaled as a document or a duplicate, every file in quarantine/ with the reason its note gives;
 documents are chunked when the base model is prepared; and the documents that promoted adapter
 versions learned (the content hashes in their meta.json, handed in by the caller) are marked
-learned again. Owns the rebuild. Knows nothing of adapters or cycles: the caller says which
-versions learned what. The daemon must not run (the caller holds its lock).
+learned again; then each refused cycle is counted against its documents that are still waiting, so
+those refused `schedule.max_attempts` times stay set aside. Owns the rebuild. Knows nothing of
+adapters or cycles: the caller says which versions learned what and which cycles refused what. The daemon must not run (the caller holds its lock).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ class Rebuilt:
     duplicates: int
     quarantined: int
     learned: int
+    set_aside_documents: int = 0
 
 
-def rebuild(settings: Settings, learned: Iterable[tuple[str, list[str]]]) -> Rebuilt:
-    """Rebuild the journal; `learned` lists (version, content hashes of the documents it learned)."""
+def rebuild(settings: Settings, learned: Iterable[tuple[str, list[str]]],
+            refused: Iterable[tuple[str, list[str]]] = ()) -> Rebuilt:
+    """Rebuild the journal; `learned` lists (version, content hashes of the documents it learned),
+    `refused` (why, content hashes of the documents a refused cycle tried), oldest first."""
     state = StateDir(settings.state.dir)
     aside = _set_aside(state.journal)
     outcomes: dict[str, int] = {"document": 0, "duplicate": 0, "quarantined": 0}
@@ -47,9 +51,12 @@ def rebuild(settings: Settings, learned: Iterable[tuple[str, list[str]]]) -> Reb
                     outcomes[ingester.adopt(path, folder).outcome] += 1
         ingester.chunk_pending()
         learned_count = sum(ingester.journal.mark_learned_by_hash(hashes, version) for version, hashes in learned)
-    log.info("journal rebuilt: %d documents, %d duplicates, %d quarantined, %d learned", outcomes["document"],
-             outcomes["duplicate"], outcomes["quarantined"], learned_count)
-    return Rebuilt(aside, outcomes["document"], outcomes["duplicate"], outcomes["quarantined"], learned_count)
+        limit = settings.schedule.max_attempts
+        aside_count = sum(len(ingester.journal.refused_by_hash(hashes, why, limit)) for why, hashes in refused)
+    log.info("journal rebuilt: %d documents, %d duplicates, %d quarantined, %d learned, %d set aside",
+             outcomes["document"], outcomes["duplicate"], outcomes["quarantined"], learned_count, aside_count)
+    return Rebuilt(aside, outcomes["document"], outcomes["duplicate"], outcomes["quarantined"], learned_count,
+                   aside_count)
 
 
 def _set_aside(journal: Path) -> Path | None:

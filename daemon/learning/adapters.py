@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.layout import VERSION_RE
-from daemon.learning.records import PROMOTED, CycleStore, adapter_states
+from daemon.learning.records import PROMOTED, REJECTED, CycleStore, adapter_states
 from replay.durable import read_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -127,3 +127,11 @@ def learned_documents(adapters_dir: Path, cycles: CycleStore) -> list[tuple[str,
     first: what the journal must say was learned (a journal rebuild asks)."""
     promoted = [r.version for r in cycles.all() if r.state == PROMOTED and r.version]
     return [(version, list(read_meta(adapters_dir / version).get("documents", []))) for version in promoted]
+
+
+def refused_documents(adapters_dir: Path, cycles: CycleStore) -> list[tuple[str, list[str]]]:
+    """(why, content hashes of its new documents) of every cycle whose candidate the gate refused,
+    oldest first: what a rebuilt journal counts against them (`schedule.max_attempts`)."""
+    refused = [r for r in cycles.all() if r.state == REJECTED and r.version]
+    return [(f"cycle {r.id} refused its candidate {r.version}: " + "; ".join(f["reason"] for f in r.failed),
+             list(read_meta(adapters_dir / r.version).get("documents", []))) for r in refused]
