@@ -92,6 +92,14 @@ class ServeSection(Section):
         0.6, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only); the trainer gets the rest."
     )
     max_loras: int = Field(2, ge=2, description="Adapters vLLM holds at once (incumbent + candidate ≥ 2).")
+    merged_kv_cache_gib: float = Field(
+        0.5, gt=0, description="KV cache (CPU, GiB) of each extra vLLM instance that serves a merged-weight version "
+        "(train.method mora, expand, full): at most two run, the served version and a candidate."
+    )
+    merged_gpu_memory_utilization: float = Field(
+        0.15, gt=0, le=1, description="Share of GPU memory each merged-weight instance may take (GPU only): with "
+        "train.method other than lora, gpu_memory_utilization + 2 × this + train.gpu_memory_fraction must fit in 1."
+    )
     vllm_args: list[str] = Field(
         default_factory=list, description="Extra command-line arguments for the vLLM server (not --host or "
         "--port: vLLM listens on loopback only, at serve.vllm_port)."
@@ -291,8 +299,8 @@ class TrainSection(Section):
     method: Literal["lora", "mora", "expand", "full"] = Field(
         "lora", description="How a cycle adapts the model: lora (an adapter vLLM serves beside the base), or trained "
         "as merged weights: mora (one high-rank square matrix per layer, as many weights as a LoRA of train.rank), "
-        "expand (added blocks, base frozen: train.expand_blocks), full (train.full_layers). The daemon serves "
-        "lora only for now; the others train with `python -m daemon.learning.train` and bench/learning/sweep.py."
+        "expand (added blocks, base frozen: train.expand_blocks), full (train.full_layers). Merged weights are "
+        "served by a vLLM instance of their own, switched blue-green (serve.merged_kv_cache_gib)."
     )
     rank: int = Field(16, ge=1, le=512, description="LoRA rank; vLLM is started to serve adapters up to it.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with rsLoRA).")
@@ -558,11 +566,10 @@ class Settings(BaseSettings):
             )
         if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
             raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
-        if self.train.method != "lora":
+        if self.train.method != "lora" and self.serve.vllm_url:
             raise ValueError(
-                f"train.method = {self.train.method!r}: the daemon serves LoRA adapters only for now (merged weights "
-                "need a second vLLM instance, not built yet); train such versions with `python -m "
-                "daemon.learning.train JOB.json` or bench/learning/sweep.py, or set train.method = 'lora'"
+                f"train.method = {self.train.method!r} trains merged weights, which cld serves from vLLM "
+                "instances it starts itself; with serve.vllm_url (an external server) use train.method = 'lora'"
             )
         return self
 

@@ -28,6 +28,7 @@ import uvicorn
 from daemon import model, systemd
 from daemon.config import Settings
 from daemon.engine import vllm
+from daemon.engine.merged import Fleet, MergedServers, is_merged
 from daemon.engine.router import Router
 from daemon.engine.supervisor import State as SupervisorState
 from daemon.engine.supervisor import Supervisor
@@ -106,6 +107,10 @@ class Daemon:
         )
         self.vllm = vllm.VLLMClient(self.vllm_url, self.upstream)
         self.router = Router(serve.model_name, serve.base_name, state.serving)
+        # merged-weight versions (train.method other than lora) get vLLM instances of their own
+        self.merged = None if serve.vllm_url else MergedServers(settings, state.root, self.vllm_key,
+                                                                self.router.endpoints)
+        self.fleet = Fleet(self.vllm, self.merged)
         self.supervisor: Supervisor | None = None
         self.replay_build = replay_plan.BackgroundBuild(settings)
         self.journal = Journal(state.root / JOURNAL_FILE)
@@ -163,6 +168,8 @@ class Daemon:
         await self.replay_build.stop()  # resumable: it continues at the next start
         if self.supervisor is not None:
             await self.supervisor.stop()  # vLLM and all it spawned
+        if self.merged is not None:
+            await self.merged.stop_all()  # the instances of merged-weight versions
         await self.upstream.aclose()
         self.journal.close()
         self.state.daemon.unlink(missing_ok=True)
@@ -200,7 +207,7 @@ class Daemon:
         if model_dir is None:
             log.error("the base model folder is not ready: learning is off (set model.base to a Hugging Face folder)")
             return
-        self.learner = Learner(self.settings, self.state, self.vllm, self.router, self.journal, model_dir,
+        self.learner = Learner(self.settings, self.state, self.fleet, self.router, self.journal, model_dir,
                                on_swap=self.metrics.swap_duration.observe)
         for record in self.learner.cycles.resolve_interrupted(self.router.current and self.router.current.version):
             log.warning("cycle %d was interrupted; marked %s", record.id, record.state)
@@ -270,6 +277,8 @@ class Daemon:
             return
         if not vllm.vllm_installed():
             raise StartupError("vLLM is not installed: run `make install` (FLAVOUR=cpu or gpu) or set serve.vllm_url")
+        if problem := gpu_shares_problem(self.settings, vllm.is_cpu_build()):
+            raise StartupError(problem)
         self.phase = "preparing model"
         preparing = asyncio.create_task(_prepare_in_subprocess(self.settings.model.base, self.state))
         await _first(preparing, self.stopping.wait())
@@ -305,7 +314,10 @@ class Daemon:
         if adapter is None:
             return
         try:
-            await self.vllm.load_lora(adapter.served_name, adapter.path)
+            if is_merged(adapter.path):
+                await self.fleet.load_merged(adapter.served_name, adapter.path)
+            else:
+                await self.vllm.load_lora(adapter.served_name, adapter.path)
         except (RuntimeError, httpx.HTTPError) as error:
             log.error("could not load the promoted adapter %s (%s): serving the base model; "
                       "`cld rollback %s` serves it again once its folder is back", adapter.version, error,
@@ -327,7 +339,7 @@ class Daemon:
         if adapter is None or not self._ready() or (self.learner and self.learner.swap_lock.locked()):
             return
         try:
-            served = await self.vllm.served()
+            served = await self.fleet.served()
         except (httpx.HTTPError, ValueError, KeyError) as error:
             log.debug("could not list vLLM's models: %s", error)
             return
@@ -360,6 +372,7 @@ class Daemon:
             "vllm_url": self.vllm_url,
             "vllm_restarts": supervisor.restarts if supervisor else 0,
             "adapter_reloads": self.adapter_reloads,
+            "merged_instances": self.merged.views() if self.merged else [],
             "ingest_error": self.watcher.error,
         }
 
@@ -367,6 +380,19 @@ class Daemon:
         serve = self.settings.serve
         host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
         return f"http://{host}:{serve.port}"
+
+
+def gpu_shares_problem(settings: Settings, cpu: bool) -> str | None:
+    """Why the GPU cannot hold the base instance, two merged-weight instances and the trainer
+    (train.method other than lora), or None."""
+    serve, train = settings.serve, settings.train
+    shares = serve.gpu_memory_utilization + 2 * serve.merged_gpu_memory_utilization + train.gpu_memory_fraction
+    if cpu or train.method == "lora" or shares <= 1:
+        return None
+    return (f"train.method = {train.method!r} serves merged weights from two more vLLM instances: "
+            f"serve.gpu_memory_utilization {serve.gpu_memory_utilization:g} + 2 × serve.merged_gpu_memory_utilization "
+            f"{serve.merged_gpu_memory_utilization:g} + train.gpu_memory_fraction {train.gpu_memory_fraction:g} "
+            f"= {shares:.2f} of the GPU: lower them to fit in 1")
 
 
 def status_line(serving: str | None, cycle: CycleRecord | None, replay: str | None = None) -> str:

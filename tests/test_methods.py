@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.config import ConfigError, TrainSection, load_settings
+from daemon.config import TrainSection
 from daemon.learning import methods, train
 from daemon.learning.adapters import AdapterError, check_model
 from daemon.learning.jobs import JobData, TrainJob
@@ -152,13 +152,3 @@ def test_a_model_folder_without_weights_or_tokenizer_is_refused(tmp_path: Path) 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(AdapterError, match="tokenizer_config.json is missing; it holds no weights"):
         check_model(tmp_path)
-
-
-def test_the_daemon_refuses_a_method_it_cannot_serve_yet(tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text('[train]\nmethod = "expand"\n')
-    with pytest.raises(ConfigError, match="train.method = 'expand': the daemon serves LoRA adapters only"):
-        load_settings(config)
-    config.write_text('[train]\nmethod = "dora"\n')
-    with pytest.raises(ConfigError, match="train.method"):
-        load_settings(config)

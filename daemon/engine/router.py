@@ -1,7 +1,8 @@
 """Which model answers which public name.
 
 Owns the mapping from the names clients use (`cld`, `cld-base`) to the names vLLM serves (the
-base, or an adapter version such as `cld-v0003`), and its persistence in `serving.json`, so a
+base, or an adapter version such as `cld-v0003`) and to the vLLM instance that serves them (the
+base instance, or a merged-weight version's own), and its persistence in `serving.json`, so a
 restart serves the same version. Switching is a single assignment, so a request sees the old or
 the new adapter, never a mix. Knows nothing of HTTP or of how adapters are made or judged.
 """
@@ -14,6 +15,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from daemon.layout import ADAPTERS_DIR, is_version
 from replay.durable import DamagedFile, atomic_write_json, read_json
@@ -38,6 +41,9 @@ class Router:
         self.state_file = state_file
         self.current: Adapter | None = _load(state_file)
         self.in_flight: Counter[str] = Counter()
+        # served names that a vLLM instance of their own answers (merged-weight versions,
+        # daemon.engine.merged), with the client that reaches it; all others: the base instance
+        self.endpoints: dict[str, httpx.AsyncClient] = {}
         self.last_active = time.monotonic()  # when a request last started or ended
 
     def idle_s(self) -> float:

@@ -31,29 +31,33 @@ def is_cpu_build() -> bool:
     return True
 
 
-def server_command(model_dir: Path, settings: Settings) -> list[str]:
-    """The argv that starts vLLM's OpenAI server for `model_dir` on loopback with LoRA enabled."""
+def server_command(model_dir: Path, settings: Settings, *, port: int | None = None, served_name: str | None = None,
+                   lora: bool = True) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for `model_dir` on loopback: the base instance
+    (serve.vllm_port, the base name, LoRA enabled), or with `port`, `served_name` and no LoRA an
+    instance serving one merged-weight version (`daemon.engine.merged`)."""
     serve = settings.serve
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
-        "--served-model-name", serve.base_name,
+        "--served-model-name", served_name or serve.base_name,
         "--host", LOOPBACK,
-        "--port", str(serve.vllm_port),
+        "--port", str(port or serve.vllm_port),
         "--max-model-len", str(serve.max_model_len),
-        "--enable-lora",
-        "--max-loras", str(serve.max_loras),
-        "--max-lora-rank", str(settings.train.vllm_max_lora_rank),
         "--disable-uvicorn-access-log",
     ]
-    # LoRA on the linear layers only. Without this vLLM also wraps the output head for LoRA, and
-    # then (vllm 0.32, CPU) scoring prompt logprobs in a batch of several requests crashes the
-    # engine; cld's adapters never train the head (daemon.learning.adapters.check_adapter refuses it).
-    linear = linear_modules(model_dir)
-    if linear:
-        argv += ["--lora-target-modules", *linear]
+    if lora:
+        argv += ["--enable-lora", "--max-loras", str(serve.max_loras),
+                 "--max-lora-rank", str(settings.train.vllm_max_lora_rank)]
+        # LoRA on the linear layers only. Without this vLLM also wraps the output head for LoRA, and
+        # then (vllm 0.32, CPU) scoring prompt logprobs in a batch of several requests crashes the
+        # engine; cld's adapters never train the head (daemon.learning.adapters.check_adapter refuses it).
+        linear = linear_modules(model_dir)
+        if linear:
+            argv += ["--lora-target-modules", *linear]
     if not is_cpu_build():
-        argv += ["--gpu-memory-utilization", str(serve.gpu_memory_utilization)]
+        share = serve.gpu_memory_utilization if lora else serve.merged_gpu_memory_utilization
+        argv += ["--gpu-memory-utilization", str(share)]
     return argv + list(serve.vllm_args)
 
 
@@ -63,15 +67,17 @@ def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def server_env(settings: Settings, key: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_env(settings: Settings, key: str, base: dict[str, str] | None = None, merged: bool = False) -> dict[str, str]:
     """Environment for the vLLM server: its key (in the environment, which other users cannot read,
-    not on the command line, which they can), runtime LoRA loading on, CPU threads on all cores."""
+    not on the command line, which they can), runtime LoRA loading on, CPU threads on all cores; a
+    merged-weight instance gets serve.merged_kv_cache_gib."""
     env = dict(os.environ if base is None else base)
     env["VLLM_API_KEY"] = key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("PYTHONUNBUFFERED", "1")
     if is_cpu_build():
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.serve.kv_cache_gib:g}")
+        kv_cache = settings.serve.merged_kv_cache_gib if merged else settings.serve.kv_cache_gib
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache:g}")
         cores = len(os.sched_getaffinity(0))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -84,7 +84,8 @@ def create_app(
     limits: Optional[GenerationLimits] = None,
     metrics: Optional[Metrics] = None,
 ) -> FastAPI:
-    """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server."""
+    """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server (the
+    router's `endpoints` name the instances of merged-weight versions)."""
     # No /docs, /redoc or /openapi.json: they would describe the API to anyone, key or not.
     app = FastAPI(title="cld", openapi_url=None, docs_url=None, redoc_url=None)
     require_key = key_checker(api_key)
@@ -156,7 +157,8 @@ def create_app(
         payload["model"] = served
         router.begin(served)  # until the answer is complete, `served` must stay loaded
         try:
-            reply = await _send_unless_gone(request, upstream, payload)
+            # a merged-weight version has a vLLM instance of its own (daemon.engine.merged)
+            reply = await _send_unless_gone(request, router.endpoints.get(served, upstream), payload)
         except (ProxyError, ClientGone):
             router.end(served)
             raise

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from daemon.engine.merged import is_merged
 from daemon.layout import VERSION_RE
 from daemon.learning.records import PROMOTED, REJECTED, CycleStore, adapter_states
 from replay.durable import read_json
@@ -87,6 +88,11 @@ def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
     return config
 
 
+def check_version(folder: Path, max_rank: int) -> dict[str, Any]:
+    """`check_adapter` for a LoRA version, `check_model` for a merged-weight one."""
+    return check_model(folder) if is_merged(folder) else check_adapter(folder, max_rank)
+
+
 def check_model(folder: Path) -> dict[str, Any]:
     """Raise AdapterError unless `folder` is a complete model folder (merged weights) a server can
     load on its own: config, weights, tokenizer."""
@@ -108,7 +114,7 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
         meta = read_meta(adapters_dir / version)
         record = by_version.get(version)
         out.append({
-            "version": version, "state": states.get(version, "candidate"),
+            "version": version, "state": states.get(version, "candidate"), "method": meta.get("method", "lora"),
             "parent": meta.get("parent", record.parent if record else None),
             "documents": len(meta.get("documents", record.documents if record else [])),
             "probes": (record.probes.get("results") or {}) if record else {},

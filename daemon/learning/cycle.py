@@ -23,8 +23,8 @@ from typing import Any, Optional, TypeVar
 
 from daemon import logs
 from daemon.config import Settings
+from daemon.engine.merged import Fleet, is_merged
 from daemon.engine.router import Adapter, Router
-from daemon.engine.vllm import VLLMClient
 from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, is_version
 from daemon.learning import adapters, augment, probes, replay_plan
 from daemon.learning.decide import Decision, decide, thresholds
@@ -58,7 +58,7 @@ class Skip(Exception):
 class Learner:
     """Runs cycles one at a time and owns every change of the served adapter."""
 
-    def __init__(self, settings: Settings, state: StateDir, client: VLLMClient, router: Router, journal: Any,
+    def __init__(self, settings: Settings, state: StateDir, client: Fleet, router: Router, journal: Any,
                  model_dir: Path, on_swap: Callable[[float], None] = lambda seconds: None):
         self.settings, self.state, self.client, self.router = settings, state, client, router
         self.journal, self.model_dir = journal, model_dir
@@ -199,7 +199,7 @@ class Learner:
         if code != 0:
             raise RuntimeError(f"the trainer exited with code {code} (log: logs/train-{job.version}.log)")
         folder = self.state.adapters / job.version
-        adapters.check_adapter(folder, self.settings.train.vllm_max_lora_rank)
+        adapters.check_version(folder, self.settings.train.vllm_max_lora_rank)
         return folder
 
     def thread_policy(self) -> dict[str, str]:
@@ -227,9 +227,13 @@ class Learner:
                 record.progress = {**record.progress, **event["summary"]}
 
     async def load(self, folder: Path, version: str | None) -> str:
-        """Load an adapter into vLLM under a name never used before (no stale prefix cache)."""
+        """Load an adapter into vLLM under a name never used before (no stale prefix cache); a
+        merged-weight version gets a vLLM instance of its own (`daemon.engine.merged`)."""
         served = f"{self.settings.serve.model_name}-{version}-{secrets.token_hex(3)}"
-        await self.client.load_lora(served, folder)
+        if is_merged(folder):
+            await self.client.load_merged(served, folder)
+        else:
+            await self.client.load_lora(served, folder)
         return served
 
     async def probe(self, record: CycleRecord, documents: list[dict[str, Any]], served: str) -> probes.Measured:
@@ -313,7 +317,7 @@ class Learner:
         folder = self.state.adapters / version
         if not folder.is_dir():
             raise ValueError(f"no adapter version {version!r}; known: {', '.join(adapters.versions(self.state.adapters))}")
-        adapters.check_adapter(folder, self.settings.train.vllm_max_lora_rank)
+        adapters.check_version(folder, self.settings.train.vllm_max_lora_rank)
         adapter = Adapter(version, await self.load(folder, version), folder)
         await self.swap(adapter)
         return adapter

@@ -1,0 +1,176 @@
+"""vLLM instances that serve merged-weight versions, beside the base instance.
+
+A version trained with `train.method` mora, expand or full is a complete model folder, not a LoRA
+the base instance can load, so it is served by a vLLM instance of its own under the name its cycle
+gave it (such as `cld-v0007-3fa2c1`). At most two run (blue-green): the version `cld` serves and a
+candidate being probed, on whichever of serve.vllm_port + 1 and + 2 is free. A candidate starts,
+is probed there, and on promotion the router points the stable name at it; the old instance is
+stopped once its requests have drained (`daemon.learning.cycle.Learner.swap`). `cld-base` stays on
+the base instance.
+
+Owns those processes (a Supervisor each, so a crash restarts it), the HTTP clients that reach them
+(registered in the router's `endpoints`, which the front proxies through) and `Fleet`: one client
+for every served name, which the learning cycle and its probes use as they would one vLLM. Knows
+nothing of which version is promoted or why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from daemon.config import Settings
+from daemon.engine import vllm
+from daemon.engine.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+SLOTS = 2  # the served version and one candidate
+
+
+def is_merged(folder: Path) -> bool:
+    """A complete model folder (merged weights), not a LoRA adapter."""
+    return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
+
+
+@dataclass
+class Instance:
+    served_name: str
+    folder: Path
+    port: int
+    supervisor: Supervisor
+    client: vllm.VLLMClient
+
+    def view(self) -> dict[str, Any]:
+        return {"served_name": self.served_name, "version": self.folder.name, "port": self.port,
+                "state": self.supervisor.state.value, "restarts": self.supervisor.restarts}
+
+
+class MergedServers:
+    def __init__(self, settings: Settings, state_root: Path, key: str, endpoints: dict[str, httpx.AsyncClient]):
+        self.settings, self.state_root, self.key = settings, state_root, key
+        self.endpoints = endpoints  # the router's: served name -> the client the front proxies through
+        self.instances: dict[str, Instance] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.settings.serve.vllm_port + 1 + k for k in range(SLOTS)]
+
+    async def start(self, served_name: str, folder: Path) -> Instance:
+        """Start an instance serving `folder` as `served_name` and wait until it answers; the
+        instance is stopped again if it does not (RuntimeError says why)."""
+        async with self._lock:
+            if served_name in self.instances:
+                return self.instances[served_name]
+            used = {instance.port for instance in self.instances.values()}
+            free = [port for port in self.ports if port not in used]
+            if not free:
+                running = ", ".join(sorted(self.instances))
+                raise RuntimeError(f"{SLOTS} merged-weight vLLM instances run already ({running}): the served "
+                                   "version and a candidate")
+            port = free[0]
+            serve = self.settings.serve
+            url = f"http://{vllm.LOOPBACK}:{port}"
+            http = httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(serve.request_timeout_s, connect=5),
+                                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                                     headers=vllm.auth_headers(self.key))
+            client = vllm.VLLMClient(url, http)
+            supervisor = Supervisor(
+                f"vllm:{folder.name}",
+                vllm.server_command(folder, self.settings, port=port, served_name=served_name, lora=False),
+                vllm.server_env(self.settings, self.key, merged=True), client.healthy,
+                pid_file=self.state_root / f"vllm-{port}.pid",
+            )
+            instance = Instance(served_name, folder, port, supervisor, client)
+            self.instances[served_name] = instance
+        log.info("starting a vLLM instance for %s (%s) on port %d", folder.name, served_name, port)
+        supervisor.start()
+        try:
+            await supervisor.wait_ready(serve.startup_timeout_s)
+        except asyncio.TimeoutError:
+            await self.stop(served_name)
+            raise RuntimeError(f"the vLLM instance for {folder.name} did not answer within "
+                               f"{serve.startup_timeout_s:.0f} s (serve.startup_timeout_s; its log is above)") from None
+        except BaseException:
+            await self.stop(served_name)
+            raise
+        self.endpoints[served_name] = http
+        log.info("%s is served by its own vLLM instance on port %d", served_name, port)
+        return instance
+
+    async def stop(self, served_name: str) -> None:
+        """Stop the instance serving `served_name` (and everything it spawned)."""
+        instance = self.instances.pop(served_name, None)
+        self.endpoints.pop(served_name, None)
+        if instance is None:
+            return
+        await instance.supervisor.stop()
+        await instance.client.aclose()
+        (self.state_root / f"vllm-{instance.port}.pid").unlink(missing_ok=True)
+        log.info("stopped the vLLM instance of %s", served_name)
+
+    async def stop_all(self) -> None:
+        for served_name in list(self.instances):
+            await self.stop(served_name)
+
+    def views(self) -> list[dict[str, Any]]:
+        return [instance.view() for instance in self.instances.values()]
+
+
+class Fleet:
+    """One vLLM client for every served name: a merged-weight version's own instance, else the
+    base instance (the base and LoRA adapters). The calls the cycle and the probes make."""
+
+    def __init__(self, base: vllm.VLLMClient, merged: MergedServers | None):
+        self.base, self.merged = base, merged
+
+    def client(self, model: str) -> vllm.VLLMClient:
+        instance = self.merged.instances.get(model) if self.merged else None
+        return instance.client if instance else self.base
+
+    async def load_merged(self, served_name: str, folder: Path) -> None:
+        if self.merged is None:
+            raise RuntimeError(f"{folder.name} holds merged weights, which need a vLLM instance cld starts itself "
+                               "(not serve.vllm_url)")
+        await self.merged.start(served_name, folder)
+
+    async def load_lora(self, name: str, path: Path) -> None:
+        await self.base.load_lora(name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        """Unload an adapter, or stop the instance of a merged-weight version."""
+        if self.merged is not None and name in self.merged.instances:
+            await self.merged.stop(name)
+        else:
+            await self.base.unload_lora(name)
+
+    async def healthy(self, timeout_s: float = 2.0) -> bool:
+        return await self.base.healthy(timeout_s)
+
+    async def models(self) -> list[dict]:
+        return await self.base.models()
+
+    async def served(self) -> set[str]:
+        merged = {name for name, i in self.merged.instances.items() if name in self.merged.endpoints} \
+            if self.merged else set()
+        return await self.base.served() | merged
+
+    async def base_model(self) -> str:
+        return await self.base.base_model()
+
+    async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
+        return await self.client(model).token_nll(model, text)
+
+    async def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        return await self.base.chat_tokens(messages, add_generation_prompt)
+
+    async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+        return await self.client(model).chat(model, messages, max_tokens)
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        return await self.client(model).complete(model, prompt, max_tokens)

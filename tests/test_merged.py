@@ -1,0 +1,171 @@
+"""Merged-weight versions are served by vLLM instances of their own (daemon.engine.merged): the
+command line, at most two instances on their own ports, stopped with all they spawned, the front
+proxying a served name to its instance, and one client (Fleet) for every served name."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.engine import merged, vllm
+from daemon.engine.merged import Fleet, MergedServers, is_merged
+from daemon.engine.router import Router
+from daemon.service import gpu_shares_problem
+from tests.conftest import free_port
+from tests.ingest_helpers import make_settings
+from tests.test_supervisor import alive
+
+CHILD = Path(__file__).parent / "fakes" / "child_server.py"
+
+
+def settings_with(tmp_path: Path, **serve) -> Settings:
+    made = make_settings(tmp_path)
+    for key, value in serve.items():
+        setattr(made.serve, key, value)
+    return made
+
+
+def test_a_merged_instance_serves_one_version_on_its_own_port_without_lora(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    argv = vllm.server_command(tmp_path, settings, port=9107, served_name="cld-v0007-abc123", lora=False)
+    assert argv[argv.index("--port") + 1] == "9107"
+    assert argv[argv.index("--served-model-name") + 1] == "cld-v0007-abc123"
+    assert "--enable-lora" not in argv and "--max-lora-rank" not in argv
+    base = vllm.server_command(tmp_path, settings)
+    assert "--enable-lora" in base and base[base.index("--served-model-name") + 1] == settings.serve.base_name
+
+
+def test_a_merged_version_is_a_complete_model_folder(tmp_path: Path) -> None:
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert is_merged(tmp_path / "model") and not is_merged(tmp_path / "lora") and not is_merged(tmp_path)
+
+
+def test_merged_weights_need_an_instance_cld_starts(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[serve]\nvllm_url = "http://127.0.0.1:9"\n[train]\nmethod = "expand"\n')
+    with pytest.raises(ConfigError, match="train.method = 'expand' trains merged weights.*serve.vllm_url"):
+        load_settings(config)
+    config.write_text('[train]\nmethod = "expand"\n')
+    assert load_settings(config).train.method == "expand"
+
+
+def test_the_gpu_must_hold_two_more_instances_for_merged_weights(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    settings.train.method = "full"
+    problem = gpu_shares_problem(settings, cpu=False)
+    assert problem and "serve.merged_gpu_memory_utilization" in problem and "1.25" in problem
+    assert gpu_shares_problem(settings, cpu=True) is None
+    settings.serve.gpu_memory_utilization = 0.3
+    assert gpu_shares_problem(settings, cpu=False) is None
+    settings.train.method = "lora"
+    settings.serve.gpu_memory_utilization = 0.9
+    assert gpu_shares_problem(settings, cpu=False) is None
+
+
+class FakeClient:
+    def __init__(self, name: str):
+        self.name, self.calls = name, []
+
+    async def token_nll(self, model: str, text: str) -> list[float]:
+        self.calls.append(("token_nll", model))
+        return [1.0]
+
+    async def chat(self, model: str, messages: list, max_tokens: int) -> str:
+        self.calls.append(("chat", model))
+        return self.name
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        self.calls.append(("complete", model))
+        return self.name
+
+    async def unload_lora(self, name: str) -> None:
+        self.calls.append(("unload_lora", name))
+
+    async def served(self) -> set[str]:
+        return {"cld-base", "cld-v0001-aaaaaa"}
+
+
+class FakeInstance:
+    def __init__(self, client: FakeClient):
+        self.client = client
+
+
+async def test_the_fleet_asks_each_served_name_of_the_instance_that_serves_it(tmp_path: Path) -> None:
+    base, own = FakeClient("base"), FakeClient("merged")
+    servers = MergedServers(make_settings(tmp_path), tmp_path, "key", {})
+    servers.instances["cld-v0002-bbbbbb"] = FakeInstance(own)  # type: ignore[assignment]
+    servers.endpoints["cld-v0002-bbbbbb"] = httpx.AsyncClient()
+    fleet = Fleet(base, servers)  # type: ignore[arg-type]
+    assert await fleet.chat("cld-v0002-bbbbbb", [], 4) == "merged"
+    assert await fleet.complete("cld-v0001-aaaaaa", "x", 4) == "base"
+    await fleet.token_nll("cld-base", "x")
+    assert own.calls == [("chat", "cld-v0002-bbbbbb")]
+    assert base.calls == [("complete", "cld-v0001-aaaaaa"), ("token_nll", "cld-base")]
+    assert await fleet.served() == {"cld-base", "cld-v0001-aaaaaa", "cld-v0002-bbbbbb"}
+    await fleet.unload_lora("cld-v0001-aaaaaa")
+    assert base.calls[-1] == ("unload_lora", "cld-v0001-aaaaaa")
+    await servers.endpoints["cld-v0002-bbbbbb"].aclose()
+
+
+async def test_no_merged_weights_without_instances_of_our_own(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="need a vLLM instance cld starts itself"):
+        await Fleet(FakeClient("base"), None).load_merged("cld-v0003-cccccc", tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Instances run the stand-in server (answers /health, spawns a grandchild) instead of vLLM."""
+    pids = tmp_path / "pids"
+
+    def command(folder: Path, settings: Settings, *, port: int, served_name: str, lora: bool) -> list[str]:
+        assert not lora and served_name.startswith("cld-")
+        return [sys.executable, str(CHILD), str(port), str(pids)]
+
+    monkeypatch.setattr(merged.vllm, "server_command", command)
+    return pids
+
+
+async def test_two_instances_at_most_each_on_its_port_and_stopping_leaves_nothing(tmp_path: Path, fake_vllm: Path) -> None:
+    base_port = free_port()
+    settings = settings_with(tmp_path, vllm_port=base_port, startup_timeout_s=30)
+    router = Router("cld", "cld-base", tmp_path / "serving.json")
+    servers = MergedServers(settings, tmp_path, "key", router.endpoints)
+    first = await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
+    second = await servers.start("cld-v0002-bbbbbb", tmp_path / "v0002")
+    assert {first.port, second.port} == {base_port + 1, base_port + 2}
+    assert set(router.endpoints) == {"cld-v0001-aaaaaa", "cld-v0002-bbbbbb"}
+    assert await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001") is first  # already running
+    with pytest.raises(RuntimeError, match="2 merged-weight vLLM instances run already"):
+        await servers.start("cld-v0003-cccccc", tmp_path / "v0003")
+    assert [view["state"] for view in servers.views()] == ["ready", "ready"]
+    pids = [int(p) for line in fake_vllm.read_text().splitlines() for p in line.split()]
+    await servers.stop("cld-v0001-aaaaaa")
+    assert set(router.endpoints) == {"cld-v0002-bbbbbb"}
+    third = await servers.start("cld-v0003-cccccc", tmp_path / "v0003")
+    assert third.port == first.port  # the freed port is used again
+    await servers.stop_all()
+    assert servers.instances == {} and router.endpoints == {}
+    pids += [int(p) for line in fake_vllm.read_text().splitlines()[2:] for p in line.split()]
+    await asyncio.sleep(0.2)
+    assert not any(alive(pid) for pid in pids), "an instance or what it spawned outlived its stop"
+    assert not list(tmp_path.glob("vllm-*.pid"))
+
+
+async def test_an_instance_that_never_answers_is_stopped_and_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     fake_vllm: Path) -> None:
+    settings = settings_with(tmp_path, vllm_port=free_port(), startup_timeout_s=0.5)
+    original = merged.vllm.server_command
+    monkeypatch.setattr(merged.vllm, "server_command",
+                        lambda *args, **kwargs: original(*args, **kwargs) + ["--ready-after", "60"])
+    servers = MergedServers(settings, tmp_path, "key", {})
+    with pytest.raises(RuntimeError, match="did not answer within 0 s"):
+        await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
+    assert servers.instances == {}
