@@ -271,7 +271,13 @@ def rollback(
     if version is None:
         history = [a["version"] for a in status_mod.adapters(settings) if a["state"] in ("promoted", "retired")]
         version = history[-2] if len(history) >= 2 else "base"
-    reply = _daemon_api(settings, "POST", "/api/rollback", {"version": version})
+    from daemon.engine.merged import is_merged
+
+    wait_s = 60.0
+    if version != "base" and is_merged(StateDir(settings.state.dir).adapters / version):
+        wait_s += settings.serve.startup_timeout_s
+        typer.echo(f"{version} holds merged weights: starting a vLLM instance for it (a minute or more on a CPU)")
+    reply = _daemon_api(settings, "POST", "/api/rollback", {"version": version}, timeout_s=wait_s)
     typer.echo(f"{settings.serve.model_name} now serves {reply['serving'] or 'the base model'}")
 
 
@@ -304,7 +310,7 @@ def _auth_headers(settings: Settings, admin: bool = False) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = None) -> dict:
+def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = None, timeout_s: float = 60) -> dict:
     """Call the running daemon's admin API; exit with a clear message when it cannot."""
     import httpx
 
@@ -315,7 +321,7 @@ def _daemon_api(settings: Settings, method: str, path: str, body: dict | None = 
         _fail("the daemon is not running: start it with `cld run`", code=1)
     headers = _auth_headers(settings, admin=method != "GET")
     try:
-        reply = httpx.request(method, f"{record['url']}{path}", json=body, headers=headers, timeout=60)
+        reply = httpx.request(method, f"{record['url']}{path}", json=body, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as error:
         _fail(f"the daemon did not answer at {record['url']}: {error}", code=1)
     if reply.status_code >= 400:

@@ -87,13 +87,15 @@ class ServeSection(Section):
         "--api-key. The vLLM cld starts itself gets a new random key at each start (in <state.dir>/vllm.key)."
     )
     max_model_len: int = Field(4096, ge=128, description="Context length vLLM serves (tokens).")
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).")
+    kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB: vLLM reads an integer)."
+    )
     gpu_memory_utilization: float = Field(
         0.6, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only); the trainer gets the rest."
     )
     max_loras: int = Field(2, ge=2, description="Adapters vLLM holds at once (incumbent + candidate ≥ 2).")
-    merged_kv_cache_gib: float = Field(
-        0.5, gt=0, description="KV cache (CPU, GiB) of each extra vLLM instance that serves a merged-weight version "
+    merged_kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache (CPU, whole GiB) of each extra vLLM instance that serves a merged-weight version "
         "(train.method mora, expand, full): at most two run, the served version and a candidate."
     )
     merged_gpu_memory_utilization: float = Field(

@@ -105,14 +105,15 @@ def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Pa
     return path
 
 
-def start_daemon(folder: Path, extra_config: str = "") -> LiveDaemon:
+def start_daemon(folder: Path, extra_config: str = "", env: dict[str, str] | None = None) -> LiveDaemon:
+    """`cld run` on a new state folder; `env` adds settings (CLD_SECTION__KEY) to what the config says."""
     port, vllm_port = free_port(), free_port()
     config = write_config(folder, port, vllm_port, extra_config)
     log_path = folder / "daemon.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
         )
     daemon = LiveDaemon(process, config, folder / "state", port, vllm_port, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -57,6 +57,17 @@ def test_merged_weights_need_an_instance_cld_starts(tmp_path: Path) -> None:
     assert load_settings(config).train.method == "expand"
 
 
+def test_the_kv_cache_is_whole_gib_as_vllm_reads_it(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[serve]\nmerged_kv_cache_gib = 0.5\n")
+    with pytest.raises(ConfigError, match="serve.merged_kv_cache_gib"):
+        load_settings(config)
+    config.write_text("[serve]\nkv_cache_gib = 2.0\nmerged_kv_cache_gib = 1\n")
+    settings = load_settings(config)
+    assert vllm.server_env(settings, "k", {}, merged=True).get("VLLM_CPU_KVCACHE_SPACE", "1") == "1"
+    assert vllm.server_env(settings, "k", {}).get("VLLM_CPU_KVCACHE_SPACE", "2") == "2"
+
+
 def test_the_gpu_must_hold_two_more_instances_for_merged_weights(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     settings.train.method = "full"
@@ -169,3 +180,16 @@ async def test_an_instance_that_never_answers_is_stopped_and_said_so(tmp_path: P
     with pytest.raises(RuntimeError, match="did not answer within 0 s"):
         await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
     assert servers.instances == {}
+
+
+async def test_an_instance_that_exits_before_it_is_ready_is_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                            fake_vllm: Path) -> None:
+    settings = settings_with(tmp_path, vllm_port=free_port(), startup_timeout_s=300)
+    original = merged.vllm.server_command
+    monkeypatch.setattr(merged.vllm, "server_command",
+                        lambda *args, **kwargs: original(*args, **kwargs) + ["--ready-after", "60", "--exit-after", "0.5"])
+    servers = MergedServers(settings, tmp_path, "key", {})
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(RuntimeError, match="exited before it was ready"):
+        await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
+    assert asyncio.get_running_loop().time() - started < 60 and servers.instances == {}

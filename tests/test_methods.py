@@ -89,6 +89,8 @@ def test_a_method_learns_and_saves_a_model_that_computes_what_was_trained(tiny: 
     assert not (folder / "adapter_config.json").exists()
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["method"] == method and meta["trainable_parameters"] == methods.count_trainable(model) > 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "float32"  # the base's dtype (the tiny model is stored in fp32)
     saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert torch.allclose(logits(saved, tokenizer), logits(model, tokenizer), atol=1e-4), "the saved model differs"
     with methods.base_view(model):

@@ -30,6 +30,7 @@ from daemon.engine.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 SLOTS = 2  # the served version and one candidate
+READY_POLL_S = 1.0
 
 
 def is_merged(folder: Path) -> bool:
@@ -91,11 +92,7 @@ class MergedServers:
         log.info("starting a vLLM instance for %s (%s) on port %d", folder.name, served_name, port)
         supervisor.start()
         try:
-            await supervisor.wait_ready(serve.startup_timeout_s)
-        except asyncio.TimeoutError:
-            await self.stop(served_name)
-            raise RuntimeError(f"the vLLM instance for {folder.name} did not answer within "
-                               f"{serve.startup_timeout_s:.0f} s (serve.startup_timeout_s; its log is above)") from None
+            await _ready(supervisor, serve.startup_timeout_s, folder.name)
         except BaseException:
             await self.stop(served_name)
             raise
@@ -120,6 +117,24 @@ class MergedServers:
 
     def views(self) -> list[dict[str, Any]]:
         return [instance.view() for instance in self.instances.values()]
+
+
+async def _ready(supervisor: Supervisor, timeout_s: float, version: str) -> None:
+    """Wait until the instance answers; RuntimeError when it exits first (a candidate that cannot
+    start is refused now, not after serve.startup_timeout_s of restarts) or never answers."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if supervisor.restarts:
+            raise RuntimeError(f"the vLLM instance for {version} exited before it was ready (its log is above)")
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise RuntimeError(f"the vLLM instance for {version} did not answer within {timeout_s:.0f} s "
+                               "(serve.startup_timeout_s; its log is above)")
+        try:
+            await supervisor.wait_ready(min(left, READY_POLL_S))
+            return
+        except asyncio.TimeoutError:
+            continue
 
 
 class Fleet:

@@ -130,13 +130,15 @@ def attach(model: Any, job: Any) -> Any:
 
 
 def _save_merged(model: Any, tokenizer: Any, folder: Path, dtype: Any, state: dict[str, Any]) -> None:
-    """A complete model folder in `dtype` (the base's) with `state` as its weights."""
-    merged = {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
-    trained_dtype, model.config.dtype = model.config.dtype, dtype
-    try:
-        model.save_pretrained(folder, state_dict=merged, safe_serialization=True)
-    finally:
-        model.config.dtype = trained_dtype
+    """A complete model folder in `dtype` (the base's) with `state` as its weights (a tied output
+    head is not stored twice)."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    merged = {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()
+              if not (tied and name == "lm_head.weight")}
+    model.save_pretrained(folder, state_dict=merged, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained writes the training dtype (fp32)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(folder)
 
 

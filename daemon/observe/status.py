@@ -119,9 +119,11 @@ def _daemon_line(daemon: dict[str, Any], now_s: float) -> Text:
     up = f", up {span(now_s - daemon['started_at'])}" if daemon.get("started_at") else ""
     phase = daemon.get("phase", "?")
     restarts = daemon.get("vllm_restarts", 0)
+    own = "".join(f" · {i['version']} on its own server (port {i['port']}, {i['state']})"
+                  for i in daemon.get("merged_instances") or [])
     return Text.assemble(f"running (pid {daemon['pid']}{up}) at {daemon['url']} · ",
                          (phase, "bold green" if phase == "serving" else "bold yellow"),
-                         f" · model server {daemon.get('vllm', '?')}, {restarts} restart{'s' * (restarts != 1)}")
+                         f" · model server {daemon.get('vllm', '?')}, {restarts} restart{'s' * (restarts != 1)}{own}")
 
 
 def _cycles_table(status: dict[str, Any], now_s: float) -> Table:
