@@ -110,7 +110,6 @@ class Daemon:
         # merged-weight versions (train.method other than lora) get vLLM instances of their own
         self.merged = None if serve.vllm_url else MergedServers(settings, state.root, self.vllm_key,
                                                                 self.router.endpoints)
-        self.fleet = Fleet(self.vllm, self.merged)
         self.supervisor: Supervisor | None = None
         self.replay_build = replay_plan.BackgroundBuild(settings)
         self.journal = Journal(state.root / JOURNAL_FILE)
@@ -124,6 +123,11 @@ class Daemon:
         self.metrics = metrics.Metrics()  # /metrics; the state part is read from the state directory at scrape time
         self.metrics.watch(metrics.StateCollector(settings, lambda: self.supervisor.restarts if self.supervisor else 0))
         self.notifier = systemd.notifier()  # does nothing unless systemd started cld (Type=notify)
+
+    @property
+    def fleet(self) -> Fleet:
+        """One client for every served name: the base instance's, and the merged versions' own."""
+        return Fleet(self.vllm, self.merged)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
