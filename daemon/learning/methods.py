@@ -37,21 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from daemon.learning.adapters import read_meta
+
 log = logging.getLogger("cld.train")
 
 METHODS = ("lora", "mora", "expand", "full")
 MORA_FILE = "mora.safetensors"
-MERGED = ("mora", "expand", "full")  # saved as a complete model folder
-
-
-def _meta(folder: Path) -> dict[str, Any]:
-    path = folder / "meta.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def parent_method(folder: Path) -> str:
     """The method a version folder was trained with (versions from before methods were LoRA)."""
-    return _meta(folder).get("method") or _meta(folder).get("hyperparameters", {}).get("method") or "lora"
+    meta = read_meta(folder)
+    return meta.get("method") or meta.get("hyperparameters", {}).get("method") or "lora"
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -71,7 +68,6 @@ def count_trainable(model: Any) -> int:
 class Method:
     """One way of adapting the base; attached to the model it made as `model.cld_method`."""
 
-    name = "lora"
     merged = False
 
     def base_view(self, model: Any) -> contextlib.AbstractContextManager[Any]:
@@ -212,7 +208,7 @@ class MoRALinear(nn.Module):
 
 
 class MoRA(Method):
-    name, merged = "mora", True
+    merged = True
 
     def __init__(self, wrapped: dict[str, MoRALinear]):
         self.wrapped = wrapped
@@ -295,7 +291,7 @@ def _renumber(model: Any) -> None:
 
 
 class Expand(Method):
-    name, merged = "expand", True
+    merged = True
 
     def __init__(self, added: list[int]):
         self.added = added  # indices of the added blocks in the expanded model
@@ -304,7 +300,7 @@ class Expand(Method):
     def install(cls, model: Any, blocks: int, every: int, parent: Path | None) -> Expand:
         layers = decoder_layers(model)
         if parent is not None:  # the same places as the parent's, and its blocks' weights
-            added = sorted(_meta(parent).get("expand", {}).get("added", []))
+            added = sorted(read_meta(parent).get("expand", {}).get("added", []))
             if not added:
                 raise ValueError(f"{parent.name}/meta.json does not say which blocks were added")
             points = {index - k - 1 for k, index in enumerate(added)}
@@ -356,7 +352,7 @@ class Expand(Method):
 # ---- full fine-tuning ---------------------------------------------------------------------------
 
 class Full(Method):
-    name, merged = "full", True
+    merged = True
 
     def __init__(self, trained: dict[str, nn.Parameter], base: dict[str, torch.Tensor]):
         self.trained, self.base = trained, base
