@@ -1,6 +1,7 @@
 """Knowledge latency and hot-swap under load, on the real daemon with the embedded model.
 
     .venv/bin/python bench/cycle_latency.py [--swaps 5] [--clients 16]
+    .venv/bin/python bench/cycle_latency.py --method expand --swaps 3 --clients 8 --pause-s 2
 
 1. Knowledge latency: a 1.7 KB document of invented facts lands in the inbox; seconds until an
    adapter that learned it is promoted, split by stage (ingest, then the cycle's own stages). Then
@@ -9,9 +10,12 @@
    The probe limits are loosened here (as in the live tests): this measures the pipeline's
    speed, not whether the default limits accept a cycle on the 135M model.
 2. Hot-swap under load: `--clients` streaming chat clients loop on the stable name while the
-   promoted adapter is swapped `--swaps` times (each swap loads it under a fresh name, switches,
-   drains and unloads the old one — the same path as a promotion). Counts failed or cut-off
-   requests (target 0) and the swap latency.
+   served version is swapped `--swaps` times between the promoted versions (each swap loads the
+   version under a fresh name, switches, drains and unloads the old one — the same path as a
+   promotion). Counts failed or cut-off requests (target 0) and the swap latency.
+   With `--method mora|expand|full` the cycles train merged weights: each promotion and each swap
+   starts a vLLM instance for the version (blue-green), so the swap latency is that start; on 2 cores
+   the clients need a pause (`--pause-s`) or the busy base instance starves the start.
 Starts `cld run` in a temporary state directory, reusing ./var/model when it is prepared.
 """
 
@@ -76,7 +80,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(folder: Path) -> tuple[subprocess.Popen, str]:
+def start(folder: Path, method: str) -> tuple[subprocess.Popen, str]:
     port, vllm_port = free_port(), free_port()
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
@@ -84,6 +88,7 @@ def start(folder: Path) -> tuple[subprocess.Popen, str]:
         f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}'
         "[replay]\nsynthetic_documents = 24\nrehearsal_prompts = 24\nrehearsal_held_out = 6\n"
         "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n"
+        f'[train]\nmethod = "{method}"\n' + ("learning_rate = 1e-3\n" if method == "expand" else "") +
         "[probes]\nmax_forgetting = 1.0\nmax_behaviour_increase = 2.0\nmin_drift_agreement = 0.05\n")
     log = open(folder / "daemon.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(folder / "config.toml")],
@@ -125,7 +130,7 @@ def knowledge_latency(url: str, inbox: Path, name: str, text: str) -> dict:
             "document_words": len(text.split())}
 
 
-async def client_loop(url: str, stop: asyncio.Event, outcome: dict) -> None:
+async def client_loop(url: str, stop: asyncio.Event, outcome: dict, pause_s: float) -> None:
     body = {"model": "cld", "messages": [{"role": "user", "content": "Where did the glassmakers move?"}],
             "max_tokens": 24, "temperature": 0, "stream": True}
     async with httpx.AsyncClient(timeout=300) as client:
@@ -137,22 +142,27 @@ async def client_loop(url: str, stop: asyncio.Event, outcome: dict) -> None:
             except httpx.HTTPError:
                 ok = False
             outcome["ok" if ok else "failed"] += 1
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
 
-async def hot_swap(url: str, version: str, swaps: int, clients: int) -> dict:
+async def hot_swap(url: str, versions: list[str], swaps: int, clients: int, pause_s: float) -> dict:
+    """Swap the served version `swaps` times, to each of `versions` in turn."""
     stop, outcome = asyncio.Event(), {"ok": 0, "failed": 0}
-    workers = [asyncio.create_task(client_loop(url, stop, outcome)) for _ in range(clients)]
+    workers = [asyncio.create_task(client_loop(url, stop, outcome, pause_s)) for _ in range(clients)]
     latencies = []
-    async with httpx.AsyncClient(timeout=300) as admin:
+    async with httpx.AsyncClient(timeout=1800) as admin:  # a merged version's instance starts in minutes on 2 cores
         await asyncio.sleep(5)
-        for _ in range(swaps):
+        for i in range(swaps):
             started = time.perf_counter()
+            version = versions[i % len(versions)]
             (await admin.post(f"{url}/api/rollback", json={"version": version})).raise_for_status()
             latencies.append(time.perf_counter() - started)
             await asyncio.sleep(3)
     stop.set()
     await asyncio.gather(*workers)
-    return {"swaps": swaps, "clients": clients, "requests_ok": outcome["ok"], "requests_failed": outcome["failed"],
+    return {"swaps": swaps, "versions": versions, "clients": clients, "pause_s": pause_s,
+            "requests_ok": outcome["ok"], "requests_failed": outcome["failed"],
             "swap_s": [round(x, 3) for x in latencies], "swap_p50_s": round(statistics.median(latencies), 3)}
 
 
@@ -160,9 +170,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--swaps", type=int, default=5)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--pause-s", type=float, default=0.0, help="each client's pause between requests")
+    parser.add_argument("--method", choices=["lora", "mora", "expand", "full"], default="lora",
+                        help="train.method of the cycles (merged-weight methods swap blue-green)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cld-bench-") as folder:
-        process, url = start(Path(folder))
+        process, url = start(Path(folder), args.method)
         try:
             wait(url, lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
                  1800)
@@ -173,12 +186,15 @@ def main() -> None:
             print(json.dumps({"knowledge_latency_second_document": second}, indent=2), flush=True)
             if knowledge["state"] != "promoted":
                 sys.exit("the cycle was not promoted; no adapter to swap")
-            swap = asyncio.run(hot_swap(url, knowledge["version"], args.swaps, args.clients))
+            promoted = [c["version"] for c in (knowledge, second) if c["state"] == "promoted"]
+            # away from the served version first: the first one, then the second; or the base and back
+            versions = promoted if len(promoted) == 2 else ["base", promoted[0]]
+            swap = asyncio.run(hot_swap(url, versions, args.swaps, args.clients, args.pause_s))
             print(json.dumps({"hot_swap": swap}, indent=2))
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(120)
-    print(f"\nMachine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print(f"\nMachine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; train.method = {args.method}")
 
 
 if __name__ == "__main__":

@@ -393,10 +393,12 @@ def gpu_shares_problem(settings: Settings, cpu: bool) -> str | None:
     shares = serve.gpu_memory_utilization + 2 * serve.merged_gpu_memory_utilization + train.gpu_memory_fraction
     if cpu or train.method == "lora" or shares <= 1:
         return None
+    room = round(1 - 2 * serve.merged_gpu_memory_utilization - train.gpu_memory_fraction, 2)
+    hint = (f" (for example serve.gpu_memory_utilization = {room:g}, keeping the others)" if room >= 0.1 else "")
     return (f"train.method = {train.method!r} serves merged weights from two more vLLM instances: "
             f"serve.gpu_memory_utilization {serve.gpu_memory_utilization:g} + 2 × serve.merged_gpu_memory_utilization "
             f"{serve.merged_gpu_memory_utilization:g} + train.gpu_memory_fraction {train.gpu_memory_fraction:g} "
-            f"= {shares:.2f} of the GPU: lower them to fit in 1")
+            f"= {shares:.2f} of the GPU: lower them to fit in 1{hint}")
 
 
 def status_line(serving: str | None, cycle: CycleRecord | None, replay: str | None = None) -> str:

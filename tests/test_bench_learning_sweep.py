@@ -92,6 +92,10 @@ def test_a_run_trains_each_cycle_and_scores_what_it_learned(tiny: Path, tmp_path
     assert second["held_out_delta"] != 0.0  # trained: the held-out NLL moved
     assert found["general_base"] == 0 and 0.0 <= second["drift_agreement"] <= 1.0
 
+    table = sweep.report(out, tmp_path / "methods.png").splitlines()
+    assert len(table) == 2 + 4 and table[2].startswith("| tiny | 1 |") and table[-1].startswith("| added | 2 |")
+    assert (tmp_path / "methods.png").stat().st_size > 10_000
+
 
 def test_a_lifelong_runs_jobs_export_cycle_by_cycle(tmp_path: Path) -> None:
     from replay import build
@@ -117,3 +121,18 @@ def test_a_lifelong_runs_jobs_export_cycle_by_cycle(tmp_path: Path) -> None:
     assert set(found["documents"]) <= set(sweep.known_documents())
     with pytest.raises(SystemExit, match="cycle 3 trained 2 documents"):
         sweep.export_run(run, out, cycles=3, held_out=4)
+
+
+def test_open_book_asks_each_question_with_and_without_its_document() -> None:
+    spec = importlib.util.spec_from_file_location("bench_open_book", Path(sweep.__file__).parent / "open_book.py")
+    open_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(open_book)
+    [doc, *_] = sweep.known_documents().values()
+
+    class Reader:  # answers only what it is shown
+        def chat(self, questions: list[str], max_tokens: int) -> list[str]:
+            return [next((f.qa_answer for f in doc.facts if f.question in q and doc.text.strip() in q), "no idea")
+                    for q in questions]
+
+    [row] = open_book.measure_documents(Reader(), [doc])
+    assert row["closed"] == 0.0 and row["open"] == 1.0 and len(row["answers"]) == len(doc.facts)

@@ -73,6 +73,7 @@ def test_the_gpu_must_hold_two_more_instances_for_merged_weights(tmp_path: Path)
     settings.train.method = "full"
     problem = gpu_shares_problem(settings, cpu=False)
     assert problem and "serve.merged_gpu_memory_utilization" in problem and "1.25" in problem
+    assert "serve.gpu_memory_utilization = 0.35" in problem  # a split that fits: 0.35 + 2 × 0.15 + 0.35
     assert gpu_shares_problem(settings, cpu=True) is None
     settings.serve.gpu_memory_utilization = 0.3
     assert gpu_shares_problem(settings, cpu=False) is None

@@ -14,6 +14,7 @@ so a recipe is measured on exactly the data the daemon's cycles had:
 
     .venv/bin/python bench/learning/sweep.py export-run var/bench-learning/lifelong/RUN run-data.json --cycles 6
     python bench/learning/sweep.py run run-data.json MODEL_DIR grid.json   # grid: {"ratio": "run", ...}
+    .venv/bin/python bench/learning/sweep.py report sweep-results.json --plot methods.png   # table + plot
 
 `run` trains each recipe of the grid — a JSON list of {"name", "ratio", "cycles", "documents",
 train settings...}, `"method"` among them — with the daemon's own trainer
@@ -292,6 +293,49 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def report(results_file: Path, plot_to: Path | None) -> str:
+    """A markdown table of each recipe's cycles (and a plot of them, one colour per recipe)."""
+    results = json.loads(results_file.read_text())
+    rows = ["| recipe | cycle | trainable | cloze this / all / first | QA all | held-out Δ | behaviour Δ | general | "
+            "train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for result in results["results"]:
+        for step in result["steps"]:
+            rows.append(f"| {result['recipe']} | {step['cycle']} | {result['trainable_parameters'] / 1e6:.2f} M | "
+                        f"{step['this_cloze']:.0%} / {step['all_cloze']:.0%} / {step['first_cloze']:.0%} | "
+                        f"{step['all_qa']:.0%} | {step['held_out_delta']:+.2%} | {step['behaviour_delta']:+.1%} | "
+                        f"{step['general_kept']}/{step['general_base']} | {step['train_s']:.0f} |")
+    if plot_to:
+        plot(results["results"], plot_to)
+    return "\n".join(rows)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Left: all facts learned so far (exact cloze) per cycle; right: held-out and behaviour NLL against
+    the base, with the default gate's limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (recall, held_out, behaviour) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for result, colour in zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        cycles = [s["cycle"] for s in result["steps"]]
+        recall.plot(cycles, [s["all_cloze"] for s in result["steps"]], "o-", color=colour, label=result["recipe"])
+        recall.plot(cycles, [s["all_qa"] for s in result["steps"]], "x:", color=colour)
+        held_out.plot(cycles, [100 * s["held_out_delta"] for s in result["steps"]], "o-", color=colour)
+        behaviour.plot(cycles, [100 * s["behaviour_delta"] for s in result["steps"]], "o-", color=colour)
+    recall.set_ylim(0, 1.05)
+    recall.set(title="all facts so far: cloze (o), QA (x)", xlabel="cycle", ylabel="recall")
+    held_out.axhline(2.0, color="#b2182b", ls=":", lw=1)
+    held_out.set(title="held-out NLL vs base (%); gate +2 %", xlabel="cycle")
+    behaviour.axhline(15.0, color="#b2182b", ls=":", lw=1)
+    behaviour.set(title="behaviour NLL vs base (%); gate +15 %", xlabel="cycle")
+    recall.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,11 +356,16 @@ def main() -> None:
     go.add_argument("model", type=Path)
     go.add_argument("grid", type=Path)
     go.add_argument("--out", type=Path, default=Path("sweep-results.json"))
+    rp = sub.add_parser("report", help="print a run's results as a markdown table, optionally plot them")
+    rp.add_argument("results", type=Path)
+    rp.add_argument("--plot", type=Path)
     args = parser.parse_args()
     if args.command == "export":
         export(args.state, args.model, args.out, args.ratios, args.knowledge_share, args.held_out)
     elif args.command == "export-run":
         export_run(args.run, args.out, args.cycles, args.held_out)
+    elif args.command == "report":
+        print(report(args.results, args.plot))
     else:
         run(args.data, args.model, args.grid, args.out)
 
