@@ -92,7 +92,7 @@ def test_a_run_trains_each_cycle_and_scores_what_it_learned(tiny: Path, tmp_path
     assert second["held_out_delta"] != 0.0  # trained: the held-out NLL moved
     assert found["general_base"] == 0 and 0.0 <= second["drift_agreement"] <= 1.0
 
-    table = sweep.report(out, tmp_path / "methods.png").splitlines()
+    table = sweep.report([out], tmp_path / "methods.png").splitlines()
     assert len(table) == 2 + 4 and table[2].startswith("| tiny | 1 |") and table[-1].startswith("| added | 2 |")
     assert (tmp_path / "methods.png").stat().st_size > 10_000
 

@@ -14,7 +14,7 @@ so a recipe is measured on exactly the data the daemon's cycles had:
 
     .venv/bin/python bench/learning/sweep.py export-run var/bench-learning/lifelong/RUN run-data.json --cycles 6
     python bench/learning/sweep.py run run-data.json MODEL_DIR grid.json   # grid: {"ratio": "run", ...}
-    .venv/bin/python bench/learning/sweep.py report sweep-results.json --plot methods.png   # table + plot
+    .venv/bin/python bench/learning/sweep.py report sweep-results.json [more.json ...] --plot methods.png
 
 `run` trains each recipe of the grid — a JSON list of {"name", "ratio", "cycles", "documents",
 train settings...}, `"method"` among them — with the daemon's own trainer
@@ -293,20 +293,26 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def report(results_file: Path, plot_to: Path | None) -> str:
-    """A markdown table of each recipe's cycles (and a plot of them, one colour per recipe)."""
-    results = json.loads(results_file.read_text())
+def report(results_files: list[Path], plot_to: Path | None) -> str:
+    """A markdown table of each recipe's cycles (and a plot of them, one colour per recipe), from one or
+    more runs' results."""
+    results = {"results": [r for f in results_files for r in json.loads(f.read_text())["results"]]}
     rows = ["| recipe | cycle | trainable | cloze this / all / first | QA all | held-out Δ | behaviour Δ | general | "
             "train s |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results["results"]:
         for step in result["steps"]:
             rows.append(f"| {result['recipe']} | {step['cycle']} | {result['trainable_parameters'] / 1e6:.2f} M | "
-                        f"{step['this_cloze']:.0%} / {step['all_cloze']:.0%} / {step['first_cloze']:.0%} | "
-                        f"{step['all_qa']:.0%} | {step['held_out_delta']:+.2%} | {step['behaviour_delta']:+.1%} | "
+                        f"{pct(step['this_cloze'])} / {pct(step['all_cloze'])} / {pct(step['first_cloze'])} | "
+                        f"{pct(step['all_qa'])} | {pct(step['held_out_delta'], '+.2f')} | "
+                        f"{pct(step['behaviour_delta'], '+.1f')} | "
                         f"{step['general_kept']}/{step['general_base']} | {step['train_s']:.0f} |")
     if plot_to:
         plot(results["results"], plot_to)
     return "\n".join(rows)
+
+
+def pct(share: float, form: str = ".0f") -> str:
+    return f"{100 * share:{form}} %"
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -324,6 +330,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         recall.plot(cycles, [s["all_qa"] for s in result["steps"]], "x:", color=colour)
         held_out.plot(cycles, [100 * s["held_out_delta"] for s in result["steps"]], "o-", color=colour)
         behaviour.plot(cycles, [100 * s["behaviour_delta"] for s in result["steps"]], "o-", color=colour)
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (recall, held_out, behaviour):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    held_out.set_ylim(bottom=min(0.0, held_out.get_ylim()[0]), top=max(2.5, held_out.get_ylim()[1]))
+    behaviour.set_ylim(bottom=min(0.0, behaviour.get_ylim()[0]), top=max(17.0, behaviour.get_ylim()[1]))
     recall.set_ylim(0, 1.05)
     recall.set(title="all facts so far: cloze (o), QA (x)", xlabel="cycle", ylabel="recall")
     held_out.axhline(2.0, color="#b2182b", ls=":", lw=1)
@@ -357,7 +369,7 @@ def main() -> None:
     go.add_argument("grid", type=Path)
     go.add_argument("--out", type=Path, default=Path("sweep-results.json"))
     rp = sub.add_parser("report", help="print a run's results as a markdown table, optionally plot them")
-    rp.add_argument("results", type=Path)
+    rp.add_argument("results", type=Path, nargs="+")
     rp.add_argument("--plot", type=Path)
     args = parser.parse_args()
     if args.command == "export":
