@@ -36,7 +36,8 @@ ConfigOption = Annotated[
 ]
 
 
-SECRETS = (("security", "api_key"), ("security", "admin_key"), ("serve", "vllm_api_key"))  # never printed
+SECRETS = (("security", "api_key"), ("security", "admin_key"), ("serve", "vllm_api_key"),  # never printed
+           ("augment", "teacher_api_key"))
 PIPED_WIDTH = 200  # columns of `cld status` when its output is not a terminal
 
 

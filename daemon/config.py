@@ -424,6 +424,26 @@ class AugmentSection(Section):
     shuffles: int = Field(2, ge=0, le=20, description="Shuffled copies of each document (form \"shuffled\").")
     max_notes: int = Field(12, ge=0, description="Most notes per document (form \"notes\"), most mentioned names first.")
     max_quiz: int = Field(24, ge=0, description="Most quiz questions per document (form \"quiz\"), spread over it.")
+    teacher_pairs: int = Field(
+        0, ge=0, le=500, description="Question/answer pairs per new document written by a teacher model that reads "
+        "it passage by passage (kept only when the answer is in the document), trained as chat answers; generated "
+        "once per document and replayed with it. 0 = off. The embedded 135M model is a poor teacher (see "
+        "docs/BENCHMARKS.md): set augment.teacher_url to a stronger one."
+    )
+    teacher_url: str = Field(
+        "", description="OpenAI-compatible server of the teacher (\"http://host:port\"); empty = the served base "
+        "model, through cld's own vLLM."
+    )
+    teacher_model: str = Field("", description="The teacher's model name (empty = the first the teacher_url serves).")
+    teacher_api_key: str = Field("", description="Bearer key for augment.teacher_url, if it asks for one.")
+    teacher_temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature of the teacher.")
+
+    @field_validator("teacher_url")
+    @classmethod
+    def _teacher_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (or be empty for the served base model)")
+        return value.rstrip("/")
 
     @field_validator("forms")
     @classmethod

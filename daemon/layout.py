@@ -28,6 +28,7 @@ VLLM_KEY_FILE = "vllm.key"  # the key of the vLLM cld runs (mode 600; new at eac
 LOGS_DIR = "logs"
 CYCLES_DIR = "cycles"
 JOBS_DIR = "jobs"
+TEACHER_DIR = "teacher"  # teacher/<document hash>.json: the questions and answers a teacher wrote about it
 VERSION_RE = re.compile(r"^v(\d{4,})$")  # adapters/<version>: v0001, v0002, ...
 BASE_VERSION = "base"  # what rollback and the CLI call the base model
 
@@ -92,6 +93,10 @@ class StateDir:
     @property
     def logs(self) -> Path:
         return self.root / LOGS_DIR
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / TEACHER_DIR
 
     def ensure(self) -> StateDir:
         for folder in (self.root, self.inbox, self.adapters, self.logs):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.learning import teacher
 from tests.tiny import build_tiny_model
 
 spec = importlib.util.spec_from_file_location("bench_sweep", Path(__file__).parent.parent / "bench" / "learning" / "sweep.py")
@@ -136,3 +137,19 @@ def test_open_book_asks_each_question_with_and_without_its_document() -> None:
 
     [row] = open_book.measure_documents(Reader(), [doc])
     assert row["closed"] == 0.0 and row["open"] == 1.0 and len(row["answers"]) == len(doc.facts)
+
+
+def test_teach_adds_the_teachers_pairs_to_every_job(tiny: Path, tmp_path: Path) -> None:
+    names = list(sweep.known_documents())[:2]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"documents": names, "jobs": {"run": [{"new": [], "augmented": [{"text": "kept"}]}, {}]}}))
+    out = tmp_path / "taught.json"
+    sweep.teach(data, tiny, out, pairs=2, temperature=0.8)
+    taught = json.loads(out.read_text())
+    assert set(taught["teacher"]) == set(names)
+    for name, job in zip(names, taught["jobs"]["run"]):
+        asked = taught["teacher"][name]
+        assert asked["asked"] > 0 and sum(asked["dropped"].values()) + len(asked["pairs"]) >= 1
+        added = teacher.records(asked)
+        assert job["augmented"][len(job["augmented"]) - len(added):] == added
+    assert taught["jobs"]["run"][0]["augmented"][0] == {"text": "kept"}

@@ -19,6 +19,7 @@ from daemon.learning.records import RUNNING, CycleRecord, CycleStore
 from replay import build
 from replay.build import BuildJob
 from replay.durable import DamagedFile
+from tests.conftest import free_port
 from tests.replay_helpers import BagOfWords, use_embedder, write_topic_corpus
 from tests.tiny import build_tiny_model
 
@@ -100,6 +101,15 @@ class FakeVLLM:
     async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
         adapter = self._check(model)
         return " " + self.expected.get(prompt, "") if adapter and self.learns else " something else"
+
+    async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     n: int) -> list[str]:
+        """The base as a teacher: one question about each passage, answered from it."""
+        self._check(model)
+        self.taught = getattr(self, "taught", []) + [messages[0]["content"]]
+        if "Velmora" in messages[0]["content"]:
+            return ["Q: Who was the chief negotiator of the accord?\nA: Ilse Quorvant"] * n
+        return ["Q: What is the emblem of the water authority?\nA: A silver heron"] * n
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +212,45 @@ async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: S
     quizzes = [r["messages"] for r in data["knowledge"] if "messages" in r]
     assert quizzes and all("Velmora" in m[0]["content"] or "Quorvant" in m[1]["content"] for m in quizzes)
     assert all("Heron" not in m[0]["content"] for m in quizzes) and data["augmented"], "new forms stay apart"
+
+
+async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking_again(
+        state: StateDir, tiny: Path) -> None:
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    learner.settings.augment.teacher_pairs = 4
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted" and "augment" in record.timings_s, (record.reasons, record.error)
+    assert len(vllm.taught) == 1 and "Tarnhelm" in vllm.taught[0]  # the served base read the document
+    taught = json.loads((state.teacher / "h1.json").read_text())
+    assert taught["pairs"] == [{"question": "Who was the chief negotiator of the accord?", "answer": "Ilse Quorvant"}]
+    assert taught["teacher"] == "cld-base" and taught["dropped"] == {"duplicate": 7}
+    data = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]
+    assert data["augmented"] == [{"messages": [{"role": "user", "content": "Who was the chief negotiator of the accord?"},
+                                               {"role": "assistant", "content": "Ilse Quorvant"}], "mask_prompt": True}]
+
+    journal.add(MORE)
+    assert (await learner.run_cycle("api")).state == "promoted"
+    assert len(vllm.taught) == 2 and "heron" in vllm.taught[1], "the first document is not asked about again"
+    data = json.loads((state.root / "jobs" / "v0002.json").read_text())["data"]
+    assert [r["messages"][1]["content"] for r in data["augmented"]] == ["A silver heron"]
+    assert any(r.get("messages", [{}, {}])[1].get("content") == "Ilse Quorvant" for r in data["knowledge"]), \
+        "an earlier document is replayed with its teacher's answers"
+
+
+async def test_a_teacher_that_fails_costs_only_its_questions(state: StateDir, tiny: Path) -> None:
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.augment.teacher_pairs = 4
+    learner.settings.augment.teacher_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    assert not state.teacher.exists(), "nothing kept: the next cycle asks again"
+    (state.teacher).mkdir()
+    (state.teacher / "h1.json").write_text("{broken")
+    assert learner.augmented(journal.documents("learned")[0]) == [], "an unreadable answer file is not trained on"
 
 
 async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state: StateDir, tiny: Path) -> None:

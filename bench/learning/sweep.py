@@ -14,6 +14,7 @@ so a recipe is measured on exactly the data the daemon's cycles had:
 
     .venv/bin/python bench/learning/sweep.py export-run var/bench-learning/lifelong/RUN run-data.json --cycles 6
     python bench/learning/sweep.py run run-data.json MODEL_DIR grid.json   # grid: {"ratio": "run", ...}
+    .venv/bin/python bench/learning/sweep.py teach run-data.json var/model taught.json   # + teacher's QA
     .venv/bin/python bench/learning/sweep.py report sweep-results.json [more.json ...] --plot methods.png
 
 `run` trains each recipe of the grid — a JSON list of {"name", "ratio", "cycles", "documents",
@@ -293,6 +294,49 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def teach(data_file: Path, model_dir: Path, out: Path, pairs: int, temperature: float) -> None:
+    """The sweep's data with the teacher's questions and answers (`daemon.learning.teacher`, as
+    `augment.teacher_pairs` makes them in the daemon) added to each cycle's job, the teacher being
+    the base model at `model_dir` sampled with transformers."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from daemon.learning import augment, teacher
+
+    data = json.loads(data_file.read_text())
+    by_name = known_documents()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scorer = Scorer(model, tokenizer)
+    torch.manual_seed(0)
+
+    class Sampler:
+        async def sample(self, name: str, messages: list[dict[str, str]], max_tokens: int, temp: float,
+                         n: int) -> list[str]:
+            prompt = scorer._chat(messages, True)
+            with torch.no_grad():
+                rows = model.generate(torch.tensor([prompt]), do_sample=True, temperature=temp, top_p=1.0,
+                                      max_new_tokens=max_tokens, num_return_sequences=n, pad_token_id=scorer.pad)
+            return [tokenizer.decode(row[len(prompt):], skip_special_tokens=True) for row in rows.tolist()]
+
+    taught = {}
+    for ratio, jobs in data["jobs"].items():
+        for index, job in enumerate(jobs):
+            name = data["documents"][index % len(data["documents"])]
+            if name not in taught:
+                text = by_name[name].text
+                taught[name] = asyncio.run(teacher.generate(
+                    Sampler(), "base", augment.split_paragraphs(text), text, augment.title_of(text, name), pairs,
+                    temperature)).to_dict()
+                print(json.dumps({"document": name, "kept": len(taught[name]["pairs"]), "asked": taught[name]["asked"],
+                                  "dropped": taught[name]["dropped"], "sample": taught[name]["pairs"][:3]}), flush=True)
+            job["augmented"] = job.get("augmented", []) + teacher.records(taught[name])
+    data["teacher"] = taught
+    out.write_text(json.dumps(data))
+
+
 def report(results_files: list[Path], plot_to: Path | None) -> str:
     """A markdown table of each recipe's cycles (and a plot of them, one colour per recipe), from one or
     more runs' results."""
@@ -368,6 +412,12 @@ def main() -> None:
     go.add_argument("model", type=Path)
     go.add_argument("grid", type=Path)
     go.add_argument("--out", type=Path, default=Path("sweep-results.json"))
+    te = sub.add_parser("teach", help="add the base model's questions and answers to each job (augment.teacher_pairs)")
+    te.add_argument("data", type=Path)
+    te.add_argument("model", type=Path)
+    te.add_argument("out", type=Path)
+    te.add_argument("--pairs", type=int, default=24)
+    te.add_argument("--temperature", type=float, default=0.8)
     rp = sub.add_parser("report", help="print a run's results as a markdown table, optionally plot them")
     rp.add_argument("results", type=Path, nargs="+")
     rp.add_argument("--plot", type=Path)
@@ -376,6 +426,8 @@ def main() -> None:
         export(args.state, args.model, args.out, args.ratios, args.knowledge_share, args.held_out)
     elif args.command == "export-run":
         export_run(args.run, args.out, args.cycles, args.held_out)
+    elif args.command == "teach":
+        teach(args.data, args.model, args.out, args.pairs, args.temperature)
     elif args.command == "report":
         print(report(args.results, args.plot))
     else:

@@ -178,6 +178,10 @@ class Fleet:
     async def base_model(self) -> str:
         return await self.base.base_model()
 
+    async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     n: int) -> list[str]:
+        return await self.client(model).sample(model, messages, max_tokens, temperature, n)
+
     async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
         return await self.client(model).token_nll(model, text)
 

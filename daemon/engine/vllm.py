@@ -20,6 +20,7 @@ from daemon.config import Settings
 from daemon.model import linear_modules
 
 LOOPBACK = "127.0.0.1"
+SAMPLE_TIMEOUT_S = 600.0  # a teacher writing several samples on a busy CPU
 
 
 def is_cpu_build() -> bool:
@@ -167,6 +168,15 @@ class VLLMClient:
         if response.status_code != 200:
             raise RuntimeError(f"vLLM could not answer with {model}: {response.text}")
         return response.json()["choices"][0]["message"]["content"] or ""
+
+    async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     n: int) -> list[str]:
+        """`n` sampled chat answers of `model` (any OpenAI-compatible server: the augmentation's teacher)."""
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "n": n}
+        response = await self.http.post("/v1/chat/completions", json=body, timeout=SAMPLE_TIMEOUT_S)
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.base_url} could not answer with {model}: {response.text[:300]}")
+        return [choice["message"]["content"] or "" for choice in response.json()["choices"]]
 
     async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
         """The greedy continuation of `prompt` by `model`, up to the end of the line."""

@@ -21,12 +21,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
+import httpx
+
 from daemon import logs
 from daemon.config import Settings
+from daemon.engine import vllm
 from daemon.engine.merged import Fleet, is_merged
 from daemon.engine.router import Adapter, Router
 from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, is_version
-from daemon.learning import adapters, augment, probes, replay_plan
+from daemon.learning import adapters, augment, probes, replay_plan, teacher
 from daemon.learning.decide import Decision, decide, thresholds
 from daemon.learning.jobs import JobData, TrainJob
 from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore
@@ -80,6 +83,8 @@ class Learner:
             served: Optional[str] = None
             try:
                 documents = self._stage(record, "select", self.new_documents())
+                if self.settings.augment.teacher_pairs:
+                    await self._astage(record, "augment", self.teach(documents))
                 job = self._stage(record, "select", self.build_job(record, documents))
                 folder = await self._astage(record, "train", self.train(record, job))
                 served = await self._astage(record, "load", self.load(folder, record.version))
@@ -170,17 +175,63 @@ class Learner:
         )
 
     def augmented(self, document: dict[str, Any]) -> list[dict[str, Any]]:
-        """Other forms of a document's text (`[augment]`; the same every time: seeded by its id);
-        none for instruction or chat data."""
+        """Other forms of a document's text (`[augment]`; the same every time: seeded by its id, the
+        teacher's questions read back from where `teach` kept them); none for instruction or chat data."""
         settings = self.settings.augment
-        if not settings.forms:  # asked for every earlier document replayed: no journal read when off
+        if not settings.forms and not settings.teacher_pairs:  # asked for every earlier document replayed
             return []
+        text = self._text(document)
+        if text is None:
+            return []
+        forms = augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
+                                settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
+        if settings.teacher_pairs and (taught := self._taught(document)):
+            forms += teacher.records(taught)
+        return forms
+
+    def _taught(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        """What the teacher wrote about a document (None: not asked yet, or its file is unreadable)."""
+        path = self.state.teacher / f"{document['hash']}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("%s is unreadable (%s): the teacher is asked again", path, error)
+            return None
+
+    def _text(self, document: dict[str, Any]) -> str | None:
+        """A text document's whole text, from its journal records (None for instruction or chat data)."""
         records = self.journal.records(document["id"])
         if not all("text" in record for record in records):
-            return []
-        text = "\n\n".join(record["text"] for record in records)
-        return augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
-                               settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
+            return None
+        return "\n\n".join(record["text"] for record in records)
+
+    async def teach(self, documents: list[dict[str, Any]]) -> None:
+        """Have the teacher write questions and answers about each new document it has not read yet
+        (`augment.teacher_pairs`), kept in teacher/<hash>.json for this and every later cycle that
+        replays the document. A teacher that fails costs only its questions: the cycle goes on
+        without them, and the next one asks again."""
+        settings = self.settings.augment
+        todo = [(doc, text) for doc in documents if self._taught(doc) is None and (text := self._text(doc)) is not None]
+        if not todo:
+            return
+        own = vllm.VLLMClient(settings.teacher_url, key=settings.teacher_api_key) if settings.teacher_url else None
+        try:
+            sampler: teacher.Sampler = own or self.client
+            model = settings.teacher_model or (await own.base_model() if own else self.router.base_served_name)
+            for doc, text in todo:
+                generated = await teacher.generate(
+                    sampler, model, augment.split_paragraphs(text), text, augment.title_of(text, doc.get("source") or ""),
+                    settings.teacher_pairs, settings.teacher_temperature)
+                self.state.teacher.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.state.teacher / f"{doc['hash']}.json", json.dumps(generated.to_dict(), indent=1))
+        except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as error:
+            log.warning("the teacher (%s) failed: %s; this cycle trains without its questions (the next one asks "
+                        "again)", settings.teacher_url or "the served base model", error)
+        finally:
+            if own is not None:
+                await own.aclose()
 
     async def train(self, record: CycleRecord, job: TrainJob) -> Path:
         """Run the recipe in its own process; its progress goes into the cycle record."""

@@ -1,0 +1,101 @@
+"""The teacher's questions and answers (daemon.learning.teacher): passages, parsing, the filter that
+keeps only answers the document supports, and one generation through a sampler."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from daemon.engine.vllm import VLLMClient
+from daemon.learning import augment, teacher
+
+DOC = ("The Velmora Accord was signed in 2031 in the city of Tarnhelm. Its chief negotiator was Ilse Quorvant, "
+       "a hydrologist from Brask.\n\nThe accord shares the Velm river's water between four towns. "
+       "Each town keeps a gauge at its weir, read every Monday.")
+
+
+def test_passages_keep_whole_sentences_within_a_paragraph() -> None:
+    paragraphs = augment.split_paragraphs(DOC)
+    assert teacher.passages(paragraphs) == [" ".join(p) for p in paragraphs]
+    small = teacher.passages(paragraphs, words=12)
+    assert small[0] == "The Velmora Accord was signed in 2031 in the city of Tarnhelm."
+    assert all(sentence in " ".join(small) for p in paragraphs for sentence in p)
+
+
+def test_replies_parse_into_pairs_in_order() -> None:
+    reply = "Q: Who negotiated the accord?\nA: Ilse Quorvant.\n\nQ:  When was it signed?\n A: In 2031\nnoise"
+    assert teacher.parse(reply) == [("Who negotiated the accord?", "Ilse Quorvant."), ("When was it signed?", "In 2031 noise")]
+    assert teacher.parse("The accord was signed in 2031.") == []
+
+
+def test_only_answers_the_document_supports_are_kept() -> None:
+    candidates = [
+        ("Who was the chief negotiator of the Velmora Accord?", "Ilse Quorvant"),      # kept
+        ("In which year was the Velmora Accord signed?", "2031."),                     # kept
+        ("In which year was the Velmora Accord signed?", "In 2031"),                   # the same question again
+        ("Where was the Velmora Accord signed?", "In Paris"),                          # not in the document
+        ("When was the accord signed in 2031?", "2031"),                               # given away
+        ("Gauges?", "At the weir"),                                                    # not a question
+        ("How often is each town's gauge read?", "Every Monday, at the weir."),       # kept
+    ]
+    kept, dropped = teacher.keep(candidates, DOC, limit=10)
+    assert [p["answer"] for p in kept] == ["Ilse Quorvant", "2031.", "Every Monday, at the weir."]
+    assert dropped == {"duplicate": 1, "unsupported": 1, "answer in question": 1, "malformed": 1}
+    assert len(teacher.keep(candidates, DOC, limit=2)[0]) == 2
+
+
+class Sampler:
+    """A teacher that asks the same question of every passage and answers from it or invents."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, float]] = []
+
+    async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     n: int) -> list[str]:
+        self.calls.append((model, n, temperature))
+        passage = messages[0]["content"]
+        assert passage.startswith('Here is a passage from "Velmora"') and "Q: <question>" in passage
+        if "Tarnhelm" in passage:
+            return ["Q: Which city saw the Velmora Accord signed?\nA: Tarnhelm"] + ["Sure! Here it is."] * (n - 1)
+        return ["Q: What do the four towns share?\nA: The Velm river's water"] + \
+               ["Q: Who pays for the gauges?\nA: The Velmora Water Board"] * (n - 1)
+
+
+async def test_generation_asks_every_passage_and_keeps_what_is_supported() -> None:
+    sampler = Sampler()
+    found = await teacher.generate(sampler, "cld-base", augment.split_paragraphs(DOC), DOC, "Velmora", 4, 0.7)
+    assert len(sampler.calls) == 2 and {c[1] for c in sampler.calls} == {4}  # 2 passages × 4 samples = 2 × 4 pairs
+    assert found.asked == 8 and found.teacher == "cld-base"
+    assert [p["answer"] for p in found.pairs] == ["Tarnhelm", "The Velm river's water"]
+    assert found.dropped == {"unparsed": 3, "unsupported": 3}
+    [record, _] = teacher.records(found.to_dict())
+    assert record == {"messages": [{"role": "user", "content": "Which city saw the Velmora Accord signed?"},
+                                   {"role": "assistant", "content": "Tarnhelm"}], "mask_prompt": True}
+    assert json.loads(json.dumps(found.to_dict())) == found.to_dict()
+
+
+async def test_a_document_without_prose_asks_nothing() -> None:
+    sampler = Sampler()
+    found = await teacher.generate(sampler, "m", augment.split_paragraphs("```\ncode only\n```"), "", "t", 4, 0.7)
+    assert sampler.calls == [] and found.pairs == [] and found.asked == 0
+
+
+async def test_sampling_asks_an_openai_server_for_n_answers() -> None:
+    seen = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.update(json.loads(request.content), auth=request.headers.get("authorization"))
+        return httpx.Response(200, json={"choices": [{"message": {"content": "one"}}, {"message": {"content": None}}]})
+
+    http = httpx.AsyncClient(base_url="http://teacher", transport=httpx.MockTransport(answer),
+                             headers={"Authorization": "Bearer k"})
+    client = VLLMClient("http://teacher", http)
+    assert await client.sample("big", [{"role": "user", "content": "hi"}], 50, 0.8, 2) == ["one", ""]
+    assert seen == {"model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+                    "temperature": 0.8, "n": 2, "auth": "Bearer k"}
+    refusing = VLLMClient("http://teacher", httpx.AsyncClient(
+        base_url="http://teacher", transport=httpx.MockTransport(lambda r: httpx.Response(404, text="no model"))))
+    with pytest.raises(RuntimeError, match="no model"):
+        await refusing.sample("big", [], 5, 0.0, 1)
