@@ -106,10 +106,13 @@ class FakeVLLM:
                      n: int) -> list[str]:
         """The base as a teacher: one question about each passage, answered from it."""
         self._check(model)
-        self.taught = getattr(self, "taught", []) + [messages[0]["content"]]
-        if "Velmora" in messages[0]["content"]:
-            return ["Q: Who was the chief negotiator of the accord?\nA: Ilse Quorvant"] * n
-        return ["Q: What is the emblem of the water authority?\nA: A silver heron"] * n
+        prompt = messages[0]["content"]
+        if "Answer this question" in prompt:
+            return ["Ilse Quorvant" if "Velmora" in prompt else "A silver heron"]
+        self.taught = getattr(self, "taught", []) + [prompt]
+        if "Velmora" in prompt:
+            return ["Who was the chief negotiator of the accord?"] * n
+        return ["What is the emblem of the water authority?"] * n
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +228,7 @@ async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking
     assert len(vllm.taught) == 1 and "Tarnhelm" in vllm.taught[0]  # the served base read the document
     taught = json.loads((state.teacher / "h1.json").read_text())
     assert taught["pairs"] == [{"question": "Who was the chief negotiator of the accord?", "answer": "Ilse Quorvant"}]
-    assert taught["teacher"] == "cld-base" and taught["dropped"] == {"duplicate": 7}
+    assert taught["teacher"] == "cld-base" and taught["asked"] == 8 and taught["dropped"] == {}
     data = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]
     assert data["augmented"] == [{"messages": [{"role": "user", "content": "Who was the chief negotiator of the accord?"},
                                                {"role": "assistant", "content": "Ilse Quorvant"}], "mask_prompt": True}]

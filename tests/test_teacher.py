@@ -24,10 +24,13 @@ def test_passages_keep_whole_sentences_within_a_paragraph() -> None:
     assert all(sentence in " ".join(small) for p in paragraphs for sentence in p)
 
 
-def test_replies_parse_into_pairs_in_order() -> None:
-    reply = "Q: Who negotiated the accord?\nA: Ilse Quorvant.\n\nQ:  When was it signed?\n A: In 2031\nnoise"
-    assert teacher.parse(reply) == [("Who negotiated the accord?", "Ilse Quorvant."), ("When was it signed?", "In 2031 noise")]
-    assert teacher.parse("The accord was signed in 2031.") == []
+def test_a_reply_gives_its_first_question_and_a_first_line_answer() -> None:
+    assert teacher.question_of("Q: Who negotiated the accord? And when?\nA: Ilse") == "Who negotiated the accord?"
+    assert teacher.question_of("Sure.\n1. What is the emblem of the authority? It is") == "What is the emblem of the authority?"
+    assert teacher.question_of("The accord was signed in 2031.") is None
+    assert teacher.question_of("??") is None
+    assert teacher.answer_of("\nA: \"Ilse Quorvant\"\nShe was a hydrologist.") == "Ilse Quorvant"
+    assert teacher.answer_of("") == ""
 
 
 def test_only_answers_the_document_supports_are_kept() -> None:
@@ -38,41 +41,52 @@ def test_only_answers_the_document_supports_are_kept() -> None:
         ("Where was the Velmora Accord signed?", "In Paris"),                          # not in the document
         ("When was the accord signed in 2031?", "2031"),                               # given away
         ("Gauges?", "At the weir"),                                                    # not a question
-        ("How often is each town's gauge read?", "Every Monday, at the weir."),       # kept
+        ("How often is each town's gauge read?", "The passage says every Monday."),   # kept
+        ("What is the significance of the passage?", "The accord"),                   # not standalone
     ]
     kept, dropped = teacher.keep(candidates, DOC, limit=10)
-    assert [p["answer"] for p in kept] == ["Ilse Quorvant", "2031.", "Every Monday, at the weir."]
-    assert dropped == {"duplicate": 1, "unsupported": 1, "answer in question": 1, "malformed": 1}
+    assert [p["answer"] for p in kept] == ["Ilse Quorvant", "2031.", "The passage says every Monday."]
+    assert dropped == {"duplicate": 1, "unsupported": 1, "answer in question": 1, "malformed": 1,
+                       "not standalone": 1}
     assert len(teacher.keep(candidates, DOC, limit=2)[0]) == 2
 
 
 class Sampler:
-    """A teacher that asks the same question of every passage and answers from it or invents."""
+    """A teacher that asks one question of each passage (or says something else) and answers it
+    from the passage, or invents."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, float]] = []
 
     async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                      n: int) -> list[str]:
-        self.calls.append((model, n, temperature))
-        passage = messages[0]["content"]
-        assert passage.startswith('Here is a passage from "Velmora"') and "Q: <question>" in passage
-        if "Tarnhelm" in passage:
-            return ["Q: Which city saw the Velmora Accord signed?\nA: Tarnhelm"] + ["Sure! Here it is."] * (n - 1)
-        return ["Q: What do the four towns share?\nA: The Velm river's water"] + \
-               ["Q: Who pays for the gauges?\nA: The Velmora Water Board"] * (n - 1)
+        prompt = messages[0]["content"]
+        assert prompt.startswith('Here is a passage from "Velmora"')
+        if "Answer this question" in prompt:
+            self.calls.append(("answer", n, temperature))
+            answers = {"Which city saw the Velmora Accord signed?": "Tarnhelm.",
+                       "What do the four towns share?": "A: The Velm river's water",
+                       "Who pays for the gauges?": "The Velmora Water Board"}
+            return [answers[prompt.rsplit(": ", 1)[1]]]
+        self.calls.append(("ask", n, temperature))
+        if "Tarnhelm" in prompt:
+            return ["Q: Which city saw the Velmora Accord signed?"] * 2 + ["Sure! Here it is."] * (n - 2)
+        return ["What do the four towns share?"] + ["Question: Who pays for the gauges?\nA: the board"] * (n - 1)
 
 
-async def test_generation_asks_every_passage_and_keeps_what_is_supported() -> None:
+async def test_generation_asks_every_passage_then_answers_with_it_and_keeps_what_is_supported() -> None:
     sampler = Sampler()
     found = await teacher.generate(sampler, "cld-base", augment.split_paragraphs(DOC), DOC, "Velmora", 4, 0.7)
-    assert len(sampler.calls) == 2 and {c[1] for c in sampler.calls} == {4}  # 2 passages × 4 samples = 2 × 4 pairs
+    asked = [c for c in sampler.calls if c[0] == "ask"]
+    assert asked == [("ask", 4, 0.7)] * 2  # 2 passages × 4 samples = 2 × the pairs wanted
+    assert sorted(c for c in sampler.calls if c[0] == "answer") == [("answer", 1, 0.0)] * 3  # each question once
     assert found.asked == 8 and found.teacher == "cld-base"
-    assert [p["answer"] for p in found.pairs] == ["Tarnhelm", "The Velm river's water"]
-    assert found.dropped == {"unparsed": 3, "unsupported": 3}
+    assert found.pairs == [{"question": "Which city saw the Velmora Accord signed?", "answer": "Tarnhelm."},
+                           {"question": "What do the four towns share?", "answer": "The Velm river's water"}]
+    assert found.dropped == {"no question": 2, "unsupported": 1}
     [record, _] = teacher.records(found.to_dict())
     assert record == {"messages": [{"role": "user", "content": "Which city saw the Velmora Accord signed?"},
-                                   {"role": "assistant", "content": "Tarnhelm"}], "mask_prompt": True}
+                                   {"role": "assistant", "content": "Tarnhelm."}], "mask_prompt": True}
     assert json.loads(json.dumps(found.to_dict())) == found.to_dict()
 
 

@@ -317,8 +317,9 @@ def teach(data_file: Path, model_dir: Path, out: Path, pairs: int, temperature: 
                          n: int) -> list[str]:
             prompt = scorer._chat(messages, True)
             with torch.no_grad():
-                rows = model.generate(torch.tensor([prompt]), do_sample=True, temperature=temp, top_p=1.0,
-                                      max_new_tokens=max_tokens, num_return_sequences=n, pad_token_id=scorer.pad)
+                sampling = {"do_sample": True, "temperature": temp, "top_p": 1.0} if temp > 0 else {"do_sample": False}
+                rows = model.generate(torch.tensor([prompt]), **sampling, max_new_tokens=max_tokens,
+                                      num_return_sequences=n, pad_token_id=scorer.pad)
             return [tokenizer.decode(row[len(prompt):], skip_special_tokens=True) for row in rows.tolist()]
 
     taught = {}

@@ -5,14 +5,15 @@ Facts trained in one phrasing are recalled word for word but seldom answered whe
 words; question/answer forms of each fact, in words other than the document's, make them
 extractable (Physics of Language Models 3.1, arXiv 2309.14316; EntiGraph, arXiv 2409.07431; Active
 Reading, arXiv 2508.09494). The teacher is the served base model (through cld's own vLLM) or any
-OpenAI-compatible server (`augment.teacher_url`): it reads one passage at a time and writes a
-question a reader could ask with its short answer, several samples per passage. What it writes is
-kept only when the answer is supported by the document (every content word and number of the
-answer occurs in it), the question does not give its answer away, and it is not a repeat —
-a small teacher's wrong answers would otherwise be learned as facts.
+OpenAI-compatible server (`augment.teacher_url`): it reads one passage at a time and asks a
+question a reader could ask (several samples per passage), then answers each question with the
+passage in front of it. A pair is kept only when the answer is supported by the document (every
+name and number of the answer occurs in it, and most of its other words), the question stands alone (it does not point
+at "the passage") and does not give its answer away, and it is not a repeat — a small teacher's
+wrong answers would otherwise be learned as facts.
 
-Owns the prompts, the parsing and the filter (pure) and one `generate` call (I/O: the teacher).
-Knows nothing of the journal, the cache or training; the cycle keeps what it returns per document.
+Owns the prompts, the reading of replies and the filter (pure) and one `generate` call (I/O: the
+teacher). Knows nothing of the journal, the cache or training; the cycle keeps what it returns per document.
 """
 
 from __future__ import annotations
@@ -30,15 +31,22 @@ from daemon.learning.probes import STOPWORDS
 log = logging.getLogger(__name__)
 PASSAGE_WORDS = 80          # a passage the teacher reads: whole sentences, about this many words
 MAX_SAMPLES = 8             # samples asked per passage, at most
-MAX_ANSWER_WORDS = 24
+MAX_ANSWER_WORDS = 40        # an answer may quote a sentence; longer is not an answer
+MIN_SUPPORTED = 0.75         # share of an answer's other content words the document must have
 MIN_QUESTION_WORDS = 4
-ANSWER_TOKENS = 96
 CONCURRENCY = 4
-PROMPT = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
-          "Write one question a reader could ask about a fact in this passage, then its short answer taken "
-          "from the passage. Use exactly this form:\nQ: <question>\nA: <answer>")
-PAIR = re.compile(r"Q:\s*(?P<q>.+?)\s*\n+\s*A:\s*(?P<a>.+?)\s*(?=\n\s*Q:|\Z)", re.DOTALL)
+ASK = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
+       "Write one question a reader could ask about a fact in this passage.")
+ANSWER = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
+          "Answer this question from the passage, in a few words: {question}")
+QUESTION_TOKENS = 48
+ANSWER_TOKENS = 48
+LABEL = re.compile(r"^\s*(?:\d+[.)]|[-*]|q(?:uestion)?\s*\d*\s*:|a(?:nswer)?\s*:)\s*", re.IGNORECASE)
 WORD = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
+# words an answer may use to point at its source without them being in it ("the passage says 2031")
+FRAMING = frozenset("passage text document mentioned mentions says said states stated according answer will would "
+                    "can could has have had do does did also which what who when where how".split())
+POINTING = re.compile(r"\b(passage|this text|the text|the document)\b", re.IGNORECASE)
 
 
 class Sampler(Protocol):
@@ -74,15 +82,20 @@ def passages(paragraphs: Sequence[Sequence[str]], words: int = PASSAGE_WORDS) ->
     return [p for p in found if len(p.split()) >= MIN_QUESTION_WORDS]
 
 
-def parse(reply: str) -> list[tuple[str, str]]:
-    """The (question, answer) pairs of a teacher's reply in the asked form, in order."""
-    pairs = []
-    for match in PAIR.finditer(reply.strip() + "\n"):
-        question = " ".join(match.group("q").split())
-        answer = " ".join(match.group("a").split()).strip("\"' ")
-        if question and answer:
-            pairs.append((question, answer))
-    return pairs
+def question_of(reply: str) -> str | None:
+    """The first question a reply asks (its text up to the first "?", labels such as "Q:" removed)."""
+    for line in reply.splitlines():
+        line = LABEL.sub("", line.strip())
+        if "?" in line:
+            question = " ".join(line[:line.index("?") + 1].split())
+            return question if question[0].isalpha() else None
+    return None
+
+
+def answer_of(reply: str) -> str:
+    """A reply's answer: its first line, without an "A:" label or quotes."""
+    first = next((line for line in reply.splitlines() if line.strip()), "")
+    return " ".join(LABEL.sub("", first.strip()).split()).strip("\"' ")
 
 
 def words(text: str) -> list[str]:
@@ -97,11 +110,17 @@ def why_dropped(question: str, answer: str, document_words: set[str]) -> str | N
     """Why a pair is not kept (None: kept): malformed, the answer not in the document, or given away."""
     if len(question.split()) < MIN_QUESTION_WORDS or not question.rstrip().endswith("?"):
         return "malformed"
-    answer_words = content(answer.rstrip("."))
+    if POINTING.search(question):
+        return "not standalone"
+    answer_words = [w for w in content(answer.rstrip(".")) if w not in FRAMING]
     if not answer_words or len(answer.split()) > MAX_ANSWER_WORDS:
         return "malformed"
-    if any(w not in document_words for w in answer_words):
-        return "unsupported"
+    facts = set(words(" ".join(w for w in answer.split()[1:] if w[:1].isupper()))) | {w for w in answer_words
+                                                                                      if any(c.isdigit() for c in w)}
+    others = [w for w in answer_words if w not in facts]
+    if any(w not in document_words for w in facts) or \
+            (others and sum(w in document_words for w in others) < MIN_SUPPORTED * len(others)):
+        return "unsupported"  # every name and number, and most other words, must be the document's
     if set(answer_words) <= set(content(question)):
         return "answer in question"
     return None
@@ -133,8 +152,9 @@ def keep(candidates: Sequence[tuple[str, str]], document: str, limit: int) -> tu
 
 async def generate(sampler: Sampler, model: str, paragraphs: Sequence[Sequence[str]], document: str, title: str,
                    limit: int, temperature: float) -> Generated:
-    """Up to `limit` question/answer pairs about `document`, asked passage by passage of `model`
-    (twice as many samples as pairs wanted, spread over the passages)."""
+    """Up to `limit` question/answer pairs about `document`: `model` asks questions about each passage
+    (sampled, twice as many as pairs wanted, spread over the passages), then answers each one with
+    the passage in front of it (greedy) — two steps, which even a small model can take."""
     chunks = passages(paragraphs)
     result = Generated(teacher=model)
     if not chunks or limit <= 0:
@@ -142,26 +162,30 @@ async def generate(sampler: Sampler, model: str, paragraphs: Sequence[Sequence[s
     samples = min(MAX_SAMPLES, math.ceil(2 * limit / len(chunks)))
     gate = asyncio.Semaphore(CONCURRENCY)
 
-    async def ask(passage: str) -> list[str]:
+    async def ask(prompt: str, tokens: int, temp: float, n: int) -> list[str]:
         async with gate:
-            messages = [{"role": "user", "content": PROMPT.format(title=title, passage=passage)}]
-            return await sampler.sample(model, messages, ANSWER_TOKENS, temperature, samples)
+            return await sampler.sample(model, [{"role": "user", "content": prompt}], tokens, temp, n)
 
-    replies = await asyncio.gather(*(ask(p) for p in chunks))
-    per_passage: list[list[tuple[str, str]]] = []
-    for group in replies:
-        found = [parse(reply) for reply in group]
-        result.dropped["unparsed"] = result.dropped.get("unparsed", 0) + sum(1 for pairs in found if not pairs)
-        per_passage.append([pair for pairs in found for pair in pairs])
-    # round-robin over the passages, so that the limit keeps pairs about all of them
-    ordered = [p[i] for i in range(max(map(len, per_passage))) for p in per_passage if i < len(p)]
+    replies = await asyncio.gather(*(ask(ASK.format(title=title, passage=p), QUESTION_TOKENS, temperature, samples)
+                                     for p in chunks))
     result.asked = len(chunks) * samples
-    result.pairs, dropped = keep(ordered, document, limit)
+    questions: list[list[str]] = []
+    for group in replies:
+        found = [question_of(reply) for reply in group]
+        result.dropped["no question"] = result.dropped.get("no question", 0) + found.count(None)
+        questions.append(list(dict.fromkeys(q for q in found if q)))  # a passage's repeats asked once
+    # round-robin over the passages, so that the limit keeps pairs about all of them
+    ordered = [(chunks[p], questions[p][i]) for i in range(max(map(len, questions)))
+               for p in range(len(chunks)) if i < len(questions[p])]
+    answers = await asyncio.gather(*(ask(ANSWER.format(title=title, passage=passage, question=question),
+                                         ANSWER_TOKENS, 0.0, 1) for passage, question in ordered))
+    result.pairs, dropped = keep([(q, answer_of(a[0] if a else "")) for (_, q), a in zip(ordered, answers)],
+                                 document, limit)
     for reason, count in dropped.items():
         result.dropped[reason] = result.dropped.get(reason, 0) + count
     result.dropped = {reason: count for reason, count in result.dropped.items() if count}
-    log.info("teacher %s: %d question/answer pairs kept of %d samples (dropped: %s)", model, len(result.pairs),
-             result.asked, result.dropped or "none")
+    log.info("teacher %s: %d question/answer pairs kept of %d questions asked (dropped: %s)", model,
+             len(result.pairs), result.asked, result.dropped or "none")
     return result
 
 
