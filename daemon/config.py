@@ -475,6 +475,15 @@ class ProbesSection(Section):
         0.8, ge=0, le=1, description="Smallest share of earlier versions' cloze probes still completed."
     )
     max_qa_drop: float = Field(0.0, ge=0, le=1, description="Largest accuracy drop on the QA sets, vs the base.")
+    min_answered: float = Field(
+        0.0, ge=0, le=1, description="Smallest share of the teacher's held-out questions about the new documents "
+        "the candidate answers (augment.teacher_pairs; asked in the teacher's words, never trained on). 0 = "
+        "measured and reported only."
+    )
+    teacher_held_out: float = Field(
+        0.25, ge=0, le=0.5, description="Share of the teacher's question/answer pairs (augment.teacher_pairs) kept "
+        "out of training to probe answering: every 1/share-th pair, when the document has at least two."
+    )
     cloze_per_document: int = Field(8, ge=1, description="Cloze probes built from each new document.")
     retention_probes: int = Field(
         64, ge=0, description="Most cloze probes of earlier documents asked per cycle (spread over all of them, a "

@@ -150,6 +150,6 @@ def test_teach_adds_the_teachers_pairs_to_every_job(tiny: Path, tmp_path: Path) 
     for name, job in zip(names, taught["jobs"]["run"]):
         asked = taught["teacher"][name]
         assert asked["asked"] > 0 and sum(asked["dropped"].values()) + len(asked["pairs"]) >= 1
-        added = teacher.records(asked)
+        added = teacher.records(asked["pairs"])
         assert job["augmented"][len(job["augmented"]) - len(added):] == added
     assert taught["jobs"]["run"][0]["augmented"][0] == {"text": "kept"}

@@ -108,10 +108,12 @@ class FakeVLLM:
         self._check(model)
         prompt = messages[0]["content"]
         if "Answer this question" in prompt:
-            return ["Ilse Quorvant" if "Velmora" in prompt else "A silver heron"]
+            question = prompt.rsplit(": ", 1)[1]
+            return ["Ilse Quorvant" if "negotiator" in question else "Tarnhelm" if "city" in question else
+                    "A silver heron"]
         self.taught = getattr(self, "taught", []) + [prompt]
         if "Velmora" in prompt:
-            return ["Who was the chief negotiator of the accord?"] * n
+            return ["Who was the chief negotiator of the accord?", "In which city was the accord signed?"] * (n // 2)
         return ["What is the emblem of the water authority?"] * n
 
 
@@ -227,11 +229,15 @@ async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking
     assert record.state == "promoted" and "augment" in record.timings_s, (record.reasons, record.error)
     assert len(vllm.taught) == 1 and "Tarnhelm" in vllm.taught[0]  # the served base read the document
     taught = json.loads((state.teacher / "h1.json").read_text())
-    assert taught["pairs"] == [{"question": "Who was the chief negotiator of the accord?", "answer": "Ilse Quorvant"}]
+    assert taught["pairs"] == [{"question": "Who was the chief negotiator of the accord?", "answer": "Ilse Quorvant"},
+                               {"question": "In which city was the accord signed?", "answer": "Tarnhelm"}]
     assert taught["teacher"] == "cld-base" and taught["asked"] == 8 and taught["dropped"] == {}
     data = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]
     assert data["augmented"] == [{"messages": [{"role": "user", "content": "Who was the chief negotiator of the accord?"},
                                                {"role": "assistant", "content": "Ilse Quorvant"}], "mask_prompt": True}]
+    # the second pair is never trained on: the candidate is asked it (the fake answers something else)
+    assert record.probes["results"]["answered"] == 0.0
+    assert "questions about the new documents answered 0.00 ≥ 0.00" in record.reasons
 
     journal.add(MORE)
     assert (await learner.run_cycle("api")).state == "promoted"

@@ -7,9 +7,9 @@ import pytest
 from daemon.learning.decide import ProbeResults, Thresholds, decide
 
 LIMITS = Thresholds(max_forgetting=0.02, max_behaviour_increase=0.15, min_drift_agreement=0.6, min_nll_drop=0.1,
-                    min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0)
+                    min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0, min_answered=0.25)
 GOOD = dict(forgetting_vs_base=0.005, forgetting_vs_incumbent=0.0, behaviour_increase=0.05, drift_agreement=0.9,
-            nll_drop=0.4, cloze_pass=0.875, retention=1.0, qa_drop=0.0)
+            nll_drop=0.4, cloze_pass=0.875, retention=1.0, qa_drop=0.0, answered=0.5)
 
 CASES = [
     # (name, changes to GOOD, promote?, fragment of a reason)
@@ -27,6 +27,8 @@ CASES = [
     ("no earlier versions", {"retention": None, "forgetting_vs_incumbent": None}, True,
      "retention of earlier facts: not measured"),
     ("no QA set configured", {"qa_drop": None}, True, "QA accuracy drop: not measured"),
+    ("questions not answered", {"answered": 0.2}, False, "questions about the new documents answered 0.20 < 0.25"),
+    ("no teacher", {"answered": None}, True, "questions about the new documents answered: not measured"),
     ("learning not measured", {"cloze_pass": None}, False, "cloze probes passed: not measured (required)"),
 ]
 
@@ -40,4 +42,4 @@ def test_decide(name: str, changes: dict, promote: bool, reason: str) -> None:
 
 
 def test_every_probe_gives_a_reason() -> None:
-    assert len(decide(ProbeResults(**GOOD), LIMITS).reasons) == 8
+    assert len(decide(ProbeResults(**GOOD), LIMITS).reasons) == 9

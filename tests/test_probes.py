@@ -6,6 +6,7 @@ import pytest
 
 from daemon.learning.probes import (
     agreement,
+    answer_recalled,
     build_cloze,
     cloze_passed,
     compare,
@@ -99,6 +100,13 @@ def test_prose_sentences_mark_what_a_reader_would_be_asked() -> None:
 )
 def test_cloze_matching(expected: str, generated: str, passed: bool) -> None:
     assert cloze_passed(expected, generated) is passed
+
+
+def test_a_free_form_answer_is_recalled_by_most_of_its_content_words() -> None:
+    answer = "The next feature release, codenamed Bramblecrest, is planned for the autumn."
+    assert answer_recalled(answer, "Bramblecrest is the next release; it is planned for autumn, with a new feature.")
+    assert not answer_recalled(answer, "The next release is planned.")  # 3 of 6 content words
+    assert not answer_recalled("the of a", "the of a")  # nothing to recall
 
 
 def test_qa_matching_is_contained_and_normalised() -> None:

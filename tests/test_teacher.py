@@ -84,7 +84,7 @@ async def test_generation_asks_every_passage_then_answers_with_it_and_keeps_what
     assert found.pairs == [{"question": "Which city saw the Velmora Accord signed?", "answer": "Tarnhelm."},
                            {"question": "What do the four towns share?", "answer": "The Velm river's water"}]
     assert found.dropped == {"no question": 2, "unsupported": 1}
-    [record, _] = teacher.records(found.to_dict())
+    [record, _] = teacher.records(found.pairs)
     assert record == {"messages": [{"role": "user", "content": "Which city saw the Velmora Accord signed?"},
                                    {"role": "assistant", "content": "Tarnhelm."}], "mask_prompt": True}
     assert json.loads(json.dumps(found.to_dict())) == found.to_dict()
@@ -113,3 +113,12 @@ async def test_sampling_asks_an_openai_server_for_n_answers() -> None:
         base_url="http://teacher", transport=httpx.MockTransport(lambda r: httpx.Response(404, text="no model"))))
     with pytest.raises(RuntimeError, match="no model"):
         await refusing.sample("big", [], 5, 0.0, 1)
+
+
+def test_every_kth_pair_is_held_out_to_probe_answering() -> None:
+    pairs = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(9)]
+    train, held = teacher.split(pairs, 0.25)
+    assert [p["answer"] for p in held] == ["a1", "a5"] and len(train) == 7
+    assert teacher.split(pairs[:1], 0.25) == (pairs[:1], [])  # one pair: it is trained on
+    assert teacher.split(pairs, 0.0) == (pairs, [])
+    assert [p["answer"] for p in teacher.split(pairs, 0.5)[1]] == ["a1", "a3", "a5", "a7"]

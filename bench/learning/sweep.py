@@ -333,7 +333,7 @@ def teach(data_file: Path, model_dir: Path, out: Path, pairs: int, temperature: 
                     temperature)).to_dict()
                 print(json.dumps({"document": name, "kept": len(taught[name]["pairs"]), "asked": taught[name]["asked"],
                                   "dropped": taught[name]["dropped"], "sample": taught[name]["pairs"][:3]}), flush=True)
-            job["augmented"] = job.get("augmented", []) + teacher.records(taught[name])
+            job["augmented"] = job.get("augmented", []) + teacher.records(taught[name]["pairs"])
     data["teacher"] = taught
     out.write_text(json.dumps(data))
 

@@ -186,8 +186,15 @@ class Learner:
         forms = augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
                                 settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
         if settings.teacher_pairs and (taught := self._taught(document)):
-            forms += teacher.records(taught)
+            forms += teacher.records(teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[0])
         return forms
+
+    def held_out_questions(self, documents: list[dict[str, Any]]) -> list[probes.QA]:
+        """The teacher's questions about these documents that are never trained on: the probe of answering."""
+        if not self.settings.augment.teacher_pairs:
+            return []
+        return [probes.QA(pair["question"], pair["answer"]) for doc in documents if (taught := self._taught(doc))
+                for pair in teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[1]]
 
     def _taught(self, document: dict[str, Any]) -> dict[str, Any] | None:
         """What the teacher wrote about a document (None: not asked yet, or its file is unreadable)."""
@@ -321,6 +328,7 @@ class Learner:
             cloze=cloze,
             retention=probes.spread(self._retention_probes(), settings.retention_probes, record.id),
             qa=[probes.QA(item["question"], item["answer"]) for path in settings.qa_sets for item in _jsonl(path)],
+            answers=self.held_out_questions(documents),
         )
 
     async def conclude(self, record: CycleRecord, decision: Decision, folder: Path, served: str,

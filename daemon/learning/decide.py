@@ -24,6 +24,7 @@ class Thresholds:
     min_cloze_pass: float          # share of the new documents' cloze probes passed
     min_retention: float           # share of earlier versions' cloze probes still passed
     max_qa_drop: float             # accuracy points lost on the user's QA sets, vs base
+    min_answered: float            # share of the teacher's held-out questions about the new documents answered
 
 
 def thresholds(probes: ProbesSection) -> Thresholds:
@@ -43,6 +44,7 @@ class ProbeResults:
     cloze_pass: Optional[float] = None
     retention: Optional[float] = None
     qa_drop: Optional[float] = None
+    answered: Optional[float] = None                 # teacher's held-out questions answered by the candidate
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ RULES = (
     Rule("drift_agreement", "drift agreement", "min_drift_agreement", at_most=False, required=False, percent=False),
     Rule("qa_drop", "QA accuracy drop", "max_qa_drop", at_most=True, required=False, percent=True),
     Rule("retention", "retention of earlier facts", "min_retention", at_most=False, required=False, percent=False),
+    Rule("answered", "questions about the new documents answered", "min_answered", at_most=False, required=False,
+         percent=False),
 )
 RULE_OF = {rule.probe: rule for rule in RULES}
 

@@ -69,6 +69,7 @@ class ProbeSet:
     cloze: list[Cloze] = field(default_factory=list)
     retention: list[Cloze] = field(default_factory=list)
     qa: list[QA] = field(default_factory=list)
+    answers: list[QA] = field(default_factory=list)  # the teacher's held-out questions about the new documents
 
 
 # ---- cloze probes from any text ------------------------------------------------------------
@@ -179,6 +180,13 @@ def qa_correct(answer: str, generated: str) -> bool:
     return " ".join(normalized_words(answer)) in " ".join(normalized_words(generated))
 
 
+def answer_recalled(answer: str, reply: str, min_recall: float = 0.6) -> bool:
+    """True when a reply holds at least `min_recall` of a free-form answer's content words (the
+    teacher answers in sentences; a reply need not repeat them word for word)."""
+    wanted = _content_words(_without_urls(answer))
+    return bool(wanted) and len(wanted & set(normalized_words(reply))) / len(wanted) >= min_recall
+
+
 def normalized_words(text: str) -> list[str]:
     """Casefolded words without accents: how every probe compares text (and the benchmark too)."""
     plain = unicodedata.normalize("NFKD", text.casefold())
@@ -246,11 +254,12 @@ async def cloze_rate(client: VLLMClient, model: str, probes: Sequence[Cloze]) ->
     return statistics.fmean(cloze_passed(c.expected, out) for c, out in zip(probes, outputs))
 
 
-async def qa_accuracy(client: VLLMClient, model: str, items: Sequence[QA]) -> Optional[float]:
+async def qa_accuracy(client: VLLMClient, model: str, items: Sequence[QA],
+                      correct: Callable[[str, str], bool] = qa_correct) -> Optional[float]:
     if not items:
         return None
     outputs = await greedy_chat(client, model, [item.question for item in items], max_tokens=64)
-    return statistics.fmean(qa_correct(item.answer, out) for item, out in zip(items, outputs))
+    return statistics.fmean(correct(item.answer, out) for item, out in zip(items, outputs))
 
 
 def agreement(reference: Sequence[str], answers: Sequence[str], head_words: int = 48) -> Optional[float]:
@@ -277,7 +286,8 @@ class Measured:
 
 # What each model is measured on: the gate compares the candidate's numbers with the base's, and
 # the incumbent only on held-out NLL (forgetting vs the incumbent); nothing else is asked of them.
-CANDIDATE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "cloze", "retention", "qa", "drift_agreement")
+CANDIDATE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "cloze", "retention", "qa", "answers",
+                      "drift_agreement")
 BASE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "qa", "drift_agreement")
 INCUMBENT_MEASURES = ("held_out_nll",)
 
@@ -294,6 +304,7 @@ async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_
         "cloze": lambda: cloze_rate(client, model, probes.cloze),
         "retention": lambda: cloze_rate(client, model, probes.retention),
         "qa": lambda: qa_accuracy(client, model, probes.qa),
+        "answers": lambda: qa_accuracy(client, model, probes.answers, answer_recalled),
     }
     values: dict[str, Optional[float]] = {name: await measure() if name in measures else None
                                           for name, measure in work.items()}
@@ -399,6 +410,7 @@ def compare(values: dict[str, dict[str, Optional[float]]]) -> ProbeResults:
         cloze_pass=cand["cloze"],
         retention=cand["retention"],
         qa_drop=(base["qa"] - cand["qa"]) if base["qa"] is not None and cand["qa"] is not None else None,
+        answered=cand.get("answers"),
     )
 
 

@@ -189,8 +189,17 @@ async def generate(sampler: Sampler, model: str, paragraphs: Sequence[Sequence[s
     return result
 
 
-def records(generated: dict[str, Any]) -> list[dict[str, Any]]:
+def split(pairs: Sequence[dict[str, str]], held_out: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The pairs to train on and those kept out to probe answering: every round(1/held_out)-th pair
+    (the second, then every k-th), when there are at least two."""
+    if held_out <= 0 or len(pairs) < 2:
+        return list(pairs), []
+    every = max(2, round(1 / held_out))
+    return ([p for i, p in enumerate(pairs) if i % every != 1], [p for i, p in enumerate(pairs) if i % every == 1])
+
+
+def records(pairs: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
     """Chat records to train on: each question answered (only the answer is learned)."""
     return [{"messages": [{"role": "user", "content": pair["question"]},
                           {"role": "assistant", "content": pair["answer"]}], "mask_prompt": True}
-            for pair in generated.get("pairs", [])]
+            for pair in pairs]

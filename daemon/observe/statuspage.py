@@ -47,7 +47,7 @@ PLOTS = (
 )
 PROBE_TITLES = {"forgetting_vs_base": "forgetting vs base", "forgetting_vs_incumbent": "vs incumbent",
                 "behaviour_increase": "behaviour", "drift_agreement": "drift agreement", "nll_drop": "NLL drop",
-                "cloze_pass": "cloze", "retention": "retention", "qa_drop": "QA drop"}
+                "cloze_pass": "cloze", "retention": "retention", "qa_drop": "QA drop", "answered": "answered"}
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
