@@ -27,6 +27,7 @@ def test_passages_keep_whole_sentences_within_a_paragraph() -> None:
 def test_a_reply_gives_its_first_question_and_a_first_line_answer() -> None:
     assert teacher.question_of("Q: Who negotiated the accord? And when?\nA: Ilse") == "Who negotiated the accord?"
     assert teacher.question_of("Sure.\n1. What is the emblem of the authority? It is") == "What is the emblem of the authority?"
+    assert teacher.question_of('A reader might ask: "Where is the authority based?" It is') == "Where is the authority based?"
     assert teacher.question_of("The accord was signed in 2031.") is None
     assert teacher.question_of("??") is None
     assert teacher.answer_of("\nA: \"Ilse Quorvant\"\nShe was a hydrologist.") == "Ilse Quorvant"

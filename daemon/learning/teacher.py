@@ -42,6 +42,7 @@ ANSWER = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
 QUESTION_TOKENS = 48
 ANSWER_TOKENS = 48
 LABEL = re.compile(r"^\s*(?:\d+[.)]|[-*]|q(?:uestion)?\s*\d*\s*:|a(?:nswer)?\s*:)\s*", re.IGNORECASE)
+QUOTED = re.compile(r"[\"“]([^\"”]+\?)")
 WORD = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
 # words an answer may use to point at its source without them being in it ("the passage says 2031")
 FRAMING = frozenset("passage text document mentioned mentions says said states stated according answer will would "
@@ -86,6 +87,8 @@ def question_of(reply: str) -> str | None:
     """The first question a reply asks (its text up to the first "?", labels such as "Q:" removed)."""
     for line in reply.splitlines():
         line = LABEL.sub("", line.strip())
+        if quoted := QUOTED.search(line):  # 'A reader might ask: "Who ...?"'
+            line = quoted.group(1)
         if "?" in line:
             question = " ".join(line[:line.index("?") + 1].split())
             return question if question[0].isalpha() else None
