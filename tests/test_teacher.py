@@ -123,3 +123,21 @@ def test_every_kth_pair_is_held_out_to_probe_answering() -> None:
     assert teacher.split(pairs[:1], 0.25) == (pairs[:1], [])  # one pair: it is trained on
     assert teacher.split(pairs, 0.0) == (pairs, [])
     assert [p["answer"] for p in teacher.split(pairs, 0.5)[1]] == ["a1", "a3", "a5", "a7"]
+
+
+async def test_a_long_document_is_asked_about_passages_spread_over_it() -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                         n: int) -> list[str]:
+            self.asked += [messages[0]["content"]] * n
+            return ["Nothing to ask."] * n
+
+    long = "\n\n".join(f"Gauge {i} stands at weir number {i} of the Velm river." for i in range(100))
+    counting = Counting()
+    found = await teacher.generate(counting, "m", augment.split_paragraphs(long), long, "Velm", 3, 0.8)
+    assert len(counting.asked) == found.asked == 6 and found.dropped == {"no question": 6}
+    assert len(set(counting.asked)) == 6, "six passages, one question each"
+    assert "Gauge 0 " in counting.asked[0] and "Gauge 83 " in counting.asked[-1], "spread over the document"

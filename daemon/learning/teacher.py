@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from daemon.learning.probes import STOPWORDS
+from daemon.learning.probes import STOPWORDS, spread
 
 log = logging.getLogger(__name__)
 PASSAGE_WORDS = 80          # a passage the teacher reads: whole sentences, about this many words
@@ -158,7 +158,7 @@ async def generate(sampler: Sampler, model: str, paragraphs: Sequence[Sequence[s
     """Up to `limit` question/answer pairs about `document`: `model` asks questions about each passage
     (sampled, twice as many as pairs wanted, spread over the passages), then answers each one with
     the passage in front of it (greedy) — two steps, which even a small model can take."""
-    chunks = passages(paragraphs)
+    chunks = spread(passages(paragraphs), 2 * limit)  # a long document: passages spread over it, one question each
     result = Generated(teacher=model)
     if not chunks or limit <= 0:
         return result
