@@ -44,11 +44,12 @@ def test_only_answers_the_document_supports_are_kept() -> None:
         ("Gauges?", "At the weir"),                                                    # not a question
         ("How often is each town's gauge read?", "The passage says every Monday."),   # kept
         ("What is the significance of the passage?", "The accord"),                   # not standalone
+        ("Can you answer this for me?", "The accord was signed in 2031"),              # about nothing
     ]
     kept, dropped = teacher.keep(candidates, DOC, limit=10)
     assert [p["answer"] for p in kept] == ["Ilse Quorvant", "2031.", "The passage says every Monday."]
     assert dropped == {"duplicate": 1, "unsupported": 1, "answer in question": 1, "malformed": 1,
-                       "not standalone": 1}
+                       "not standalone": 2}
     assert len(teacher.keep(candidates, DOC, limit=2)[0]) == 2
 
 

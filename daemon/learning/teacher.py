@@ -34,6 +34,7 @@ MAX_SAMPLES = 8             # samples asked per passage, at most
 MAX_ANSWER_WORDS = 40        # an answer may quote a sentence; longer is not an answer
 MIN_SUPPORTED = 0.75         # share of an answer's other content words the document must have
 MIN_QUESTION_WORDS = 4
+STEM = 5                     # a question is about the document when a word of it starts as one of the document's
 CONCURRENCY = 4
 ASK = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
        "Write one question a reader could ask about a fact in this passage.")
@@ -113,8 +114,9 @@ def why_dropped(question: str, answer: str, document_words: set[str]) -> str | N
     """Why a pair is not kept (None: kept): malformed, the answer not in the document, or given away."""
     if len(question.split()) < MIN_QUESTION_WORDS or not question.rstrip().endswith("?"):
         return "malformed"
-    if POINTING.search(question):
-        return "not standalone"
+    stems = {w[:STEM] for w in document_words}
+    if POINTING.search(question) or not any(w[:STEM] in stems for w in content(question) if w not in FRAMING):
+        return "not standalone"  # about "the passage", or about nothing the document names
     answer_words = [w for w in content(answer.rstrip(".")) if w not in FRAMING]
     if not answer_words or len(answer.split()) > MAX_ANSWER_WORDS:
         return "malformed"
