@@ -42,6 +42,13 @@ OTHER_VARIABLES = ("CLD_CONFIG",)
 TEST_VARIABLE_PREFIX = "CLD_TEST_"  # the test suite's own switches
 
 
+def http_url(value: str, empty_means: str) -> str:
+    """A server's base URL (no trailing slash), or empty; anything else names what it must be."""
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https:// (or be empty {empty_means})")
+    return value.rstrip("/")
+
+
 class ConfigError(ValueError):
     """A setting is missing, unknown or invalid; the message names the key and what to change."""
 
@@ -140,9 +147,7 @@ class ServeSection(Section):
     @field_validator("vllm_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https:// (or be empty to start our own vLLM)")
-        return value.rstrip("/")
+        return http_url(value, "to start our own vLLM")
 
     @property
     def max_generated_tokens(self) -> int:
@@ -441,9 +446,7 @@ class AugmentSection(Section):
     @field_validator("teacher_url")
     @classmethod
     def _teacher_url(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https:// (or be empty for the served base model)")
-        return value.rstrip("/")
+        return http_url(value, "for the served base model")
 
     @field_validator("forms")
     @classmethod

@@ -142,3 +142,13 @@ async def test_a_long_document_is_asked_about_passages_spread_over_it() -> None:
     assert len(counting.asked) == found.asked == 6 and found.dropped == {"no question": 6}
     assert len(set(counting.asked)) == 6, "six passages, one question each"
     assert "Gauge 0 " in counting.asked[0] and "Gauge 83 " in counting.asked[-1], "spread over the document"
+
+
+def test_a_teacher_url_without_a_scheme_is_refused_naming_the_key() -> None:
+    from pydantic import ValidationError
+
+    from daemon.config import Settings
+
+    with pytest.raises(ValidationError, match="augment.teacher_url"):
+        Settings.model_validate({"augment": {"teacher_url": "localhost:8000"}})
+    assert Settings.model_validate({"augment": {"teacher_url": "http://t:8000/"}}).augment.teacher_url == "http://t:8000"

@@ -110,11 +110,12 @@ def content(text: str) -> list[str]:
     return [w for w in words(text) if w not in STOPWORDS]
 
 
-def why_dropped(question: str, answer: str, document_words: set[str]) -> str | None:
-    """Why a pair is not kept (None: kept): malformed, the answer not in the document, or given away."""
+def why_dropped(question: str, answer: str, document_words: set[str], stems: set[str] | None = None) -> str | None:
+    """Why a pair is not kept (None: kept): malformed, the answer not in the document, or given away.
+    `stems`: the document words' first STEM letters (computed here when not given)."""
     if len(question.split()) < MIN_QUESTION_WORDS or not question.rstrip().endswith("?"):
         return "malformed"
-    stems = {w[:STEM] for w in document_words}
+    stems = stems if stems is not None else {w[:STEM] for w in document_words}
     if POINTING.search(question) or not any(w[:STEM] in stems for w in content(question) if w not in FRAMING):
         return "not standalone"  # about "the passage", or about nothing the document names
     answer_words = [w for w in content(answer.rstrip(".")) if w not in FRAMING]
@@ -135,12 +136,13 @@ def keep(candidates: Sequence[tuple[str, str]], document: str, limit: int) -> tu
     """The supported, distinct pairs (at most `limit`; no question twice, no answer more than twice)
     and the count of each reason the others were dropped."""
     document_words = set(words(document))
+    stems = {w[:STEM] for w in document_words}
     kept: list[dict[str, str]] = []
     dropped: dict[str, int] = {}
     questions: set[tuple[str, ...]] = set()
     answers: dict[tuple[str, ...], int] = {}
     for question, answer in candidates:
-        reason = why_dropped(question, answer, document_words)
+        reason = why_dropped(question, answer, document_words, stems)
         q_key, a_key = tuple(content(question)), tuple(content(answer))
         if reason is None and (q_key in questions or answers.get(a_key, 0) >= 2):
             reason = "duplicate"
