@@ -442,6 +442,12 @@ class AugmentSection(Section):
     teacher_model: str = Field("", description="The teacher's model name (empty = the first the teacher_url serves).")
     teacher_api_key: str = Field("", description="Bearer key for augment.teacher_url, if it asks for one.")
     teacher_temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature of the teacher.")
+    context_distill: Literal["off", "beside", "instead"] = Field(
+        "off", description="Context distillation of the chat forms (quiz, notes, teacher pairs): each answer also "
+        "(beside) or only (instead) learned toward the base model's next-token distribution with the document's "
+        "passage in front of it (top-k: train.distill_top_k, 64 when that is 0), so the model answers without "
+        "the document as the base does while reading it. off = answers learned as their own tokens."
+    )
 
     @field_validator("teacher_url")
     @classmethod

@@ -7,7 +7,19 @@ import random
 import pytest
 
 from daemon.config import ConfigError, load_settings
-from daemon.learning.augment import augment, key_term, names, notes, quiz, shuffled, split_paragraphs, title_of
+from daemon.learning.augment import (
+    OPEN_BOOK,
+    augment,
+    key_term,
+    names,
+    notes,
+    open_book,
+    passage,
+    quiz,
+    shuffled,
+    split_paragraphs,
+    title_of,
+)
 
 DOC = """# Harbour Lights 2.0
 
@@ -109,3 +121,29 @@ def test_an_unknown_form_in_the_config_names_the_key(tmp_path) -> None:
     config.write_text('[augment]\nforms = ["titled", "rephrase"]\n')
     with pytest.raises(ConfigError, match="augment.forms"):
         load_settings(config)
+
+
+def test_open_book_copies_each_chat_answer_with_its_passage_in_front() -> None:
+    paragraphs = split_paragraphs(DOC)
+    records = [{"text": "raw"}] + quiz(paragraphs, "Harbour Lights 2.0", 4)
+    assert open_book(records, paragraphs, "off") == records
+    beside = open_book(records, paragraphs, "beside")
+    copies = [r for r in beside if "open_book" in r]
+    assert beside[: len(records)] == records and len(copies) == len(records) - 1
+    for copy in copies:
+        question, answer = copy["messages"]
+        reading, same = copy["open_book"]
+        assert copy["mask_prompt"] and same == answer and reading["role"] == "user"
+        assert reading["content"].endswith(question["content"]) and reading["content"].startswith("Read this document")
+        # the passage holds the sentence the answer gives
+        assert answer["content"].split(". ", 1)[1] in reading["content"]
+    instead = open_book(records, paragraphs, "instead")
+    assert instead[0] == {"text": "raw"} and [r for r in instead[1:]] == copies
+
+
+def test_the_passage_is_the_answers_paragraph_and_neighbours_that_fit() -> None:
+    paragraphs = [["Alpha one two three."], ["Tidemark plans a week of crossings."], ["Gamma " * 400 + "end."]]
+    found = passage("Tidemark plans crossings", paragraphs)
+    assert found == "Alpha one two three.\n\nTidemark plans a week of crossings."  # the long one does not fit
+    assert passage("Gamma end", paragraphs).startswith("Gamma")  # its own paragraph, however long
+    assert OPEN_BOOK.format(document="D", question="Q?").endswith("Q?")

@@ -219,6 +219,22 @@ async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: S
     assert all("Heron" not in m[0]["content"] for m in quizzes) and data["augmented"], "new forms stay apart"
 
 
+async def test_context_distilled_answers_are_learned_reading_their_passage(state: StateDir, tiny: Path) -> None:
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.augment.forms, learner.settings.augment.context_distill = ["quiz"], "instead"
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    augmented = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]["augmented"]
+    assert augmented and all("open_book" in r for r in augmented)
+    for r in augmented:  # the same question, with the document's passage in front of it
+        assert r["open_book"][-1] == r["messages"][-1] and r["open_book"][0]["content"].endswith(r["messages"][0]["content"])
+        assert "Velmora" in r["open_book"][0]["content"]
+    meta = json.loads((state.adapters / "v0001" / "meta.json").read_text())
+    assert meta["records"]["open_book"] == len(augmented) and meta["training"]["epochs"][0]["context_loss"] >= 0
+
+
 async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking_again(
         state: StateDir, tiny: Path) -> None:
     vllm, journal = FakeVLLM(), FakeJournal()

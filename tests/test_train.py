@@ -159,7 +159,8 @@ def test_a_run_writes_a_complete_servable_version(tiny: Path, tmp_path: Path) ->
     assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} >= {"q_proj", "v_proj", "down_proj"}
     meta = json.loads((path / "meta.json").read_text())
     assert meta["version"] == "v0001" and meta["parent"] is None and meta["documents"] == ["abc"]
-    assert meta["records"] == {"new": 8, "replay": 1, "knowledge": 0, "rehearsal": 1, "augmented": 0, "held_out": 0}
+    assert meta["records"] == {"new": 8, "replay": 1, "knowledge": 0, "rehearsal": 1, "augmented": 0, "held_out": 0,
+                               "open_book": 0}
     training = meta["training"]
     assert training["steps"] > 0 and training["tokens"] > 0
     assert training["last_loss"] < training["first_loss"], "training did not lower the loss"
@@ -388,3 +389,104 @@ def test_a_killed_trainer_leaves_no_version_folder(tiny: Path, tmp_path: Path) -
     process.stdout.close()
     remove_partial(adapters)
     assert versions(adapters) == [] and list(adapters.iterdir()) == []
+
+
+# ---- context distillation -------------------------------------------------------------------------
+
+PASSAGE = "Zorblat is the capital of the planet Quux. Quux has three moons."
+ASKED = [{"role": "user", "content": "What is the capital of Quux?"}, {"role": "assistant", "content": "Zorblat."}]
+
+
+def open_book_record(question: str = "What is the capital of Quux?", answer: str = "Zorblat.") -> dict:
+    asked = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": asked, "mask_prompt": True,
+            "open_book": [{"role": "user", "content": f"Read this:\n\n{PASSAGE}\n\n{question}"}, asked[1]]}
+
+
+def test_an_open_book_record_distils_only_its_answer_toward_the_reading(tokenizer) -> None:
+    example = encode(open_book_record(), tokenizer, mask_prompt=False)
+    plain = encode({"messages": ASKED}, tokenizer, mask_prompt=True)
+    assert example.input_ids == plain.input_ids and example.labels == plain.labels  # asked without the passage
+    assert example.distill == [label != IGNORE for label in example.labels]
+    (reading, n), = example.context
+    assert n == sum(example.distill) and reading[-n:] == example.input_ids[-n:]
+    assert PASSAGE in tokenizer.decode(reading)
+
+
+def context_job(tiny: Path, out: Path, records: list[dict], **hyper) -> TrainJob:
+    data = JobData(new=[], replay=[{"text": "The quick brown fox jumps over the lazy dog. " * 3}] * 2, augmented=records)
+    settings = {"epochs": 4, "seq_len": 64, "batch_size": 2, "learning_rate": 5e-3, "rank": 4, "alpha": 8,
+                "replay_loss": "distill", "dtype": "fp32", **hyper}
+    return TrainJob(version="v0001", base_model=str(tiny), output_dir=str(out), data=data, hyper=TrainSection(**settings))
+
+
+def test_open_book_targets_are_the_base_reading_the_passage(tiny: Path, tmp_path: Path) -> None:
+    """Answers are packed whole; their targets are the base's next-token distribution with the
+    passage in front, and in a batch with distilled replay each loss takes its own rows."""
+    import torch
+
+    from daemon.learning.train import build_dataset, load_model, soft_count, step_loss, teacher_targets, topk_kl
+
+    records = [open_book_record(), open_book_record("Which planet has Zorblat?", "Quux, which has three moons.")]
+    spec = context_job(tiny, tmp_path, records * 3)
+    model, tokenizer, _ = load_model(spec)
+    model.eval()  # no dropout: the losses are compared with sums made by hand
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    dataset = build_dataset(spec, tokenizer)
+    assert dataset.counts["open_book"] == 6
+    reading_blocks = [b for b in dataset.train if b.context]
+    replay_blocks = [b for b in dataset.train if b.distill and not b.context]
+    assert sum(len(b.context) for b in reading_blocks) == 6 and replay_blocks
+    teacher_targets(model, dataset.train, tokenizer.pad_token_id, top_k=32)
+    block = reading_blocks[0]
+    (reading, n), *_ = block.context
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=torch.tensor([reading])).logits[0, -n - 1 : -1].log_softmax(-1)
+    expected = base.gather(-1, block.teacher.indices[:n])
+    assert torch.allclose(block.teacher.logprobs[:n], expected, atol=1e-5)
+
+    mixed, parts = collate([block, replay_blocks[0]], tokenizer.pad_token_id), {}
+    answers = sum(n for _, n in block.context)
+    assert soft_count(block) == answers  # every distilled token of a reading block is an answer's
+    assert mixed["context"].tolist() == [True] * answers + [False] * soft_count(replay_blocks[0])
+    loss = step_loss(model, dict(mixed), parts)
+    alone: dict = {}
+    step_loss(model, collate([replay_blocks[0]], tokenizer.pad_token_id), alone)
+    assert parts["distill_loss"] == pytest.approx(alone["distill_loss"], rel=1e-4)
+    assert parts["context_loss"][1] == answers and parts["context_loss"][0] > 0
+    with torch.no_grad():  # the block alone, its answers' positions picked by hand
+        logits = model(input_ids=torch.tensor([block.input_ids])).logits[0, :-1].float()
+        at = torch.tensor([label != IGNORE for label in block.labels[1:]])
+        by_hand = float(topk_kl(logits[at], block.teacher.indices, block.teacher.logprobs))
+    assert parts["context_loss"][0] == pytest.approx(by_hand, rel=1e-3)
+    assert torch.isfinite(loss)
+
+
+def reading_gap(tiny: Path, adapter: Path | None, tokenizer) -> float:
+    """KL(base reading the passage ‖ model asked without it) over the answer's tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    example = encode(open_book_record(), tokenizer, mask_prompt=False)
+    (reading, n), = example.context
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter) if adapter else base
+    with torch.no_grad():
+        student = model(input_ids=torch.tensor([example.input_ids])).logits[0, -n - 1 : -1].log_softmax(-1)
+        context = (model.disable_adapter() if adapter else torch.no_grad())
+        with context:
+            teacher = model(input_ids=torch.tensor([reading])).logits[0, -n - 1 : -1].log_softmax(-1)
+    return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+
+def test_context_distillation_makes_the_model_answer_as_the_base_does_reading(tiny: Path, tmp_path: Path,
+                                                                              tokenizer) -> None:
+    path = run(context_job(tiny, tmp_path, [open_book_record()] * 4, epochs=6))
+    training = json.loads((path / "meta.json").read_text())["training"]
+    assert training["epochs"][-1]["context_loss"] < training["epochs"][0]["context_loss"]
+    before, after = reading_gap(tiny, None, tokenizer), reading_gap(tiny, path, tokenizer)
+    assert after < before / 2, (before, after)

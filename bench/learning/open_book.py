@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 import measure  # noqa: E402
 import sweep  # noqa: E402
 
-OPEN_BOOK = "Read this document:\n\n{document}\n\nAnswer from the document: {question}"
+from daemon.learning.augment import OPEN_BOOK  # noqa: E402  (the prompt context distillation learns from)
 
 
 def open_book_prompt(document: str, question: str) -> str:

@@ -18,7 +18,7 @@ so a recipe is measured on exactly the data the daemon's cycles had:
     .venv/bin/python bench/learning/sweep.py report sweep-results.json [more.json ...] --plot methods.png
 
 `run` trains each recipe of the grid — a JSON list of {"name", "ratio", "cycles", "documents",
-train settings...}, `"method"` among them — with the daemon's own trainer
+train settings..., "augment": {augment settings}}, `"method"` among them — with the daemon's own trainer
 (`daemon.learning.train`, in process, adapters warm-started from cycle to cycle as the daemon does) and
 measures it with `measure`'s scoring, computing greedy answers and NLLs with transformers instead
 of through vLLM. Its numbers rank recipes; the recorded results come from `bench/learning`, which
@@ -43,7 +43,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar, once p
 
 import measure  # noqa: E402
 
-from daemon.config import TrainSection  # noqa: E402
+from daemon.config import AugmentSection, TrainSection  # noqa: E402
 from daemon.learning import probes  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
@@ -234,6 +234,15 @@ def summarize(result: dict[str, Any], base: dict[str, Any], learned: list[str], 
     }
 
 
+def augmented(document: measure.Document, settings: AugmentSection, seed: int) -> list[dict[str, Any]]:
+    """A document's augmented forms as the daemon's cycle makes them (`Learner.augmented`)."""
+    from daemon.learning import augment
+
+    forms = augment.augment(document.text, document.name, settings.forms, settings.shuffles, settings.max_notes,
+                            seed=seed, max_quiz=settings.max_quiz)
+    return augment.open_book(forms, augment.split_paragraphs(document.text), settings.context_distill)
+
+
 def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     import torch
 
@@ -252,6 +261,7 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
         name, ratio = recipe.pop("name"), recipe.pop("ratio", 4.0)
         ratio = ratio if ratio == "run" else str(float(ratio))
         cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
+        forms = AugmentSection(**recipe.pop("augment", {}))  # the daemon's [augment] settings, made here
         hyper = TrainSection(**recipe)  # a misspelt setting is an error, not ignored
         for first in order:
             started, steps = time.monotonic(), []
@@ -262,6 +272,8 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
                 job_data = dict(data["jobs"][ratio][index])
                 if k == 0:
                     job_data["knowledge"] = []  # a first cycle has learned nothing before
+                if forms.forms:
+                    job_data["augmented"] = augmented(documents[index], forms, index)
                 job = TrainJob(version=f"v{k + 1:04d}", base_model=str(model_dir), output_dir=str(workdir),
                                data=JobData(**job_data), hyper=hyper)
                 if model is None:

@@ -14,6 +14,12 @@ varied contexts and tied to its subject. Three deterministic forms, no model nee
   number or code span in it) blanked out, answered with the term, then the whole sentence: the
   fact is practised as an answer to a question, the way users will ask for it.
 
+Context distillation (`open_book`): a chat record's answer learned toward what the base model
+predicts with the document's passage in front of it, not only toward the answer's own tokens (the
+student, asked without the passage, learns to answer as the base does while reading it; arXiv
+2412.14964). The record carries the same conversation with the passage: the trainer computes the
+base's distribution there.
+
 Owns only text → records; pure (sentences are split as the cloze probes split them:
 `probes.split_sentences`). Knows nothing of tokens, the journal or the trainer.
 """
@@ -50,6 +56,8 @@ NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*(?:\s?%|\s(?!(?:which|that|and|or|but|aft
                     r"to|of|for|from|by|with|as|is|are|was|were|the|a|an)\b)[a-z]+)?")
 MIN_WORDS = 5          # shorter sentences (headings, fragments) carry no fact to tie to a subject
 MAX_NOTE_SENTENCES = 6  # a note answers with at most this many sentences about its subject
+CONTEXT_WORDS = 300     # the passage put in front of a context-distilled question: its paragraph and neighbours
+OPEN_BOOK = "Read this document:\n\n{document}\n\nAnswer from the document: {question}"
 
 
 def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_notes: int, seed: int,
@@ -173,3 +181,39 @@ def quiz(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
     return [{"messages": [{"role": "user", "content": QUIZ[index % len(QUIZ)].format(title=title, blank=blank)},
                           {"role": "assistant", "content": f"{term}. {sentence}"}], "mask_prompt": True}
             for index, (sentence, term, blank) in enumerate(spread(items, limit))]
+
+
+def open_book(records: Sequence[Record], paragraphs: list[list[str]], mode: str) -> list[Record]:
+    """Context distillation of the chat records (`augment.context_distill`): "beside" adds to each a
+    copy learned toward the base's answer with its passage in front ("open_book": that conversation),
+    "instead" replaces it by the copy, "off" leaves the records as they are."""
+    if mode == "off" or not paragraphs:
+        return list(records)
+    asked = [r for r in records if "messages" in r and r["messages"][-1]["role"] == "assistant"]
+    copies = []
+    for record in asked:
+        *turns, question, answer = record["messages"]
+        if question["role"] != "user":
+            continue
+        reading = {"role": "user", "content": OPEN_BOOK.format(document=passage(answer["content"], paragraphs),
+                                                                question=question["content"])}
+        copies.append({"messages": record["messages"], "mask_prompt": True, "open_book": [*turns, reading, answer]})
+    kept = [r for r in records if not any(r is a for a in asked)] if mode == "instead" else list(records)
+    return kept + copies
+
+
+def passage(answer: str, paragraphs: list[list[str]]) -> str:
+    """The document's passage an answer comes from: the paragraph that shares most words with it,
+    with its neighbours while they fit in CONTEXT_WORDS."""
+    wanted = set(re.findall(r"\w+", answer.lower()))
+    texts = [" ".join(sentences) for sentences in paragraphs]
+    best = max(range(len(texts)), key=lambda i: (len(wanted & set(re.findall(r"\w+", texts[i].lower()))), -i))
+    first = last = best
+    size = len(texts[best].split())
+    while True:
+        grown = False
+        for i in (last + 1, first - 1):
+            if 0 <= i < len(texts) and size + len(texts[i].split()) <= CONTEXT_WORDS:
+                first, last, size, grown = min(first, i), max(last, i), size + len(texts[i].split()), True
+        if not grown:
+            return "\n\n".join(texts[first : last + 1])

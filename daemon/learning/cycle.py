@@ -187,7 +187,7 @@ class Learner:
                                 settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
         if settings.teacher_pairs and (taught := self._taught(document)):
             forms += teacher.records(teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[0])
-        return forms
+        return augment.open_book(forms, augment.split_paragraphs(text), settings.context_distill)
 
     def held_out_questions(self, documents: list[dict[str, Any]]) -> list[probes.QA]:
         """The teacher's questions about these documents that are never trained on: the probe of answering."""

@@ -41,6 +41,7 @@ from replay.durable import atomic_write_json, publish_dir
 
 log = logging.getLogger("cld.train")
 IGNORE = -100  # label of tokens the loss skips
+CONTEXT_TOP_K = 64  # the base's tokens kept per position of a context-distilled answer when train.distill_top_k is 0
 
 
 class Cancelled(Exception):
@@ -55,13 +56,17 @@ class Example:
     labels: list[int]
     distill: list[bool] | None = None  # per token: learn the base's distribution here, not the token
     teacher: Teacher | None = None  # the base's top-k next-token log-probabilities where distilled
+    # context distillation: per answer in the block, in order, the base's input with the document's
+    # passage in front (token ids) and how many tokens at its end are the answer
+    context: list[tuple[list[int], int]] | None = None
 
 
 @dataclass
 class Teacher:
     """The frozen base model's `k` most likely next tokens and their log-probabilities (over the
     whole vocabulary) at each distilled position of one block, in order: computed once per run,
-    since the base and the block never change (`teacher_targets`)."""
+    since the base and the block never change (`teacher_targets`). For a context-distilled answer
+    they are the base's with the document's passage in front (`Example.context`)."""
 
     indices: Any  # int64 tensor [positions, k]
     logprobs: Any  # float32 tensor [positions, k]
@@ -80,6 +85,8 @@ def encode(record: Record, tokenizer: Any, mask_prompt: bool) -> Example:
     that says `"mask_prompt": true` has only its answer learned, whatever `mask_prompt` says (a
     quiz's blanked sentence must not be learned as text)."""
     mask_prompt = mask_prompt or bool(record.get("mask_prompt"))
+    if "open_book" in record:
+        return _encode_open_book(record, tokenizer)
     if "messages" in record:
         return _encode_chat(record["messages"], tokenizer, mask_prompt)
     if "prompt" in record:
@@ -110,6 +117,20 @@ def _encode_chat(messages: list[dict[str, str]], tokenizer: Any, mask_prompt: bo
     return Example(ids, labels)
 
 
+def _encode_open_book(record: Record, tokenizer: Any) -> Example:
+    """A context-distilled answer (`augment.open_book`): the conversation without the passage, its
+    answer learned toward the base's distribution in the same conversation with the passage in
+    front. Learned as plain tokens when the answer is not the same tokens at the end of both."""
+    example = _encode_chat(record["messages"], tokenizer, mask_prompt=True)
+    reading = render_chat(tokenizer, record["open_book"], generation_prompt=False)
+    start = next((i for i, label in enumerate(example.labels) if label != IGNORE), len(example.labels))
+    answer = example.input_ids[start:]
+    if not answer or any(label == IGNORE for label in example.labels[start:]) or reading[-len(answer):] != answer:
+        log.debug("an open-book answer is not a common suffix: learned as plain tokens")
+        return example
+    return Example(example.input_ids, example.labels, [False] * start + [True] * len(answer), context=[(reading, len(answer))])
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     """Token ids of `messages` in the model's chat template, as the trainer learns them."""
     if not messages:
@@ -130,6 +151,27 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
             if any(label != IGNORE for label in labels[i + 1 : i + seq_len])]  # position 0 predicts nothing
 
 
+def pack_whole(examples: list[Example], seq_len: int) -> list[Example]:
+    """Blocks of whole examples, none cut in two (their targets were computed per example: context
+    distillation), each at most `seq_len` tokens unless one example alone is longer."""
+    blocks: list[list[Example]] = [[]]
+    for example in examples:
+        if blocks[-1] and sum(len(e.input_ids) for e in blocks[-1]) + len(example.input_ids) > seq_len:
+            blocks.append([])
+        blocks[-1].append(example)
+    return [Example([t for e in block for t in e.input_ids], [t for e in block for t in e.labels],
+                    [f for e in block for f in (e.distill or [False] * len(e.input_ids))],
+                    context=[c for e in block for c in (e.context or [])])
+            for block in blocks if block]
+
+
+def soft_count(example: Example) -> int:
+    """How many of a block's tokens are distilled (rows of its `Teacher`)."""
+    if not example.distill:
+        return 0
+    return sum(label != IGNORE and flag for label, flag in zip(example.labels[1:], example.distill[1:]))
+
+
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
     width = max(len(example.input_ids) for example in batch)
     ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch]
@@ -142,6 +184,8 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
         teachers = [e.teacher for e in batch if e.distill]
         if all(teachers):  # rows in order, like the boolean mask that selects the distilled positions
             out["teacher"] = Teacher(torch.cat([t.indices for t in teachers]), torch.cat([t.logprobs for t in teachers]))
+        if any(e.context for e in batch):  # which of those rows are context-distilled answers
+            out["context"] = torch.tensor([bool(e.context) for e in batch if e.distill for _ in range(soft_count(e))])
     return out
 
 
@@ -173,10 +217,12 @@ def build_dataset(job: TrainJob, tokenizer: Any) -> Dataset:
              for name, records in sources.items() for example in (encode(r, tokenizer, hp.mask_prompt) for r in records)]
     mixed += [encode(record, tokenizer, hp.mask_prompt) for record in new] * (hp.new_repeats - 1)
     rng.shuffle(mixed)
-    train = pack(mixed, hp.seq_len)
+    reading = [e for e in mixed if e.context]
+    train = pack([e for e in mixed if not e.context], hp.seq_len) + pack_whole(reading, hp.seq_len)
     held_out = pack([encode(record, tokenizer, hp.mask_prompt) for record in held], hp.seq_len)
     tokens = sum(len(example.input_ids) for example in train)
-    return Dataset(train, held_out, {name: len(records) for name, records in sources.items()} | {"held_out": n_held}, tokens)
+    counts = {name: len(records) for name, records in sources.items()} | {"held_out": n_held, "open_book": len(reading)}
+    return Dataset(train, held_out, counts, tokens)
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -270,8 +316,8 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
     best_state, epochs, stopped = None, [], None
     started = time.monotonic()
-    if hp.distill_top_k:
-        teacher_targets(model, dataset.train, pad_id, hp.distill_top_k)
+    if hp.distill_top_k or any(example.context for example in dataset.train):
+        teacher_targets(model, dataset.train, pad_id, hp.distill_top_k or CONTEXT_TOP_K)
     teacher_s = time.monotonic() - started
     model.train()
     try:
@@ -380,10 +426,12 @@ def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] |
     tokens `distill`, KL(base ‖ model) of the next-token distributions instead. The base's side comes
     from the block's precomputed `Teacher` (top-k, `train.distill_top_k`) or, without one, from a live
     forward pass of the same network with the adapter switched off (no second copy is loaded),
-    weighted by `distill_weight`. `parts`, when given, gathers [sum, tokens] of "text_loss",
-    "text_accuracy" (the learned token is the most likely one) and "distill_loss" for the epoch report."""
+    weighted by `distill_weight`. A context-distilled answer (rows marked `context`) learns the base's
+    distribution with the document in front (always precomputed), weighted 1 like a learned token.
+    `parts`, when given, gathers [sum, tokens] of "text_loss", "text_accuracy" (the learned token is
+    the most likely one), "distill_loss" and "context_loss" for the epoch report."""
 
-    flags, cached = batch.pop("distill", None), batch.pop("teacher", None)
+    flags, cached, reading = batch.pop("distill", None), batch.pop("teacher", None), batch.pop("context", None)
     labels = batch.pop("labels")
     logits = model(**batch).logits[:, :-1].float()
     target = labels[:, 1:]
@@ -398,6 +446,16 @@ def step_loss(model: Any, batch: dict[str, Any], parts: dict[str, list[float]] |
             n = int(plain.sum())
             _add(parts, "text_loss", float(text.detach()), n)
             _add(parts, "text_accuracy", float((logits[plain].argmax(-1) == target[plain]).sum()), n)
+    if reading is not None and reading.any():
+        rows = soft.nonzero(as_tuple=True)
+        read = (rows[0][reading], rows[1][reading])
+        kl = topk_kl(logits[read], cached.indices[reading], cached.logprobs[reading])
+        total = total + kl
+        if parts is not None:
+            _add(parts, "context_loss", float(kl.detach()), int(reading.sum()))
+        soft = soft.clone()
+        soft[read] = False
+        cached = Teacher(cached.indices[~reading], cached.logprobs[~reading])
     if soft.any():
         if cached is not None:
             kl = topk_kl(logits[soft], cached.indices, cached.logprobs)
@@ -435,11 +493,12 @@ def topk_kl(logits: Any, indices: Any, teacher: Any) -> Any:
 def teacher_targets(model: Any, examples: list[Example], pad_id: int, top_k: int, batch_size: int = 8) -> None:
     """Attach to each block with distilled tokens the base's top-k next-token log-probabilities
     there (one forward pass per block for the whole run, instead of one per block per epoch)."""
-    chosen = [example for example in examples if example.distill]
+    chosen = [example for example in examples if example.distill and not example.context]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.no_grad(), methods.base_view(model):
+        open_book_targets(model, [e for e in examples if e.context], pad_id, top_k, batch_size)
         for i in range(0, len(chosen), batch_size):
             group = chosen[i : i + batch_size]
             batch = collate(group, pad_id)
@@ -451,6 +510,27 @@ def teacher_targets(model: Any, examples: list[Example], pad_id: int, top_k: int
                 values, indices = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
                 example.teacher = Teacher(indices, values)
     model.train(was_training)
+
+
+def open_book_targets(model: Any, blocks: list[Example], pad_id: int, top_k: int, batch_size: int) -> None:
+    """The `Teacher` of each block of context-distilled answers: the model's top-k next-token
+    log-probabilities at each answer token, reading the answer's passage first (called in the base view)."""
+    readings = [(block, ids, n) for block in blocks for ids, n in (block.context or [])]
+    device = next(model.parameters()).device
+    found: dict[int, list[tuple[Any, Any]]] = {}
+    for i in range(0, len(readings), batch_size):
+        group = readings[i : i + batch_size]
+        width = max(len(ids) for _, ids, _ in group)
+        ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for _, ids, _ in group], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids, _ in group], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, (block, tokens, n) in enumerate(group):
+            logprobs = logits[row, len(tokens) - n - 1 : len(tokens) - 1].float().log_softmax(-1)
+            values, indices = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+            found.setdefault(id(block), []).append((indices, values))
+    for block in blocks:
+        rows = found[id(block)]
+        block.teacher = Teacher(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
 
 
 def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) -> float:
