@@ -9,6 +9,7 @@ from the run's replay buffer. Used by `bench/learning` (one cycle and a short se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,7 @@ sys.path[:0] = [str(REPO)]
 import measure  # noqa: E402  (beside this file)
 
 from daemon.config import load_settings  # noqa: E402
+from daemon.engine.merged import is_merged  # noqa: E402
 from daemon.engine.vllm import VLLMClient, auth_headers  # noqa: E402
 from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
@@ -124,11 +126,11 @@ class Daemon:
         self.wait(lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
                   START_TIMEOUT_S, "vLLM and the replay buffer")
 
-    def vllm(self) -> VLLMClient:
-        """A client of the daemon's own vLLM, with the key cld gave it."""
-        key = (self.state / "vllm.key").read_text()
-        return VLLMClient(self.vllm_url, httpx.AsyncClient(base_url=self.vllm_url, timeout=600,
-                                                           headers=auth_headers(key)))
+    def vllm(self, url: str = "") -> VLLMClient:
+        """A client of the daemon's own vLLM (or of another instance it started, at `url`), with
+        the key cld gave it."""
+        key, url = (self.state / "vllm.key").read_text(), url or self.vllm_url
+        return VLLMClient(url, httpx.AsyncClient(base_url=url, timeout=600, headers=auth_headers(key)))
 
 
 def _settings_with(config: Path, env: dict[str, str]) -> Any:
@@ -158,27 +160,42 @@ class Bench:
         return result
 
     async def measure_adapter(self, folder: Optional[Path], documents: list[measure.Document]) -> dict[str, Any]:
-        """Measure the adapter in `folder` (None = the base) on the facts of `documents`."""
+        """Measure the version in `folder` (None = the base) on the facts of `documents`."""
         if folder is None:
             return self.base
-        name = f"bench-{folder.name}-{secrets.token_hex(3)}"
-        await self.client.load_lora(name, folder)
-        try:
-            return await measure.evaluate(self.client, name, self.suite, [d.name for d in documents],
+        async with self.serving(folder) as (client, name):
+            return await measure.evaluate(client, name, self.suite, [d.name for d in documents],
                                           self.base["drift_answers"], self.general)
-        finally:
-            await self.client.unload_lora(name)
 
     async def recall(self, folder: Optional[Path], documents: list[measure.Document]) -> dict[str, dict[str, float]]:
-        """Only the fact recall of `documents` for the adapter in `folder` (None = the base)."""
+        """Only the fact recall of `documents` for the version in `folder` (None = the base)."""
         if folder is None:
             return (await measure.recall(self.client, self.base_name, self.suite, [d.name for d in documents]))[0]
-        name = f"bench-{folder.name}-{secrets.token_hex(3)}"
-        await self.client.load_lora(name, folder)
+        async with self.serving(folder) as (client, name):
+            return (await measure.recall(client, name, self.suite, [d.name for d in documents]))[0]
+
+    @contextlib.asynccontextmanager
+    async def serving(self, folder: Path) -> AsyncIterator[tuple[VLLMClient, str]]:
+        """A client and model name that answer as the version in `folder`: a LoRA loaded into the
+        base vLLM under a name of its own, or a merged-weight version's own vLLM instance (the one
+        the daemon started to serve it: train.method other than lora)."""
+        if not is_merged(folder):
+            name = f"bench-{folder.name}-{secrets.token_hex(3)}"
+            await self.client.load_lora(name, folder)
+            try:
+                yield self.client, name
+            finally:
+                await self.client.unload_lora(name)
+            return
+        instances = self.daemon.status()["daemon"].get("merged_instances", [])
+        instance = next((i for i in instances if i["version"] == folder.name), None)
+        if instance is None:
+            raise RuntimeError(f"no vLLM instance serves the merged version {folder.name} ({instances})")
+        client = self.daemon.vllm(f"http://127.0.0.1:{instance['port']}")
         try:
-            return (await measure.recall(self.client, name, self.suite, [d.name for d in documents]))[0]
+            yield client, instance["served_name"]
         finally:
-            await self.client.unload_lora(name)
+            await client.aclose()
 
     def train_naive(self, document: measure.Document, version: str, parent: Optional[Path]) -> tuple[Path, float]:
         """The recipe on the document's chunks alone: no replay, no rehearsal, no gate."""
