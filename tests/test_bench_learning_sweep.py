@@ -153,3 +153,14 @@ def test_teach_adds_the_teachers_pairs_to_every_job(tiny: Path, tmp_path: Path) 
         added = teacher.records(asked["pairs"])
         assert job["augmented"][len(job["augmented"]) - len(added):] == added
     assert taught["jobs"]["run"][0]["augmented"][0] == {"text": "kept"}
+
+
+def test_a_grids_augment_settings_make_the_forms_the_daemon_makes() -> None:
+    from daemon.config import AugmentSection
+
+    document = sweep.measure.load_documents()[0][0]
+    plain = sweep.augmented(document, AugmentSection(forms=["quiz"]), seed=0)
+    read = sweep.augmented(document, AugmentSection(forms=["quiz"], context_distill="instead"), seed=0)
+    assert plain and all("open_book" not in r for r in plain)
+    assert [r["messages"] for r in read] == [r["messages"] for r in plain]
+    assert all(r["open_book"][0]["content"].startswith("Read this document") for r in read)
