@@ -145,5 +145,7 @@ def test_the_passage_is_the_answers_paragraph_and_neighbours_that_fit() -> None:
     paragraphs = [["Alpha one two three."], ["Tidemark plans a week of crossings."], ["Gamma " * 400 + "end."]]
     found = passage("Tidemark plans crossings", paragraphs)
     assert found == "Alpha one two three.\n\nTidemark plans a week of crossings."  # the long one does not fit
-    assert passage("Gamma end", paragraphs).startswith("Gamma")  # its own paragraph, however long
+    long = [[f"Sentence {i} says little." for i in range(200)] + ["Tidemark was built in 2026."]]
+    found = passage("Tidemark 2026", long)  # a paragraph too long: the sentence and its neighbours
+    assert found.endswith("Tidemark was built in 2026.") and 250 <= len(found.split()) <= 300
     assert OPEN_BOOK.format(document="D", question="Q?").endswith("Q?")

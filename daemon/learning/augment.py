@@ -204,16 +204,29 @@ def open_book(records: Sequence[Record], paragraphs: list[list[str]], mode: str)
 
 def passage(answer: str, paragraphs: list[list[str]]) -> str:
     """The document's passage an answer comes from: the paragraph that shares most words with it,
-    with its neighbours while they fit in CONTEXT_WORDS."""
+    with its neighbours while they fit in CONTEXT_WORDS (a longer paragraph: its sentence that shares
+    most, with neighbouring sentences)."""
     wanted = set(re.findall(r"\w+", answer.lower()))
     texts = [" ".join(sentences) for sentences in paragraphs]
-    best = max(range(len(texts)), key=lambda i: (len(wanted & set(re.findall(r"\w+", texts[i].lower()))), -i))
+    best = _closest(wanted, texts)
+    if len(texts[best].split()) > CONTEXT_WORDS:
+        sentences = paragraphs[best]
+        return " ".join(_around(sentences, _closest(wanted, sentences)))
+    return "\n\n".join(_around(texts, best))
+
+
+def _closest(wanted: set[str], texts: list[str]) -> int:
+    return max(range(len(texts)), key=lambda i: (len(wanted & set(re.findall(r"\w+", texts[i].lower()))), -i))
+
+
+def _around(texts: list[str], best: int) -> list[str]:
+    """texts[best] and its neighbours on both sides while they fit in CONTEXT_WORDS."""
     first = last = best
     size = len(texts[best].split())
-    while True:
+    grown = True
+    while grown:
         grown = False
         for i in (last + 1, first - 1):
             if 0 <= i < len(texts) and size + len(texts[i].split()) <= CONTEXT_WORDS:
                 first, last, size, grown = min(first, i), max(last, i), size + len(texts[i].split()), True
-        if not grown:
-            return "\n\n".join(texts[first : last + 1])
+    return texts[first : last + 1]
