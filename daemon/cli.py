@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -249,14 +249,23 @@ def adapters_cmd(
     if not found:
         typer.echo("no adapter versions yet")
     for a in found:
-        probes = a["probes"] or {}
-        cloze = probes.get("cloze_pass")
-        forgetting = probes.get("forgetting_vs_base")
-        measured = (f"cloze {cloze:.0%}" if cloze is not None else "cloze -") + (
-            f", forgetting {forgetting:+.1%}" if forgetting is not None else "")
-        augmented = (a.get("records") or {}).get("augmented")
-        typer.echo(f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
-                   f"{a['documents']} docs{f' (+{augmented} augmented records)' if augmented else ''}  {measured}")
+        typer.echo(adapter_line(a))
+
+
+def adapter_line(a: dict[str, Any]) -> str:
+    """One version in `cld adapters`: state, lineage, what it learned from, what its probes measured."""
+    probes = a["probes"] or {}
+    cloze = probes.get("cloze_pass")
+    forgetting = probes.get("forgetting_vs_base")
+    measured = (f"cloze {cloze:.0%}" if cloze is not None else "cloze -") + (
+        f", forgetting {forgetting:+.1%}" if forgetting is not None else "")
+    augmented = (a.get("records") or {}).get("augmented")
+    taught = [d["teacher"] for d in (a.get("augmentation") or {}).values() if d.get("teacher")]
+    made = f" (+{augmented} augmented records" if augmented else ""
+    if made and taught:
+        made += f"; teacher kept {sum(t['kept'] for t in taught)} of {sum(t['asked'] or 0 for t in taught)} asked"
+    return (f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
+            f"{a['documents']} docs{made + ')' if made else ''}  {measured}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from daemon.cli import adapter_line
 from daemon.config import Settings
 from daemon.engine.router import Router
 from daemon.layout import StateDir
@@ -201,6 +202,7 @@ async def test_augmented_forms_of_the_new_documents_are_trained_on(state: StateD
     assert meta["records"]["augmented"] == len(augmented) and meta["augmented_sample"] == augmented[:3]
     [view] = adapters_view(state.adapters, learner.cycles, "v0001")
     assert view["records"]["augmented"] == len(augmented) and view["augmented_sample"] == augmented[:3]
+    assert view["augmentation"] == {"h1": {"records": len(augmented), "open_book": 0, "sample": augmented[:2]}}
 
 
 async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: StateDir, tiny: Path) -> None:
@@ -251,6 +253,11 @@ async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking
     data = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]
     assert data["augmented"] == [{"messages": [{"role": "user", "content": "Who was the chief negotiator of the accord?"},
                                                {"role": "assistant", "content": "Ilse Quorvant"}], "mask_prompt": True}]
+    made = json.loads((state.adapters / "v0001" / "meta.json").read_text())["augmentation"]["h1"]
+    assert made["teacher"] == {"teacher": "cld-base", "asked": 8, "kept": 2, "trained": 1, "held_out": 1, "dropped": {}}
+    [view] = adapters_view(state.adapters, learner.cycles, "v0001")
+    assert adapter_line(view).startswith("v0001  promoted  parent base   1 docs (+1 augmented records; teacher kept 2 of 8 "
+                                         "asked)  cloze ")
     # the second pair is never trained on: the candidate is asked it (the fake answers something else)
     assert record.probes["results"]["answered"] == 0.0
     assert "questions about the new documents answered 0.00 ≥ 0.00" in record.reasons

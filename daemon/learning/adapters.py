@@ -124,6 +124,7 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
             "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
             "records": meta.get("records", {}),  # how many of each kind it trained on (new, replay, augmented, ...)
             "augmented_sample": meta.get("augmented_sample", []),
+            "augmentation": meta.get("augmentation", {}),  # per new document: records made, a sample, the teacher's counts
         })
     return out
 

@@ -166,13 +166,26 @@ class Learner:
         parent = self.router.current if self.settings.train.warm_start else None
         record.parent = parent.version if parent else None
         self.cycles.save(record)
+        made = {doc["hash"]: self.augmented(doc) for doc in documents}
         return TrainJob(
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
             parent_version=record.parent, parent_path=str(parent.path) if parent else None,
             documents=[doc["hash"] for doc in documents],
-            data=JobData.mixed(new, records, [r for doc in documents for r in self.augmented(doc)]),
+            data=JobData.mixed(new, records, [r for forms in made.values() for r in forms]),
             hyper=self.settings.train,
+            augmentation={doc["hash"]: self.made_of(doc, made[doc["hash"]]) for doc in documents if made[doc["hash"]]},
         )
+
+    def made_of(self, document: dict[str, Any], forms: list[dict[str, Any]]) -> dict[str, Any]:
+        """What augmentation made of a new document, for meta.json: its records (how many were
+        context-distilled), two of them, and what the teacher asked, kept and dropped."""
+        report: dict[str, Any] = {"records": len(forms), "open_book": sum("open_book" in r for r in forms),
+                                  "sample": forms[:2]}
+        if self.settings.augment.teacher_pairs and (taught := self._taught(document)):
+            trained, held_out = teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)
+            report["teacher"] = {"teacher": taught.get("teacher"), "asked": taught.get("asked"), "kept": len(taught["pairs"]),
+                                 "trained": len(trained), "held_out": len(held_out), "dropped": taught.get("dropped", {})}
+        return report
 
     def augmented(self, document: dict[str, Any]) -> list[dict[str, Any]]:
         """Other forms of a document's text (`[augment]`; the same every time: seeded by its id, the

@@ -67,6 +67,9 @@ class TrainJob(BaseModel):
     documents: list[str] = Field(default_factory=list, description="content hashes of the new documents")
     data: JobData
     hyper: TrainSection = Field(default_factory=TrainSection)
+    augmentation: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per new document (content hash): what augmentation made of it (records, "
+        "a sample, the teacher's counts), recorded in meta.json")
 
 
 def load_job(path: Path) -> TrainJob:
