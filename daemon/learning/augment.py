@@ -189,16 +189,14 @@ def open_book(records: Sequence[Record], paragraphs: list[list[str]], mode: str)
     "instead" replaces it by the copy, "off" leaves the records as they are."""
     if mode == "off" or not paragraphs:
         return list(records)
-    asked = [r for r in records if "messages" in r and r["messages"][-1]["role"] == "assistant"]
+    asked = {id(r) for r in records if [m["role"] for m in r.get("messages", [])][-2:] == ["user", "assistant"]}
     copies = []
-    for record in asked:
+    for record in (r for r in records if id(r) in asked):
         *turns, question, answer = record["messages"]
-        if question["role"] != "user":
-            continue
         reading = {"role": "user", "content": OPEN_BOOK.format(document=passage(answer["content"], paragraphs),
                                                                 question=question["content"])}
         copies.append({"messages": record["messages"], "mask_prompt": True, "open_book": [*turns, reading, answer]})
-    kept = [r for r in records if not any(r is a for a in asked)] if mode == "instead" else list(records)
+    kept = [r for r in records if id(r) not in asked] if mode == "instead" else list(records)
     return kept + copies
 
 
