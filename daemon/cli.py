@@ -264,8 +264,9 @@ def adapter_line(a: dict[str, Any]) -> str:
     made = f" (+{augmented} augmented records" if augmented else ""
     if made and taught:
         made += f"; teacher kept {sum(t['kept'] for t in taught)} of {sum(t['asked'] or 0 for t in taught)} asked"
+    pruned = f"  (weights deleted {a['pruned_at']}: state.keep_merged)" if a.get("pruned_at") else ""
     return (f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
-            f"{a['documents']} docs{made + ')' if made else ''}  {measured}")
+            f"{a['documents']} docs{made + ')' if made else ''}  {measured}{pruned}")
 
 
 @app.command()
@@ -279,7 +280,8 @@ def rollback(
 
     settings = _settings(config)
     if version is None:
-        history = [a["version"] for a in status_mod.adapters(settings) if a["state"] in ("promoted", "retired")]
+        history = [a["version"] for a in status_mod.adapters(settings)
+                   if a["state"] in ("promoted", "retired") and not a.get("pruned_at")]
         version = history[-2] if len(history) >= 2 else "base"
     from daemon.engine.merged import is_merged
 

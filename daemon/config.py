@@ -63,6 +63,13 @@ class StateSection(Section):
         description="State directory: journal, inbox, adapters, prepared model. "
         "Relative paths are relative to the config file.",
     )
+    keep_merged: int = Field(
+        3, ge=0,
+        description="Merged-weight versions (train.method mora, expand, full: a full model copy each) whose "
+        "weights are kept for rollback besides the served one: the newest this many the gate promoted. The "
+        "weights of older ones and of refused candidates are deleted when a cycle ends (meta.json stays). "
+        "0 = keep all. LoRA versions are always kept.",
+    )
 
 
 class ModelSection(Section):

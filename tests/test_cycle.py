@@ -344,6 +344,29 @@ async def test_rollback_to_the_base_and_back(state: StateDir, tiny: Path) -> Non
     assert Router("cld", "cld-base", state.serving).current == adapter, "nothing hostile was served"
 
 
+async def test_a_cycle_ending_deletes_the_weights_of_merged_versions_beyond_keep_merged(state: StateDir, tiny: Path) -> None:
+    from tests.test_merged import merged_version
+
+    cycles = CycleStore(state.root / "cycles")
+    for number in (1, 2, 3):
+        merged_version(state.adapters, f"v000{number}")
+        cycles.save(CycleRecord(id=number, trigger="api", state="promoted", version=f"v000{number}"))
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.state.keep_merged = 1
+    learner.rolling_back.add("v0001")  # a rollback is loading it
+    record = await learner.run_cycle("api")
+    assert (record.state, record.version) == ("promoted", "v0004"), (record.reasons, record.error)
+    view = adapters_view(state.adapters, learner.cycles, "v0004")
+    assert {a["version"]: bool(a["pruned_at"]) for a in view} == {"v0001": False, "v0002": True, "v0003": False,
+                                                                  "v0004": False}
+    assert "weights deleted" in adapter_line(view[1]) and "weights deleted" not in adapter_line(view[0])
+    with pytest.raises(ValueError, match="v0002: its weights were deleted"):
+        await learner.rollback("v0002")
+    assert learner.router.current is not None and learner.router.current.version == "v0004"
+
+
 def test_serving_json_never_points_outside_the_state_directory(tmp_path: Path) -> None:
     serving = tmp_path / "serving.json"
     serving.write_text('{"current": {"version": "v0002", "served_name": "cld-v0002-ab", "path": "/etc"}}')

@@ -5,6 +5,7 @@ proxying a served name to its instance, and one client (Fleet) for every served 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from daemon.config import ConfigError, Settings, load_settings
 from daemon.engine import merged, vllm
 from daemon.engine.merged import Fleet, MergedServers, is_merged
 from daemon.engine.router import Router
+from daemon.learning import adapters
+from daemon.learning.records import CycleStore
 from daemon.service import gpu_shares_problem
 from tests.conftest import free_port
 from tests.ingest_helpers import make_settings
@@ -194,3 +197,53 @@ async def test_an_instance_that_exits_before_it_is_ready_is_refused_at_once(tmp_
     with pytest.raises(RuntimeError, match="exited before it was ready"):
         await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
     assert asyncio.get_running_loop().time() - started < 60 and servers.instances == {}
+
+
+# ---- retention: old merged versions lose their weights, not their history (state.keep_merged) ---------
+
+def merged_version(adapters: Path, version: str) -> Path:
+    folder = adapters / version
+    (folder / "blocks").mkdir(parents=True)
+    for name in ("config.json", "tokenizer_config.json"):
+        (folder / name).write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    (folder / "blocks" / "extra.bin").write_bytes(b"\0" * 8)
+    (folder / "meta.json").write_text(json.dumps({"method": "expand", "documents": [f"hash-{version}"]}))
+    return folder
+
+
+def test_old_merged_versions_lose_their_weights_and_keep_their_history(tmp_path: Path) -> None:
+    adapters_dir = tmp_path / "adapters"
+    for version in ("v0001", "v0002", "v0003", "v0004", "v0005", "v0006"):
+        merged_version(adapters_dir, version)
+    lora = adapters_dir / "v0007"
+    lora.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "meta.json"):
+        (lora / name).write_text("{}")
+    promoted = ["v0001", "v0002", "v0004", "v0005", "v0006", "v0007"]  # v0003 was refused
+    # v0002 serves (a rollback); the newest two promoted merged ones stay for rollback (the LoRA one does not count)
+    assert adapters.prune_merged(adapters_dir, promoted, {"v0002"}, keep=2) == ["v0001", "v0003", "v0004"]
+    for version in ("v0001", "v0003", "v0004"):
+        folder = adapters_dir / version
+        assert [p.name for p in folder.iterdir()] == ["meta.json"]
+        meta = adapters.read_meta(folder)
+        assert meta["documents"] == [f"hash-{version}"] and meta["method"] == "expand" and meta[adapters.PRUNED]
+        with pytest.raises(adapters.AdapterError, match=f"{version}: its weights were deleted at .*state.keep_merged"):
+            adapters.check_version(folder, 16)
+    for version in ("v0002", "v0005", "v0006"):
+        assert adapters.check_version(adapters_dir / version, 16) == {}
+    assert sorted(p.name for p in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "meta.json"]
+    assert adapters.prune_merged(adapters_dir, promoted, {"v0002"}, keep=2) == [], "nothing twice"
+    assert adapters.prune_merged(adapters_dir, [], set(), keep=0) == [], "0 keeps every version"
+    view = {a["version"]: a["pruned_at"] for a in adapters.adapters_view(adapters_dir, CycleStore(tmp_path / "c"), None)}
+    assert [v for v, pruned in view.items() if pruned] == ["v0001", "v0003", "v0004"]
+
+
+def test_a_prune_cut_short_is_finished_by_the_next(tmp_path: Path) -> None:
+    folder = merged_version(tmp_path, "v0001")
+    (folder / "meta.json").write_text(json.dumps({"method": "expand", adapters.PRUNED: "2026-12-02T05:00:00Z"}))
+    (folder / "config.json").unlink()  # the crash came after the mark and the first deletion
+    assert not is_merged(folder)
+    assert adapters.prune_merged(tmp_path, ["v0001"], set(), keep=1) == ["v0001"], "it can no longer be served"
+    assert [p.name for p in folder.iterdir()] == ["meta.json"]
+    assert adapters.read_meta(folder)[adapters.PRUNED] == "2026-12-02T05:00:00Z"

@@ -3,15 +3,17 @@
 An adapter version is `<state>/adapters/vNNNN/` holding a PEFT LoRA (`adapter_config.json`,
 `adapter_model.safetensors`) and `meta.json` (lineage, data, hyperparameters, losses); a version of
 a method that trains merged weights (`train.method`) holds a complete model folder instead. Folders
-appear by rename only when complete and are never modified after. Owns version numbering and the
-view of every version (state, lineage, probe results) that status and the CLI show. Knows nothing
-of training or probing.
+appear by rename only when complete and are never modified after, except that `prune_merged` later
+deletes an old merged version's weights (`state.keep_merged`: a full model copy each), leaving its
+meta.json marked `pruned_at`. Owns version numbering and the view of every version (state, lineage,
+probe results) that status and the CLI show. Knows nothing of training or probing.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,13 @@ from typing import Any
 from daemon.engine.merged import is_merged
 from daemon.layout import VERSION_RE
 from daemon.learning.records import PROMOTED, REJECTED, CycleStore, adapter_states
-from replay.durable import read_json
+from replay.durable import atomic_write_json, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "meta.json"
 HEAD_MODULES = frozenset({"lm_head", "embed_tokens", "wte", "embed_out", "output"})
+PRUNED = "pruned_at"  # meta.json key: when the version's weights were deleted (state.keep_merged)
 
 
 class AdapterError(ValueError):
@@ -90,7 +93,36 @@ def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
 
 def check_version(folder: Path, max_rank: int) -> dict[str, Any]:
     """`check_adapter` for a LoRA version, `check_model` for a merged-weight one."""
+    pruned = read_meta(folder).get(PRUNED)
+    if pruned:
+        raise AdapterError(f"{folder.name}: its weights were deleted at {pruned} (state.keep_merged keeps the "
+                           "newest promoted merged-weight versions); only its meta.json is left")
     return check_model(folder) if is_merged(folder) else check_adapter(folder, max_rank)
+
+
+def prune_merged(adapters_dir: Path, promoted: Iterable[str], protected: Iterable[str], keep: int) -> list[str]:
+    """Delete the weights of merged-weight versions (a full model copy each) except those in
+    `protected` (the served version) and the newest `keep` merged ones of `promoted`; 0 keeps all. Each
+    pruned folder keeps its meta.json, marked `pruned_at` first, so a crash half-way is finished by
+    the next call. Returns the versions pruned. LoRA versions (a few MB) are never pruned."""
+    if keep <= 0:
+        return []
+    merged = [v for v in promoted if VERSION_RE.match(v) and is_merged(adapters_dir / v)]
+    newest = sorted(merged, key=lambda v: int(v[1:]))[-keep:]
+    kept = {*protected, *newest}
+    pruned = []
+    for version in versions(adapters_dir):
+        folder = adapters_dir / version
+        meta = read_meta(folder)
+        weights = [p for p in folder.iterdir() if p.name != META_FILE]
+        if version in kept or not weights or not (is_merged(folder) or meta.get(PRUNED)):
+            continue
+        if not meta.get(PRUNED):
+            atomic_write_json(folder / META_FILE, {**meta, PRUNED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        for path in weights:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        pruned.append(version)
+    return pruned
 
 
 def check_model(folder: Path) -> dict[str, Any]:
@@ -121,6 +153,7 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
             "reasons": record.reasons if record else [],
             "failed": record.failed if record else [],
             "created_at": meta.get("created_at"),
+            "pruned_at": meta.get(PRUNED),  # its weights deleted (state.keep_merged): it cannot be served again
             "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},
             "records": meta.get("records", {}),  # how many of each kind it trained on (new, replay, augmented, ...)
             "augmented_sample": meta.get("augmented_sample", []),

@@ -72,6 +72,7 @@ class Learner:
         self.trainer: Optional[asyncio.subprocess.Process] = None
         self.task: Optional[asyncio.Task[CycleRecord]] = None
         self.memo = probes.ProbeMemo(client)  # probe answers: each model is asked each probe once
+        self.rolling_back: set[str] = set()  # versions a rollback is loading
 
     # ---- the cycle ------------------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class Learner:
                 return self.cycles.finish(record, FAILED, error=f"{record.stage}: {error}")
             finally:
                 self.current = None
+                self.prune()
                 logs.current_cycle.reset(logged)
 
     def request(self, trigger: str) -> CycleRecord | None:
@@ -365,6 +367,21 @@ class Learner:
             log.warning("cycle %d: %s", record.id, note)
             record.reasons.append(note)
 
+    def prune(self) -> None:
+        """Delete the weights of merged-weight versions beyond `state.keep_merged` (never the
+        served one); a failure is logged, never fails the cycle."""
+        promoted = [r.version for r in self.cycles.all() if r.state == PROMOTED and r.version]
+        kept = {self.router.current.version} if self.router.current else set()
+        try:
+            pruned = adapters.prune_merged(self.state.adapters, promoted, kept | self.rolling_back,
+                                           self.settings.state.keep_merged)
+        except OSError as error:
+            log.warning("could not delete old merged-weight versions: %s", error)
+            return
+        if pruned:
+            log.info("deleted the weights of %s (state.keep_merged = %d; their meta.json stays)",
+                     ", ".join(pruned), self.settings.state.keep_merged)
+
     # ---- serving changes ------------------------------------------------------------------------
 
     async def swap(self, adapter: Adapter | None) -> None:
@@ -390,8 +407,12 @@ class Learner:
         if not folder.is_dir():
             raise ValueError(f"no adapter version {version!r}; known: {', '.join(adapters.versions(self.state.adapters))}")
         adapters.check_version(folder, self.settings.train.vllm_max_lora_rank)
-        adapter = Adapter(version, await self.load(folder, version), folder)
-        await self.swap(adapter)
+        self.rolling_back.add(version)  # not pruned by a cycle ending meanwhile
+        try:
+            adapter = Adapter(version, await self.load(folder, version), folder)
+            await self.swap(adapter)
+        finally:
+            self.rolling_back.discard(version)
         return adapter
 
     async def stop(self) -> None:
