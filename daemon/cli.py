@@ -264,6 +264,8 @@ def adapter_line(a: dict[str, Any]) -> str:
     made = f" (+{augmented} augmented records" if augmented else ""
     if made and taught:
         made += f"; teacher kept {sum(t['kept'] for t in taught)} of {sum(t['asked'] or 0 for t in taught)} asked"
+        if rephrased := [t["rephrasings"] for t in taught if t.get("rephrasings")]:
+            made += f", {sum(r['kept'] for r in rephrased)} of {sum(r['asked'] for r in rephrased)} rephrasings"
     pruned = f"  (weights deleted {a['pruned_at']}: state.keep_merged)" if a.get("pruned_at") else ""
     return (f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
             f"{a['documents']} docs{made + ')' if made else ''}  {measured}{pruned}")

@@ -442,6 +442,12 @@ class AugmentSection(Section):
         "once per document and replayed with it. 0 = off. The embedded 135M model is a poor teacher (see "
         "docs/BENCHMARKS.md): set augment.teacher_url to a stronger one."
     )
+    teacher_rephrasings: int = Field(
+        0, ge=0, le=200, description="Rephrased passages per new document written by the teacher (augment.teacher_url "
+        "or the served base), trained as text under the document's title: the same facts in other words. Kept only "
+        "when every name and number in one is the document's, it keeps half of its passage's, and it is not a copy. "
+        "0 = off."
+    )
     teacher_url: str = Field(
         "", description="OpenAI-compatible server of the teacher (\"http://host:port\"); empty = the served base "
         "model, through cld's own vLLM."

@@ -108,6 +108,10 @@ class FakeVLLM:
         """The base as a teacher: one question about each passage, answered from it."""
         self._check(model)
         prompt = messages[0]["content"]
+        if "Rewrite this passage" in prompt:
+            self.rephrased = getattr(self, "rephrased", 0) + 1
+            return ["Sure! In 2031 the city of Tarnhelm saw the Velmora Accord signed, with Ilse Quorvant of Brask as "
+                    "its chief negotiator.", "The Velmora Accord was signed in Paris in 2031 by the hydrologist Ilse Quorvant."][:n]
         if "Answer this question" in prompt:
             question = prompt.rsplit(": ", 1)[1]
             return ["Ilse Quorvant" if "negotiator" in question else "Tarnhelm" if "city" in question else
@@ -269,6 +273,30 @@ async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking
     assert [r["messages"][1]["content"] for r in data["augmented"]] == ["A silver heron"]
     assert any(r.get("messages", [{}, {}])[1].get("content") == "Ilse Quorvant" for r in data["knowledge"]), \
         "an earlier document is replayed with its teacher's answers"
+
+
+async def test_the_teachers_rephrasings_are_trained_as_text_and_asked_for_once(state: StateDir, tiny: Path) -> None:
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    learner.settings.augment.teacher_pairs = 4
+    await learner.teach([journal.documents("ready")[0]])  # an earlier cycle wrote its questions and answers
+    pairs = json.loads((state.teacher / "h1.json").read_text())["pairs"]
+    learner.settings.augment.teacher_rephrasings = 2
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    assert len(vllm.taught) == 1 and vllm.rephrased == 1, "only what was not written yet is asked for"
+    taught = json.loads((state.teacher / "h1.json").read_text())
+    assert taught["pairs"] == pairs and taught["rephrase_asked"] == 4 and taught["rephrase_dropped"] == {"unsupported": 1}
+    rephrased = ("In 2031 the city of Tarnhelm saw the Velmora Accord signed, with Ilse Quorvant of Brask as its chief "
+                 "negotiator.")
+    assert taught["rephrasings"] == [rephrased]
+    data = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]
+    assert data["augmented"][-1] == {"text": f"d1\n\n{rephrased}"} and len(data["augmented"]) == 2
+    made = json.loads((state.adapters / "v0001" / "meta.json").read_text())["augmentation"]["h1"]
+    assert made["teacher"]["rephrasings"] == {"asked": 4, "kept": 1, "dropped": {"unsupported": 1}}
+    [view] = adapters_view(state.adapters, learner.cycles, "v0001")
+    assert "teacher kept 2 of 8 asked, 1 of 4 rephrasings)" in adapter_line(view)
 
 
 async def test_a_teacher_that_fails_costs_only_its_questions(state: StateDir, tiny: Path) -> None:

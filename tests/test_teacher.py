@@ -152,3 +152,60 @@ def test_a_teacher_url_without_a_scheme_is_refused_naming_the_key() -> None:
     with pytest.raises(ValidationError, match="augment.teacher_url"):
         Settings.model_validate({"augment": {"teacher_url": "localhost:8000"}})
     assert Settings.model_validate({"augment": {"teacher_url": "http://t:8000/"}}).augment.teacher_url == "http://t:8000"
+
+
+# ---- rephrasings (augment.teacher_rephrasings) ---------------------------------------------------------
+
+FIRST = "The Velmora Accord was signed in 2031 in the city of Tarnhelm. Its chief negotiator was Ilse Quorvant, " \
+        "a hydrologist from Brask."
+
+
+def test_only_rephrasings_true_to_the_document_and_in_other_words_are_kept() -> None:
+    document_words = set(teacher.words(DOC))
+    why = lambda text: teacher.why_rephrasing_dropped(text, FIRST, document_words)  # noqa: E731
+    assert why("In 2031 the city of Tarnhelm saw the Velmora Accord signed; Ilse Quorvant, a Brask hydrologist, "
+               "negotiated it.") is None
+    assert why("In 2029 the city of Tarnhelm saw the Velmora Accord signed, negotiated by Ilse Quorvant.") == "unsupported"
+    assert why("In Paris the Velmora Accord was signed by the hydrologist Ilse Quorvant in 2031.") == "unsupported"
+    assert why("An accord was signed long ago by a hydrologist who came from a small town nearby.") == "missing facts"
+    assert why(FIRST) == "copy"
+    assert why("Signed in 2031.") == "malformed"
+    assert why(" ".join([FIRST] * 3)) == "malformed"
+    assert teacher.facts_of(FIRST) == {"velmora", "accord", "2031", "tarnhelm", "ilse", "quorvant", "brask"}
+
+
+def test_a_reply_loses_its_lines_about_the_task() -> None:
+    reply = ("Here is a rewritten version of the passage:\n\nSure! In 2031 Tarnhelm saw the accord signed.\n"
+             "Rewritten in my own words.\n- Ilse Quorvant negotiated it.")
+    assert teacher.rephrasing_of(reply) == "In 2031 Tarnhelm saw the accord signed. Ilse Quorvant negotiated it."
+
+
+class Rephraser:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, float]] = []
+
+    async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     n: int) -> list[str]:
+        prompt = messages[0]["content"]
+        assert prompt.startswith('Here is a passage from "Velmora"') and "Rewrite this passage" in prompt
+        self.calls.append((n, max_tokens, temperature))
+        if "Tarnhelm" in prompt:
+            return ["Sure:\nIn 2031 the city of Tarnhelm saw the Velmora Accord signed; Ilse Quorvant, a Brask "
+                    "hydrologist, negotiated it.", "The Velmora Accord was signed in 1999 in Paris by Ilse Quorvant."]
+        return ["Four towns share the water of the Velm river; every Monday each reads the gauge at its weir."] * n
+
+
+async def test_rephrasings_are_asked_of_every_passage_and_the_true_ones_kept_as_titled_text() -> None:
+    sampler = Rephraser()
+    found = await teacher.generate(sampler, "cld-base", augment.split_paragraphs(DOC), DOC, "Velmora", 0, 0.7,
+                                   rephrasings=2)
+    assert [n for n, _, _ in sampler.calls] == [2, 2] and all(t == 0.7 for _, _, t in sampler.calls)
+    assert found.pairs == [] and found.asked == 0 and found.rephrase_asked == 4
+    assert found.rephrasings == [
+        "In 2031 the city of Tarnhelm saw the Velmora Accord signed; Ilse Quorvant, a Brask hydrologist, negotiated it.",
+        "Four towns share the water of the Velm river; every Monday each reads the gauge at its weir."]
+    assert found.rephrase_dropped == {"unsupported": 1, "duplicate": 1}
+    assert teacher.records([], found.rephrasings[:1], "Velmora") == [{"text": "Velmora\n\n" + found.rephrasings[0]}]
+    sampler = Rephraser()
+    one = await teacher.generate(sampler, "m", augment.split_paragraphs(DOC), DOC, "Velmora", 0, 0.7, rephrasings=1)
+    assert len(sampler.calls) == 1 and one.rephrase_asked == 2 and len(one.rephrasings) == 1

@@ -306,10 +306,10 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def teach(data_file: Path, model_dir: Path, out: Path, pairs: int, temperature: float) -> None:
-    """The sweep's data with the teacher's questions and answers (`daemon.learning.teacher`, as
-    `augment.teacher_pairs` makes them in the daemon) added to each cycle's job, the teacher being
-    the base model at `model_dir` sampled with transformers."""
+def teach(data_file: Path, model_dir: Path, out: Path, pairs: int, temperature: float, rephrasings: int = 0) -> None:
+    """The sweep's data with the teacher's questions and answers and rephrasings (`daemon.learning.teacher`,
+    as `augment.teacher_pairs` and `teacher_rephrasings` make them in the daemon) added to each cycle's
+    job, the teacher being the base model at `model_dir` sampled with transformers."""
     import asyncio
 
     import torch
@@ -342,10 +342,15 @@ def teach(data_file: Path, model_dir: Path, out: Path, pairs: int, temperature: 
                 text = by_name[name].text
                 taught[name] = asyncio.run(teacher.generate(
                     Sampler(), "base", augment.split_paragraphs(text), text, augment.title_of(text, name), pairs,
-                    temperature)).to_dict()
+                    temperature, rephrasings)).to_dict()
                 print(json.dumps({"document": name, "kept": len(taught[name]["pairs"]), "asked": taught[name]["asked"],
-                                  "dropped": taught[name]["dropped"], "sample": taught[name]["pairs"][:3]}), flush=True)
-            job["augmented"] = job.get("augmented", []) + teacher.records(taught[name]["pairs"])
+                                  "dropped": taught[name]["dropped"], "sample": taught[name]["pairs"][:3],
+                                  "rephrasings": len(taught[name]["rephrasings"]),
+                                  "rephrase_asked": taught[name]["rephrase_asked"],
+                                  "rephrase_dropped": taught[name]["rephrase_dropped"],
+                                  "rephrased": taught[name]["rephrasings"][:2]}), flush=True)
+            job["augmented"] = job.get("augmented", []) + teacher.records(
+                taught[name]["pairs"], taught[name]["rephrasings"], augment.title_of(by_name[name].text, name))
     data["teacher"] = taught
     out.write_text(json.dumps(data))
 
@@ -431,6 +436,7 @@ def main() -> None:
     te.add_argument("out", type=Path)
     te.add_argument("--pairs", type=int, default=24)
     te.add_argument("--temperature", type=float, default=0.8)
+    te.add_argument("--rephrasings", type=int, default=0, help="rephrased passages per document (0 = none)")
     rp = sub.add_parser("report", help="print a run's results as a markdown table, optionally plot them")
     rp.add_argument("results", type=Path, nargs="+")
     rp.add_argument("--plot", type=Path)
@@ -440,7 +446,7 @@ def main() -> None:
     elif args.command == "export-run":
         export_run(args.run, args.out, args.cycles, args.held_out)
     elif args.command == "teach":
-        teach(args.data, args.model, args.out, args.pairs, args.temperature)
+        teach(args.data, args.model, args.out, args.pairs, args.temperature, args.rephrasings)
     elif args.command == "report":
         print(report(args.results, args.plot))
     else:

@@ -84,7 +84,7 @@ class Learner:
             served: Optional[str] = None
             try:
                 documents = self._stage(record, "select", self.new_documents())
-                if self.settings.augment.teacher_pairs:
+                if self.settings.augment.teacher_pairs or self.settings.augment.teacher_rephrasings:
                     await self._astage(record, "augment", self.teach(documents))
                 job = self._stage(record, "select", self.build_job(record, documents))
                 folder = await self._astage(record, "train", self.train(record, job))
@@ -183,26 +183,36 @@ class Learner:
         context-distilled), two of them, and what the teacher asked, kept and dropped."""
         report: dict[str, Any] = {"records": len(forms), "open_book": sum("open_book" in r for r in forms),
                                   "sample": forms[:2]}
-        if self.settings.augment.teacher_pairs and (taught := self._taught(document)):
+        settings = self.settings.augment
+        if (settings.teacher_pairs or settings.teacher_rephrasings) and (taught := self._taught(document)):
             trained, held_out = teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)
             report["teacher"] = {"teacher": taught.get("teacher"), "asked": taught.get("asked"), "kept": len(taught["pairs"]),
                                  "trained": len(trained), "held_out": len(held_out), "dropped": taught.get("dropped", {})}
+            if settings.teacher_rephrasings:
+                report["teacher"]["rephrasings"] = {"asked": taught.get("rephrase_asked", 0),
+                                                    "kept": len(self._rephrasings(taught)),
+                                                    "dropped": taught.get("rephrase_dropped", {})}
         return report
 
     def augmented(self, document: dict[str, Any]) -> list[dict[str, Any]]:
         """Other forms of a document's text (`[augment]`; the same every time: seeded by its id, the
         teacher's questions read back from where `teach` kept them); none for instruction or chat data."""
         settings = self.settings.augment
-        if not settings.forms and not settings.teacher_pairs:  # asked for every earlier document replayed
-            return []
+        if not settings.forms and not settings.teacher_pairs and not settings.teacher_rephrasings:
+            return []  # (asked for every earlier document replayed)
         text = self._text(document)
         if text is None:
             return []
         forms = augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
                                 settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
-        if settings.teacher_pairs and (taught := self._taught(document)):
-            forms += teacher.records(teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[0])
+        if taught := self._taught(document):
+            pairs = teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[0] if settings.teacher_pairs else []
+            forms += teacher.records(pairs, self._rephrasings(taught),
+                                     augment.title_of(text, document.get("source") or ""))
         return augment.open_book(forms, augment.split_paragraphs(text), settings.context_distill)
+
+    def _rephrasings(self, taught: dict[str, Any]) -> list[str]:
+        return list(taught.get("rephrasings", []))[:self.settings.augment.teacher_rephrasings]
 
     def held_out_questions(self, documents: list[dict[str, Any]]) -> list[probes.QA]:
         """The teacher's questions about these documents that are never trained on: the probe of answering."""
@@ -230,24 +240,32 @@ class Learner:
         return "\n\n".join(record["text"] for record in records)
 
     async def teach(self, documents: list[dict[str, Any]]) -> None:
-        """Have the teacher write questions and answers about each new document it has not read yet
-        (`augment.teacher_pairs`), kept in teacher/<hash>.json for this and every later cycle that
-        replays the document. A teacher that fails costs only its questions: the cycle goes on
+        """Have the teacher write what it has not written yet about each new document: questions and
+        answers (`augment.teacher_pairs`), rephrased passages (`augment.teacher_rephrasings`), kept in
+        teacher/<hash>.json for this and every later cycle that replays the document. A teacher that fails costs only its questions: the cycle goes on
         without them, and the next one asks again."""
         settings = self.settings.augment
-        todo = [(doc, text) for doc in documents if self._taught(doc) is None and (text := self._text(doc)) is not None]
+        todo = []
+        for doc in documents:
+            taught = self._taught(doc) or {}
+            pairs = settings.teacher_pairs if not taught.get("asked") else 0  # what it has not written yet
+            rephrasings = settings.teacher_rephrasings if not taught.get("rephrase_asked") else 0
+            if (pairs or rephrasings) and (text := self._text(doc)) is not None:
+                todo.append((doc, text, taught, pairs, rephrasings))
         if not todo:
             return
         own = vllm.VLLMClient(settings.teacher_url, key=settings.teacher_api_key) if settings.teacher_url else None
         try:
             sampler: teacher.Sampler = own or self.client
             model = settings.teacher_model or (await own.base_model() if own else self.router.base_served_name)
-            for doc, text in todo:
-                generated = await teacher.generate(
+            for doc, text, taught, pairs, rephrasings in todo:
+                generated = (await teacher.generate(
                     sampler, model, augment.split_paragraphs(text), text, augment.title_of(text, doc.get("source") or ""),
-                    settings.teacher_pairs, settings.teacher_temperature)
+                    pairs, settings.teacher_temperature, rephrasings)).to_dict()
+                fresh = (teacher.PAIR_KEYS if pairs else ()) + (teacher.REPHRASE_KEYS if rephrasings else ())
+                kept = {k: v for k, v in taught.items() if k not in fresh}  # what it wrote in earlier cycles
                 self.state.teacher.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.state.teacher / f"{doc['hash']}.json", json.dumps(generated.to_dict(), indent=1))
+                atomic_write_text(self.state.teacher / f"{doc['hash']}.json", json.dumps({**generated, **kept}, indent=1))
         except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as error:
             log.warning("the teacher (%s) failed: %s; this cycle trains without its questions (the next one asks "
                         "again)", settings.teacher_url or "the served base model", error)

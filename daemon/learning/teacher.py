@@ -12,7 +12,11 @@ name and number of the answer occurs in it, and most of its other words), the qu
 at "the passage") and does not give its answer away, and it is not a repeat — a small teacher's
 wrong answers would otherwise be learned as facts.
 
-Owns the prompts, the reading of replies and the filter (pure) and one `generate` call (I/O: the
+It can also rephrase each passage (`augment.teacher_rephrasings`: the same facts in other words,
+EntiGraph's and Active Reading's other form), kept only when every name and number in it is the
+document's, it keeps at least half of the passage's, and it is not a copy of the passage.
+
+Owns the prompts, the reading of replies and the filters (pure) and one `generate` call (I/O: the
 teacher). Knows nothing of the journal, the cache or training; the cycle keeps what it returns per document.
 """
 
@@ -40,8 +44,17 @@ ASK = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
        "Write one question a reader could ask about a fact in this passage.")
 ANSWER = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
           "Answer this question from the passage, in a few words: {question}")
+REPHRASE = ("Here is a passage from \"{title}\":\n\n{passage}\n\n"
+            "Rewrite this passage in your own words. Keep every name, number and fact.")
 QUESTION_TOKENS = 48
 ANSWER_TOKENS = 48
+REPHRASE_TOKENS = 2.5        # tokens a rephrasing may take per word of its passage
+MIN_FACTS_KEPT = 0.5         # share of the passage's names and numbers a rephrasing must keep
+MAX_COPIED = 0.6             # share of a rephrasing's word 4-grams that may be the passage's
+# a line of a rephrasing that talks about the task, not the facts ("Here is a rewritten version:")
+META_LINE = re.compile(r"\b(rewrit\w*|rephras\w*|revised|passage|in my own words|in your own words)\b|:\s*$",
+                       re.IGNORECASE)
+PREFACE = re.compile(r"^(?:sure|certainly|of course|okay|ok)\b[!,.]?\s*", re.IGNORECASE)
 LABEL = re.compile(r"^\s*(?:\d+[.)]|[-*]|q(?:uestion)?\s*\d*\s*:|a(?:nswer)?\s*:)\s*", re.IGNORECASE)
 QUOTED = re.compile(r"[\"“]([^\"”]+\?)")
 WORD = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
@@ -64,9 +77,16 @@ class Generated:
     pairs: list[dict[str, str]] = field(default_factory=list)  # {"question", "answer"}
     asked: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    rephrasings: list[str] = field(default_factory=list)
+    rephrase_asked: int = 0
+    rephrase_dropped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PAIR_KEYS = ("pairs", "asked", "dropped")  # the parts of a Generated that each kind of request writes
+REPHRASE_KEYS = ("rephrasings", "rephrase_asked", "rephrase_dropped")
 
 
 def passages(paragraphs: Sequence[Sequence[str]], words: int = PASSAGE_WORDS) -> list[str]:
@@ -132,6 +152,40 @@ def why_dropped(question: str, answer: str, document_words: set[str], stems: set
     return None
 
 
+def facts_of(text: str) -> set[str]:
+    """The names and numbers of a text: words of capitalised words not opening a sentence, and numbers."""
+    found: set[str] = set()
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
+        tokens = sentence.split()
+        found |= set(words(" ".join(w for w in tokens[1:] if w[:1].isupper())))
+        found |= {w for w in words(sentence) if any(c.isdigit() for c in w)}
+    return {w for w in found if w not in STOPWORDS}
+
+
+def rephrasing_of(reply: str) -> str:
+    """A reply's rephrasing: its lines without those about the task ("Here is a rewritten version:")."""
+    lines = [" ".join(LABEL.sub("", line.strip()).split()) for line in reply.splitlines()]
+    return PREFACE.sub("", " ".join(line for line in lines if line and not META_LINE.search(line))).strip("\"' ")
+
+
+def why_rephrasing_dropped(text: str, passage: str, document_words: set[str]) -> str | None:
+    """Why a rephrasing of `passage` is not kept (None: kept): too short or long, a name or number
+    the document does not have, fewer than half of the passage's, or mostly the passage's own words."""
+    length, source = len(text.split()), len(passage.split())
+    if length < max(MIN_QUESTION_WORDS, source // 2) or length > 2 * source + 10:
+        return "malformed"
+    facts, kept_from = facts_of(text), facts_of(passage)
+    if any(w not in document_words for w in facts):
+        return "unsupported"
+    if kept_from and len(facts & kept_from) < MIN_FACTS_KEPT * len(kept_from):
+        return "missing facts"
+    grams = [tuple(g) for g in zip(*(words(text)[i:] for i in range(4)))]
+    theirs = {tuple(g) for g in zip(*(words(passage)[i:] for i in range(4)))}
+    if grams and sum(g in theirs for g in grams) > MAX_COPIED * len(grams):
+        return "copy"
+    return None
+
+
 def keep(candidates: Sequence[tuple[str, str]], document: str, limit: int) -> tuple[list[dict[str, str]], dict[str, int]]:
     """The supported, distinct pairs (at most `limit`; no question twice, no answer more than twice)
     and the count of each reason the others were dropped."""
@@ -158,20 +212,34 @@ def keep(candidates: Sequence[tuple[str, str]], document: str, limit: int) -> tu
 
 
 async def generate(sampler: Sampler, model: str, paragraphs: Sequence[Sequence[str]], document: str, title: str,
-                   limit: int, temperature: float) -> Generated:
+                   limit: int, temperature: float, rephrasings: int = 0) -> Generated:
     """Up to `limit` question/answer pairs about `document`: `model` asks questions about each passage
     (sampled, twice as many as pairs wanted, spread over the passages), then answers each one with
-    the passage in front of it (greedy) — two steps, which even a small model can take."""
-    chunks = spread(passages(paragraphs), 2 * limit)  # a long document: passages spread over it, one question each
+    the passage in front of it (greedy) — two steps, which even a small model can take. And up to
+    `rephrasings` rephrased passages (`rephrase`)."""
     result = Generated(teacher=model)
-    if not chunks or limit <= 0:
-        return result
-    samples = min(MAX_SAMPLES, math.ceil(2 * limit / len(chunks)))
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def ask(prompt: str, tokens: int, temp: float, n: int) -> list[str]:
         async with gate:
             return await sampler.sample(model, [{"role": "user", "content": prompt}], tokens, temp, n)
+
+    if limit > 0:
+        await _pairs(ask, paragraphs, document, title, limit, temperature, result)
+    if rephrasings > 0:
+        await _rephrase(ask, paragraphs, document, title, rephrasings, temperature, result)
+    log.info("teacher %s: %d question/answer pairs kept of %d questions asked (dropped: %s); %d rephrasings of %d "
+             "(dropped: %s)", model, len(result.pairs), result.asked, result.dropped or "none", len(result.rephrasings),
+             result.rephrase_asked, result.rephrase_dropped or "none")
+    return result
+
+
+async def _pairs(ask: Any, paragraphs: Sequence[Sequence[str]], document: str, title: str, limit: int,
+                 temperature: float, result: Generated) -> None:
+    chunks = spread(passages(paragraphs), 2 * limit)  # a long document: passages spread over it, one question each
+    if not chunks:
+        return
+    samples = min(MAX_SAMPLES, math.ceil(2 * limit / len(chunks)))
 
     replies = await asyncio.gather(*(ask(ASK.format(title=title, passage=p), QUESTION_TOKENS, temperature, samples)
                                      for p in chunks))
@@ -191,9 +259,38 @@ async def generate(sampler: Sampler, model: str, paragraphs: Sequence[Sequence[s
     for reason, count in dropped.items():
         result.dropped[reason] = result.dropped.get(reason, 0) + count
     result.dropped = {reason: count for reason, count in result.dropped.items() if count}
-    log.info("teacher %s: %d question/answer pairs kept of %d questions asked (dropped: %s)", model,
-             len(result.pairs), result.asked, result.dropped or "none")
-    return result
+
+
+async def _rephrase(ask: Any, paragraphs: Sequence[Sequence[str]], document: str, title: str, limit: int,
+                    temperature: float, result: Generated) -> None:
+    """Up to `limit` rephrasings: each passage (spread over the document) rewritten by the teacher,
+    sampled twice as often as wanted; kept round-robin over the passages, none twice."""
+    chunks = spread(passages(paragraphs), limit)
+    if not chunks:
+        return
+    samples = min(MAX_SAMPLES, math.ceil(2 * limit / len(chunks)))
+    replies = await asyncio.gather(*(ask(REPHRASE.format(title=title, passage=p),
+                                         math.ceil(REPHRASE_TOKENS * len(p.split())) + 16, temperature, samples)
+                                     for p in chunks))
+    result.rephrase_asked = len(chunks) * samples
+    document_words = set(words(document))
+    kept: list[list[str]] = [[] for _ in chunks]
+    seen: set[tuple[str, ...]] = set()
+    for index, (passage, group) in enumerate(zip(chunks, replies)):
+        for reply in group:
+            text = rephrasing_of(reply)
+            reason = why_rephrasing_dropped(text, passage, document_words)
+            if reason is None and tuple(content(text)) in seen:
+                reason = "duplicate"
+            if reason:
+                result.rephrase_dropped[reason] = result.rephrase_dropped.get(reason, 0) + 1
+                continue
+            seen.add(tuple(content(text)))
+            kept[index].append(text)
+    ordered = [group[i] for i in range(max(map(len, kept))) for group in kept if i < len(group)]
+    result.rephrasings = ordered[:limit]
+    if len(ordered) > limit:
+        result.rephrase_dropped["over the limit"] = len(ordered) - limit
 
 
 def split(pairs: Sequence[dict[str, str]], held_out: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -205,8 +302,9 @@ def split(pairs: Sequence[dict[str, str]], held_out: float) -> tuple[list[dict[s
     return ([p for i, p in enumerate(pairs) if i % every != 1], [p for i, p in enumerate(pairs) if i % every == 1])
 
 
-def records(pairs: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
-    """Chat records to train on: each question answered (only the answer is learned)."""
+def records(pairs: Sequence[dict[str, str]], rephrasings: Sequence[str] = (), title: str = "") -> list[dict[str, Any]]:
+    """Records to train on: each question answered (a chat; only the answer is learned), each
+    rephrasing as text under the document's title."""
     return [{"messages": [{"role": "user", "content": pair["question"]},
                           {"role": "assistant", "content": pair["answer"]}], "mask_prompt": True}
-            for pair in pairs]
+            for pair in pairs] + [{"text": f"{title}\n\n{text}" if title else text} for text in rephrasings]
