@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -172,6 +173,27 @@ async def test_two_instances_at_most_each_on_its_port_and_stopping_leaves_nothin
     await asyncio.sleep(0.2)
     assert not any(alive(pid) for pid in pids), "an instance or what it spawned outlived its stop"
     assert not list(tmp_path.glob("vllm-*.pid"))
+
+
+async def test_a_port_another_program_holds_is_passed_over_and_named_when_both_are(tmp_path: Path,
+                                                                                  fake_vllm: Path) -> None:
+    base_port = free_port()
+    servers = MergedServers(settings_with(tmp_path, vllm_port=base_port, startup_timeout_s=30), tmp_path, "key", {})
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", base_port + 1))
+        other.listen()
+        assert not merged.bindable(base_port + 1) and merged.bindable(base_port + 2)
+        first = await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
+        assert first.port == base_port + 2, "the instance would have exited at start on the held port"
+        await servers.stop_all()
+        with socket.socket() as another:
+            another.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its port was ours a moment ago
+            another.bind(("127.0.0.1", base_port + 2))
+            another.listen()
+            with pytest.raises(RuntimeError, match=f"port {base_port + 1}, {base_port + 2} .* in use by another "
+                                                   "program: choose another serve.vllm_port"):
+                await servers.start("cld-v0002-bbbbbb", tmp_path / "v0002")
+    assert servers.instances == {}
 
 
 async def test_an_instance_that_never_answers_is_stopped_and_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -3,7 +3,8 @@
 A version trained with `train.method` mora, expand or full is a complete model folder, not a LoRA
 the base instance can load, so it is served by a vLLM instance of its own under the name its cycle
 gave it (such as `cld-v0007-3fa2c1`). At most two run (blue-green): the version `cld` serves and a
-candidate being probed, on whichever of serve.vllm_port + 1 and + 2 is free. A candidate starts,
+candidate being probed, on whichever of serve.vllm_port + 1 and + 2 is free (not ours, and no
+other program's: a port in use would make the instance exit at start). A candidate starts,
 is probed there, and on promotion the router points the stable name at it; the old instance is
 stopped once its requests have drained (`daemon.learning.cycle.Learner.swap`). `cld-base` stays on
 the base instance.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +71,15 @@ class MergedServers:
             if served_name in self.instances:
                 return self.instances[served_name]
             used = {instance.port for instance in self.instances.values()}
-            free = [port for port in self.ports if port not in used]
-            if not free:
+            ours = [port for port in self.ports if port not in used]
+            if not ours:
                 running = ", ".join(sorted(self.instances))
                 raise RuntimeError(f"{SLOTS} merged-weight vLLM instances run already ({running}): the served "
                                    "version and a candidate")
+            free = [port for port in ours if bindable(port)]
+            if not free:
+                raise RuntimeError(f"port {', '.join(map(str, ours))} (serve.vllm_port + 1 or + 2, for merged-weight "
+                                   "instances) is in use by another program: choose another serve.vllm_port")
             port = free[0]
             serve = self.settings.serve
             url = f"http://{vllm.LOOPBACK}:{port}"
@@ -117,6 +123,17 @@ class MergedServers:
 
     def views(self) -> list[dict[str, Any]]:
         return [instance.view() for instance in self.instances.values()]
+
+
+def bindable(port: int) -> bool:
+    """Whether a server could listen on the loopback `port` now (bound as vLLM binds: SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((vllm.LOOPBACK, port))
+        except OSError:
+            return False
+    return True
 
 
 async def _ready(supervisor: Supervisor, timeout_s: float, version: str) -> None:

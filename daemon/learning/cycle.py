@@ -205,7 +205,7 @@ class Learner:
             return []
         forms = augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
                                 settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
-        if taught := self._taught(document):
+        if (settings.teacher_pairs or settings.teacher_rephrasings) and (taught := self._taught(document)):
             pairs = teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[0] if settings.teacher_pairs else []
             forms += teacher.records(pairs, self._rephrasings(taught),
                                      augment.title_of(text, document.get("source") or ""))
@@ -242,8 +242,8 @@ class Learner:
     async def teach(self, documents: list[dict[str, Any]]) -> None:
         """Have the teacher write what it has not written yet about each new document: questions and
         answers (`augment.teacher_pairs`), rephrased passages (`augment.teacher_rephrasings`), kept in
-        teacher/<hash>.json for this and every later cycle that replays the document. A teacher that fails costs only its questions: the cycle goes on
-        without them, and the next one asks again."""
+        teacher/<hash>.json for this and every later cycle that replays the document. A teacher that
+        fails costs only what it would have written: the cycle goes on without it, the next one asks again."""
         settings = self.settings.augment
         todo = []
         for doc in documents:
@@ -388,12 +388,12 @@ class Learner:
     def prune(self) -> None:
         """Delete the weights of merged-weight versions beyond `state.keep_merged` (never the
         served one); a failure is logged, never fails the cycle."""
-        promoted = [r.version for r in self.cycles.all() if r.state == PROMOTED and r.version]
         kept = {self.router.current.version} if self.router.current else set()
         try:
+            promoted = [r.version for r in self.cycles.all() if r.state == PROMOTED and r.version]
             pruned = adapters.prune_merged(self.state.adapters, promoted, kept | self.rolling_back,
                                            self.settings.state.keep_merged)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # a damaged cycle record or meta.json: nothing is deleted
             log.warning("could not delete old merged-weight versions: %s", error)
             return
         if pruned:
