@@ -264,8 +264,9 @@ def test_old_merged_versions_lose_their_weights_and_keep_their_history(tmp_path:
 def test_a_prune_cut_short_is_finished_by_the_next(tmp_path: Path) -> None:
     folder = merged_version(tmp_path, "v0001")
     (folder / "meta.json").write_text(json.dumps({"method": "expand", adapters.PRUNED: "2026-12-02T05:00:00Z"}))
-    (folder / "config.json").unlink()  # the crash came after the mark and the first deletion
-    assert not is_merged(folder)
-    assert adapters.prune_merged(tmp_path, ["v0001"], set(), keep=1) == ["v0001"], "it can no longer be served"
+    (folder / "tokenizer_config.json").unlink()  # the crash came after the mark and the first deletion
+    assert is_merged(folder), "config.json goes last, so a folder cut short is still found"
+    merged_version(tmp_path, "v0002")  # the newer version it was pruned for
+    assert adapters.prune_merged(tmp_path, ["v0001", "v0002"], set(), keep=1) == ["v0001"]
     assert [p.name for p in folder.iterdir()] == ["meta.json"]
     assert adapters.read_meta(folder)[adapters.PRUNED] == "2026-12-02T05:00:00Z"

@@ -104,23 +104,23 @@ def prune_merged(adapters_dir: Path, promoted: Iterable[str], protected: Iterabl
     """Delete the weights of merged-weight versions (a full model copy each) except those in
     `protected` (the served version) and the newest `keep` merged ones of `promoted`; 0 keeps all. Each
     pruned folder keeps its meta.json, marked `pruned_at` first, so a crash half-way is finished by
-    the next call. Returns the versions pruned. LoRA versions (a few MB) are never pruned."""
+    the next call (config.json, which makes a folder a merged version, goes last). Returns the
+    versions pruned. LoRA versions (a few MB) are never pruned."""
     if keep <= 0:
         return []
     merged = [v for v in promoted if VERSION_RE.match(v) and is_merged(adapters_dir / v)]
-    newest = sorted(merged, key=lambda v: int(v[1:]))[-keep:]
-    kept = {*protected, *newest}
+    kept = {*protected, *sorted(merged, key=lambda v: int(v[1:]))[-keep:]}
     pruned = []
     for version in versions(adapters_dir):
         folder = adapters_dir / version
-        meta = read_meta(folder)
-        weights = [p for p in folder.iterdir() if p.name != META_FILE]
-        if version in kept or not weights or not (is_merged(folder) or meta.get(PRUNED)):
+        if version in kept or not is_merged(folder):
             continue
+        meta = read_meta(folder)
         if not meta.get(PRUNED):
             atomic_write_json(folder / META_FILE, {**meta, PRUNED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        for path in weights:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in sorted(folder.iterdir(), key=lambda p: p.name == "config.json"):
+            if path.name != META_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         pruned.append(version)
     return pruned
 

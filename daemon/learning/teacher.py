@@ -28,11 +28,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from daemon.learning.probes import STOPWORDS, spread
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PASSAGE_WORDS = 80          # a passage the teacher reads: whole sentences, about this many words
 MAX_SAMPLES = 8             # samples asked per passage, at most
 MAX_ANSWER_WORDS = 40        # an answer may quote a sentence; longer is not an answer
@@ -162,6 +163,16 @@ def facts_of(text: str) -> set[str]:
     return {w for w in found if w not in STOPWORDS}
 
 
+def four_grams(text: str) -> list[tuple[str, ...]]:
+    found = words(text)
+    return list(zip(found, found[1:], found[2:], found[3:]))
+
+
+def round_robin(groups: Sequence[Sequence[T]]) -> list[T]:
+    """The first of each group, then the second of each, and so on (so a limit keeps some of every group)."""
+    return [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
+
+
 def rephrasing_of(reply: str) -> str:
     """A reply's rephrasing: its lines without those about the task ("Here is a rewritten version:")."""
     lines = [" ".join(LABEL.sub("", line.strip()).split()) for line in reply.splitlines()]
@@ -179,8 +190,7 @@ def why_rephrasing_dropped(text: str, passage: str, document_words: set[str]) ->
         return "unsupported"
     if kept_from and len(facts & kept_from) < MIN_FACTS_KEPT * len(kept_from):
         return "missing facts"
-    grams = [tuple(g) for g in zip(*(words(text)[i:] for i in range(4)))]
-    theirs = {tuple(g) for g in zip(*(words(passage)[i:] for i in range(4)))}
+    grams, theirs = four_grams(text), set(four_grams(passage))
     if grams and sum(g in theirs for g in grams) > MAX_COPIED * len(grams):
         return "copy"
     return None
@@ -239,8 +249,7 @@ async def _pairs(ask: Any, paragraphs: Sequence[Sequence[str]], document: str, t
     chunks = spread(passages(paragraphs), 2 * limit)  # a long document: passages spread over it, one question each
     if not chunks:
         return
-    samples = min(MAX_SAMPLES, math.ceil(2 * limit / len(chunks)))
-
+    samples = _samples(limit, chunks)
     replies = await asyncio.gather(*(ask(ASK.format(title=title, passage=p), QUESTION_TOKENS, temperature, samples)
                                      for p in chunks))
     result.asked = len(chunks) * samples
@@ -250,8 +259,7 @@ async def _pairs(ask: Any, paragraphs: Sequence[Sequence[str]], document: str, t
         result.dropped["no question"] = result.dropped.get("no question", 0) + found.count(None)
         questions.append(list(dict.fromkeys(q for q in found if q)))  # a passage's repeats asked once
     # round-robin over the passages, so that the limit keeps pairs about all of them
-    ordered = [(chunks[p], questions[p][i]) for i in range(max(map(len, questions)))
-               for p in range(len(chunks)) if i < len(questions[p])]
+    ordered = round_robin([[(chunk, q) for q in asked] for chunk, asked in zip(chunks, questions)])
     answers = await asyncio.gather(*(ask(ANSWER.format(title=title, passage=passage, question=question),
                                          ANSWER_TOKENS, 0.0, 1) for passage, question in ordered))
     result.pairs, dropped = keep([(q, answer_of(a[0] if a else "")) for (_, q), a in zip(ordered, answers)],
@@ -268,7 +276,7 @@ async def _rephrase(ask: Any, paragraphs: Sequence[Sequence[str]], document: str
     chunks = spread(passages(paragraphs), limit)
     if not chunks:
         return
-    samples = min(MAX_SAMPLES, math.ceil(2 * limit / len(chunks)))
+    samples = _samples(limit, chunks)
     replies = await asyncio.gather(*(ask(REPHRASE.format(title=title, passage=p),
                                          math.ceil(REPHRASE_TOKENS * len(p.split())) + 16, temperature, samples)
                                      for p in chunks))
@@ -287,10 +295,15 @@ async def _rephrase(ask: Any, paragraphs: Sequence[Sequence[str]], document: str
                 continue
             seen.add(tuple(content(text)))
             kept[index].append(text)
-    ordered = [group[i] for i in range(max(map(len, kept))) for group in kept if i < len(group)]
+    ordered = round_robin(kept)
     result.rephrasings = ordered[:limit]
     if len(ordered) > limit:
         result.rephrase_dropped["over the limit"] = len(ordered) - limit
+
+
+def _samples(wanted: int, chunks: Sequence[str]) -> int:
+    """Samples asked per passage: twice as many in all as wanted, at most MAX_SAMPLES each."""
+    return min(MAX_SAMPLES, math.ceil(2 * wanted / len(chunks)))
 
 
 def split(pairs: Sequence[dict[str, str]], held_out: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
