@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from daemon.engine.merged import spare_vllm_port
+
 REPO = Path(__file__).resolve().parent.parent
 FACTS = " ".join(
     f"In the year {2040 + i}, the guild of {name} moved its archive to {city}, where {person} kept "
@@ -81,7 +83,8 @@ def free_port() -> int:
 
 
 def start(folder: Path, method: str) -> tuple[subprocess.Popen, str]:
-    port, vllm_port = free_port(), free_port()
+    port = free_port()
+    vllm_port = spare_vllm_port()  # and its merged instances' + 1, + 2, below the ephemeral range
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     (folder / "config.toml").write_text(

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from daemon.engine.merged import spare_vllm_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -40,7 +42,8 @@ def free_port() -> int:
 
 
 def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
-    port, vllm_port = free_port(), free_port()
+    port = free_port()
+    vllm_port = spare_vllm_port()  # below the ephemeral range, so the front's own port cannot be it
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     config = folder / "config.toml"

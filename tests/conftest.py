@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,21 +18,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from daemon.engine.merged import SLOTS, spare_vllm_port
+
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("CLD_TEST_START_TIMEOUT_S", "600"))
 _HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A free loopback port never handed out before in this session (the kernel may offer the
-    same free port twice in a row, and a config with serve.port = serve.vllm_port is refused)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+    """A free loopback port never handed out before in this session (a config with serve.port =
+    serve.vllm_port is refused), below the kernel's ephemeral range and with the next two free as
+    well: as serve.vllm_port, those are the merged instances' (daemon.engine.merged)."""
+    port = spare_vllm_port(frozenset(_HANDED_OUT))
+    _HANDED_OUT.update(range(port, port + SLOTS + 1))
+    return port
 
 
 @dataclass

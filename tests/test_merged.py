@@ -221,6 +221,22 @@ async def test_an_instance_that_exits_before_it_is_ready_is_refused_at_once(tmp_
     assert asyncio.get_running_loop().time() - started < 60 and servers.instances == {}
 
 
+def test_a_spare_vllm_port_has_its_merged_ports_free_and_below_the_ephemeral_range() -> None:
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    port = merged.spare_vllm_port()
+    assert port + merged.SLOTS < ephemeral
+    assert all(merged.bindable(p) for p in range(port, port + merged.SLOTS + 1))
+    window = {"low": port, "high": port + merged.SLOTS + 2}  # two starts: port and port + 1, both spans hold port + 1
+    with socket.socket() as held:
+        held.bind((vllm.LOOPBACK, port + 1))
+        held.listen()
+        with pytest.raises(RuntimeError, match="no 3 free loopback ports in a row"):
+            merged.spare_vllm_port(**window)
+    with pytest.raises(RuntimeError):
+        merged.spare_vllm_port(frozenset({port + 2}), **window)
+    assert merged.spare_vllm_port(frozenset({port + 3}), **window) == port
+
+
 # ---- retention: old merged versions lose their weights, not their history (state.keep_merged) ---------
 
 def merged_version(adapters: Path, version: str) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,25 @@ def bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def spare_vllm_port(taken: frozenset[int] = frozenset(), low: int = 20000, high: int | None = None) -> int:
+    """A serve.vllm_port in [low, high) whose merged instances' ports (+ 1, + 2) are free too and none
+    of `taken`; `high` defaults to the start of the kernel's ephemeral range (where it picks client
+    sockets' local ports, so none can take one of them while the daemon runs). For tests and
+    benchmarks that start daemons."""
+    if high is None:
+        try:
+            high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            high = 32768
+        low = min(low, max(1024, high - 10000))
+    starts = range(low, high - SLOTS)
+    for port in random.sample(starts, min(2000, len(starts))):
+        span = range(port, port + SLOTS + 1)
+        if not taken.intersection(span) and all(bindable(p) for p in span):
+            return port
+    raise RuntimeError(f"no {SLOTS + 1} free loopback ports in a row between {low} and {high}")
 
 
 async def _ready(supervisor: Supervisor, timeout_s: float, version: str) -> None:

@@ -482,12 +482,14 @@ def topk_kl(logits: Any, indices: Any, teacher: Any) -> Any:
     tokens the base finds likely."""
     log_z = logits.logsumexp(-1, keepdim=True)
     student = logits.gather(-1, indices) - log_z
-    # the student's log-mass outside the k tokens; a large finite fill (not -inf) keeps the
-    # gradient finite when k covers the whole vocabulary
-    rest = logits.scatter(-1, indices, -1e4).logsumexp(-1, keepdim=True) - log_z
     p = teacher.exp()
+    kl = (p * (teacher - student)).sum()
+    if indices.shape[-1] >= logits.shape[-1]:  # no rest: its rounding error (1 - Σp ≈ 1e-7 in fp32) times
+        return kl  # the fill below would add ~1e-3 a position
+    # the student's log-mass outside the k tokens (a finite fill, not -inf, keeps the gradient finite)
+    rest = logits.scatter(-1, indices, -1e4).logsumexp(-1, keepdim=True) - log_z
     p_rest = (1 - p.sum(-1, keepdim=True)).clamp(min=0)
-    return (p * (teacher - student)).sum() + (torch.xlogy(p_rest, p_rest) - p_rest * rest).sum()
+    return kl + (torch.xlogy(p_rest, p_rest) - p_rest * rest).sum()
 
 
 def teacher_targets(model: Any, examples: list[Example], pad_id: int, top_k: int, batch_size: int = 8) -> None:
