@@ -271,6 +271,17 @@ class ReplaySection(Section):
         description="Share of the replay budget given to chunks of documents learned in earlier cycles, so later "
         "adapters keep earlier knowledge.",
     )
+    knowledge_floor: float = Field(
+        0.0, ge=0, le=5,
+        description="Least share of all earlier documents' text replayed in every cycle, even beyond "
+        "knowledge_share of the budget (0.5: half of everything learned; 0 = off), so earlier documents are "
+        "not thinned out as more arrive; the cycle then grows with what was learned, up to knowledge_cap.",
+    )
+    knowledge_cap: float = Field(
+        12.0, ge=0, le=100,
+        description="Most knowledge-replay tokens per new-document token that knowledge_floor may ask for "
+        "(bounds how much a cycle grows with all it has learned).",
+    )
     rehearsal_pairs: int = Field(
         20, ge=0,
         description="Behaviour-rehearsal pairs (a chat prompt and the base model's own answer) in each cycle's "

@@ -146,6 +146,8 @@ class ReplayPlan:
     ratio: float  # replay tokens : new tokens
     knowledge_share: float  # of the replay budget, for earlier learned documents
     rehearsal_pairs: int
+    knowledge_floor: float  # least share of all learned tokens replayed (0 = off) ...
+    knowledge_cap: float  # ... up to this many knowledge tokens per new token
 
 
 @dataclass
@@ -172,15 +174,29 @@ def select_replay(buffer: ReplayBuffer, new_texts: list[str], learned_texts: lis
     new_tokens = sum(buffer.count_tokens(text) for text in new_texts)
     budget = int(plan.ratio * new_tokens)
     new_digests = {digest(text) for text in new_texts}
-    knowledge = sample_texts(learned_texts, int(budget * plan.knowledge_share), buffer.count_tokens, rng, new_digests)
-    corpus_budget = budget - sum(buffer.count_tokens(text) for text in knowledge)
+    shared = int(budget * plan.knowledge_share)
+    wanted = knowledge_wanted(learned_texts, new_digests, buffer.count_tokens, plan, new_tokens)
+    knowledge = sample_texts(learned_texts, max(shared, wanted), buffer.count_tokens, rng, new_digests)
+    used = sum(buffer.count_tokens(text) for text in knowledge)
+    # the corpus gets what knowledge leaves of the budget, and never less than its own share
+    corpus_budget = budget - used if wanted <= shared else budget - shared
     pool = Pool(buffer, buffer.embed(new_texts), rng, dict(plan.mix))
     seen = new_digests | {digest(text) for text in knowledge}
     passages = [p for p in fill(buffer.passages(strategy(pool, corpus_budget)), corpus_budget)
                 if digest(p.text) not in seen]
     pairs = [rehearsal[i] for i in rng.permutation(len(rehearsal))[:plan.rehearsal_pairs]]
-    replay_tokens = sum(p.tokens for p in passages) + budget - corpus_budget
+    replay_tokens = sum(p.tokens for p in passages) + used
     return Selection(passages, knowledge, pairs, new_tokens, replay_tokens)
+
+
+def knowledge_wanted(learned_texts: list[str], exclude: set[str], count_tokens: Callable[[str], int],
+                     plan: ReplayPlan, new_tokens: int) -> int:
+    """The knowledge tokens `plan.knowledge_floor` asks for: that share of every earlier document's
+    text, at most `plan.knowledge_cap` × the new tokens (0 when the floor is off)."""
+    if plan.knowledge_floor <= 0:
+        return 0
+    learned = sum(count_tokens(text) for text in dict.fromkeys(learned_texts) if digest(text) not in exclude)
+    return int(min(plan.knowledge_floor * learned, plan.knowledge_cap * new_tokens))
 
 
 def sample_texts(texts: list[str], budget_tokens: int, count_tokens: Callable[[str], int],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 
@@ -110,7 +111,8 @@ def test_a_cycle_gets_ratio_times_new_tokens_knowledge_and_rehearsal(buffer: Rep
     new = [new_document("bread", seed) for seed in range(3)]  # 120 tokens
     learned = [new_document("chess", 10 + i) for i in range(10)] + [new[0], new_document("chess", 10)]
     pairs = [RehearsalPair(f"q{i}", f"a{i}") for i in range(30)]
-    plan = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25, rehearsal_pairs=20)
+    plan = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25, rehearsal_pairs=20,
+                      knowledge_floor=0.0, knowledge_cap=0.0)
     chosen = select_replay(buffer, new, learned, pairs, plan, seed=0)
     assert chosen.new_tokens == 120
     # 25 % of 240 tokens = 60: chunks of 40 tokens are taken until that is reached.
@@ -124,8 +126,28 @@ def test_a_cycle_gets_ratio_times_new_tokens_knowledge_and_rehearsal(buffer: Rep
     assert select_replay(buffer, new, learned, pairs, plan, seed=0) == chosen
 
 
+def test_a_knowledge_floor_replays_a_share_of_everything_learned_up_to_its_cap(buffer: ReplayBuffer) -> None:
+    new = [new_document("bread", seed) for seed in range(3)]  # 120 tokens
+    learned = [new_document("chess", 10 + i) for i in range(30)] + [new[0]]  # 30 × 40 tokens + a new chunk
+    plain = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25,
+                       rehearsal_pairs=0, knowledge_floor=0.0, knowledge_cap=0.0)
+    before = select_replay(buffer, new, learned, [], plain, seed=0)
+    floor = select_replay(buffer, new, learned, [], dataclasses.replace(plain, knowledge_floor=0.5, knowledge_cap=100), seed=0)
+    # the floor: half of the 1,200 learned tokens (the new chunk not counted) instead of 25 % of 240
+    assert len(before.knowledge) == 2 and len(floor.knowledge) == 15 and new[0] not in floor.knowledge
+    # the corpus keeps its own share of the budget (180 tokens), not what knowledge leaves (nothing)
+    corpus = sum(p.tokens for p in floor.corpus)
+    assert 180 - 40 <= corpus <= 180 + 60 and floor.replay_tokens == corpus + 15 * 40
+    capped = select_replay(buffer, new, learned, [], dataclasses.replace(plain, knowledge_floor=0.5, knowledge_cap=2), seed=0)
+    assert len(capped.knowledge) == 6  # 2 × 120 new tokens
+    below = select_replay(buffer, new, learned[:2], [], dataclasses.replace(plain, knowledge_floor=0.5, knowledge_cap=100),
+                          seed=0)
+    assert below == select_replay(buffer, new, learned[:2], [], plain, seed=0)  # under the share: as without a floor
+
+
 def test_no_new_tokens_means_no_corpus_replay(buffer: ReplayBuffer) -> None:
-    chosen = select_replay(buffer, [], ["x y z"], [], ReplayPlan("random", dict(select.DEFAULT_MIX), ratio=8.0, knowledge_share=0.5, rehearsal_pairs=0), seed=0)
+    chosen = select_replay(buffer, [], ["x y z"], [], ReplayPlan("random", dict(select.DEFAULT_MIX), ratio=8.0, knowledge_share=0.5,
+                                                                 rehearsal_pairs=0, knowledge_floor=0.5, knowledge_cap=12.0), seed=0)
     assert chosen.corpus == [] and chosen.knowledge == [] and chosen.replay_tokens == 0
 
 

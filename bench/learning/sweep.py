@@ -7,7 +7,8 @@
 
 `export` writes what the daemon's cycles would train on for each benchmark document in turn (its
 chunks, the replay the daemon's own selection picks at each replay ratio, earlier documents as
-knowledge replay, rehearsal pairs) and the benchmark's held-out measures (held-out passages,
+knowledge replay, rehearsal pairs; `--lifelong` for the lifelong benchmark's twenty in order,
+`--knowledge-floor` as `replay.knowledge_floor`) and the benchmark's held-out measures (held-out passages,
 behaviour pairs, drift prompts). `export-run` takes the same from a lifelong run instead
 (`bench/learning/lifelong.py`): the jobs its daemon trained, cycle by cycle, under the ratio "run",
 so a recipe is measured on exactly the data the daemon's cycles had:
@@ -87,7 +88,9 @@ def known_documents() -> dict[str, measure.Document]:
 
 
 def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowledge_share: float,
-           held_out: int) -> None:
+           held_out: int, order: list[str] | None = None, knowledge_floor: float = 0.0, knowledge_cap: float = 12.0) -> None:
+    """Each document in turn (`order`: names; default the learning benchmark's six) as the daemon's
+    cycle would train it, every earlier one learned, at each replay ratio."""
     import dataclasses
 
     from daemon.config import Settings
@@ -97,7 +100,7 @@ def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowled
     from replay.select import select_replay
 
     settings = Settings()
-    documents, _ = measure.load_documents()
+    documents = [known_documents()[name] for name in order] if order else measure.load_documents()[0]
     chunker = Chunker(load_tokenizer(model_dir), settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
     chunks = [[record for _, record in chunker.chunks([{"text": doc.text}])] for doc in documents]
     rehearsal, behaviour = load_rehearsal(state / "replay")
@@ -105,7 +108,8 @@ def export(state: Path, model_dir: Path, out: Path, ratios: list[float], knowled
     try:
         jobs: dict[str, list[dict[str, Any]]] = {}
         for ratio in ratios:
-            plan = dataclasses.replace(replay_plan.plan(settings), ratio=ratio, knowledge_share=knowledge_share)
+            plan = dataclasses.replace(replay_plan.plan(settings), ratio=ratio, knowledge_share=knowledge_share,
+                                       knowledge_floor=knowledge_floor, knowledge_cap=knowledge_cap)
             jobs[str(ratio)] = []
             for k, new in enumerate(chunks):
                 learned = [r["text"] for earlier in chunks[:k] for r in earlier]
@@ -420,6 +424,9 @@ def main() -> None:
     ex.add_argument("--ratios", type=float, nargs="+", default=[4.0])
     ex.add_argument("--knowledge-share", type=float, default=0.5)
     ex.add_argument("--held-out", type=int, default=64)
+    ex.add_argument("--lifelong", action="store_true", help="the lifelong benchmark's 20 documents, in its order")
+    ex.add_argument("--knowledge-floor", type=float, default=0.0, help="as replay.knowledge_floor")
+    ex.add_argument("--knowledge-cap", type=float, default=12.0, help="as replay.knowledge_cap")
     er = sub.add_parser("export-run", help="write the sweep's data from a lifelong run's jobs (here)")
     er.add_argument("run", type=Path, help="a run folder of bench/learning/lifelong.py")
     er.add_argument("out", type=Path)
@@ -442,7 +449,9 @@ def main() -> None:
     rp.add_argument("--plot", type=Path)
     args = parser.parse_args()
     if args.command == "export":
-        export(args.state, args.model, args.out, args.ratios, args.knowledge_share, args.held_out)
+        order = json.loads((HERE / "lifelong.json").read_text())["order"] if args.lifelong else None
+        export(args.state, args.model, args.out, args.ratios, args.knowledge_share, args.held_out, order,
+               args.knowledge_floor, args.knowledge_cap)
     elif args.command == "export-run":
         export_run(args.run, args.out, args.cycles, args.held_out)
     elif args.command == "teach":

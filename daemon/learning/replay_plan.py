@@ -78,7 +78,8 @@ def build_job(settings: Settings, spec: GeneratorSpec | None) -> BuildJob:
 def plan(settings: Settings) -> ReplayPlan:
     replay = settings.replay
     return ReplayPlan(strategy=replay.strategy, mix=dict(replay.mix), ratio=replay.ratio,
-                      knowledge_share=replay.knowledge_share, rehearsal_pairs=replay.rehearsal_pairs)
+                      knowledge_share=replay.knowledge_share, rehearsal_pairs=replay.rehearsal_pairs,
+                      knowledge_floor=replay.knowledge_floor, knowledge_cap=replay.knowledge_cap)
 
 
 class BackgroundBuild:
