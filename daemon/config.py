@@ -105,7 +105,9 @@ class ServeSection(Section):
         1, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB: vLLM reads an integer)."
     )
     gpu_memory_utilization: float = Field(
-        0.6, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only); the trainer gets the rest."
+        0.6, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only); the trainer gets the rest. "
+        "Unset with a train.method other than lora: what the merged instances and the trainer leave "
+        "(1 − 2 × merged_gpu_memory_utilization − train.gpu_memory_fraction: 0.35 at the defaults)."
     )
     max_loras: int = Field(2, ge=2, description="Adapters vLLM holds at once (incumbent + candidate ≥ 2).")
     merged_kv_cache_gib: int = Field(
@@ -635,6 +637,10 @@ class Settings(BaseSettings):
                 f"train.method = {self.train.method!r} trains merged weights, which cld serves from vLLM "
                 "instances it starts itself; with serve.vllm_url (an external server) use train.method = 'lora'"
             )
+        if self.train.method != "lora" and "gpu_memory_utilization" not in self.serve.model_fields_set:
+            left = 1 - 2 * self.serve.merged_gpu_memory_utilization - self.train.gpu_memory_fraction
+            if left >= 0.1:  # else the daemon refuses at start with the split spelled out (service.gpu_shares_problem)
+                self.serve.gpu_memory_utilization = round(left, 2)
         return self
 
 

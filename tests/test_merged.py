@@ -86,6 +86,19 @@ def test_the_gpu_must_hold_two_more_instances_for_merged_weights(tmp_path: Path)
     assert gpu_shares_problem(settings, cpu=False) is None
 
 
+def test_the_base_instance_makes_room_for_merged_weights_unless_its_share_is_set(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[train]\nmethod = "expand"\n')
+    settings = load_settings(config)
+    assert settings.serve.gpu_memory_utilization == 0.35 and gpu_shares_problem(settings, cpu=False) is None
+    config.write_text('[train]\nmethod = "expand"\ngpu_memory_fraction = 0.2\n')
+    assert load_settings(config).serve.gpu_memory_utilization == 0.5
+    config.write_text('[serve]\ngpu_memory_utilization = 0.6\n[train]\nmethod = "expand"\n')
+    assert "1.25" in gpu_shares_problem(load_settings(config), cpu=False)  # as asked: refused, with the sum
+    config.write_text('[train]\nmethod = "lora"\n')
+    assert load_settings(config).serve.gpu_memory_utilization == 0.6
+
+
 class FakeClient:
     def __init__(self, name: str):
         self.name, self.calls = name, []
