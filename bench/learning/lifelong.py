@@ -257,21 +257,24 @@ def plot(steps: list[dict[str, Any]], naive_steps: list[dict[str, Any]], path: P
                                       ("all_qa", "all facts so far (QA)", "o-", "#66a61e"),
                                       ("first_cloze", "first document (cloze)", "^-", "#2b7bba"),
                                       ("this_cloze", "this cycle's document (cloze)", ".:", "#7570b3")):
-        ax.plot(cycles, [s[key] for s in steps], style, label=label, color=colour)
+        if steps:
+            ax.plot(cycles, [s[key] for s in steps], style, label=label, color=colour)
     for s in steps:
         if s["gate"] != "promoted":
             ax.plot(s["cycle"], s["all_cloze"], "x", color="#b2182b", ms=10, mew=2)
     if naive_steps:
         ax.plot([s["cycle"] for s in naive_steps], [s["all_cloze"] for s in naive_steps], "s--", color="#999999",
                 label="naive LoRA: all facts (cloze)")
-    ax.plot([], [], "x", color="#b2182b", label="refused by the gate")
+    if steps:
+        ax.plot([], [], "x", color="#b2182b", label="refused by the gate")
     ax.axhline(0.8, color="#1b9e77", ls=":", lw=1)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("cycle (one new document each)")
     ax.set_ylabel("recall")
     forgetting = ax.twinx()
-    forgetting.plot(cycles, [100 * (s["held_out_delta"] or 0) for s in steps], "v-", color="#d95f02",
-                    label="held-out NLL Δ vs base (%)")
+    if steps:
+        forgetting.plot(cycles, [100 * (s["held_out_delta"] or 0) for s in steps], "v-", color="#d95f02",
+                        label="held-out NLL Δ vs base (%)")
     if naive_steps:
         forgetting.plot([s["cycle"] for s in naive_steps], [100 * (s["held_out_delta"] or 0) for s in naive_steps],
                         "v--", color="#fdb863", label="naive LoRA: held-out NLL Δ (%)")
