@@ -638,10 +638,18 @@ class Settings(BaseSettings):
                 "instances it starts itself; with serve.vllm_url (an external server) use train.method = 'lora'"
             )
         if self.train.method != "lora" and "gpu_memory_utilization" not in self.serve.model_fields_set:
-            left = 1 - 2 * self.serve.merged_gpu_memory_utilization - self.train.gpu_memory_fraction
-            if left >= 0.1:  # else the daemon refuses at start with the split spelled out (service.gpu_shares_problem)
-                self.serve.gpu_memory_utilization = round(left, 2)
+            left = base_gpu_share_left(self)
+            if left >= MIN_GPU_SHARE:  # else the daemon refuses at start with the split spelled out (service)
+                self.serve.gpu_memory_utilization = left
         return self
+
+
+MIN_GPU_SHARE = 0.1  # least share of the GPU a base instance is given or advised
+
+
+def base_gpu_share_left(settings: Settings) -> float:
+    """What two merged-weight instances and the trainer leave of the GPU for the base vLLM instance."""
+    return round(1 - 2 * settings.serve.merged_gpu_memory_utilization - settings.train.gpu_memory_fraction, 2)
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -26,7 +26,7 @@ import httpx
 import uvicorn
 
 from daemon import model, systemd
-from daemon.config import Settings
+from daemon.config import MIN_GPU_SHARE, Settings, base_gpu_share_left
 from daemon.engine import vllm
 from daemon.engine.merged import Fleet, MergedServers, is_merged
 from daemon.engine.router import Router
@@ -393,8 +393,8 @@ def gpu_shares_problem(settings: Settings, cpu: bool) -> str | None:
     shares = serve.gpu_memory_utilization + 2 * serve.merged_gpu_memory_utilization + train.gpu_memory_fraction
     if cpu or train.method == "lora" or shares <= 1:
         return None
-    room = round(1 - 2 * serve.merged_gpu_memory_utilization - train.gpu_memory_fraction, 2)
-    hint = (f" (for example serve.gpu_memory_utilization = {room:g}, keeping the others)" if room >= 0.1 else "")
+    room = base_gpu_share_left(settings)
+    hint = (f" (for example serve.gpu_memory_utilization = {room:g}, keeping the others)" if room >= MIN_GPU_SHARE else "")
     return (f"train.method = {train.method!r} serves merged weights from two more vLLM instances: "
             f"serve.gpu_memory_utilization {serve.gpu_memory_utilization:g} + 2 × serve.merged_gpu_memory_utilization "
             f"{serve.merged_gpu_memory_utilization:g} + train.gpu_memory_fraction {train.gpu_memory_fraction:g} "

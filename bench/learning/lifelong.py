@@ -95,7 +95,8 @@ async def run(args: argparse.Namespace, daemon: Daemon, results: dict[str, Any])
         save(daemon.folder, results)
     score = Scorer(docs, held_out, real, bench)
     steps = results["steps"]
-    for k in range(len(steps) + 1, 0 if results.get("naive_only") else len(docs) + 1):
+    cld_cycles = 0 if results.get("naive_only") else len(docs)  # --naive-only: the daemon learns nothing
+    for k in range(len(steps) + 1, cld_cycles + 1):
         doc = docs[k - 1]
         if doc.name not in results["handed_in"]:
             daemon.hand_in(doc)
