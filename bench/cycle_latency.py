@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.engine.merged import spare_vllm_port
+from daemon.engine.merged import spare_daemon_ports
 
 REPO = Path(__file__).resolve().parent.parent
 FACTS = " ".join(
@@ -74,17 +74,9 @@ MORE_FACTS = " ".join(
     ])
 )
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def start(folder: Path, method: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    vllm_port = spare_vllm_port()  # and its merged instances' + 1, + 2, below the ephemeral range
+    port, vllm_port = spare_daemon_ports()
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     (folder / "config.toml").write_text(

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,20 +29,13 @@ from pathlib import Path
 
 import httpx
 
-from daemon.engine.merged import spare_vllm_port
+from daemon.engine.merged import spare_daemon_ports
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
-    port = free_port()
-    vllm_port = spare_vllm_port()  # below the ephemeral range, so the front's own port cannot be it
+    port, vllm_port = spare_daemon_ports()
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     config = folder / "config.toml"

@@ -250,6 +250,15 @@ def test_a_spare_vllm_port_has_its_merged_ports_free_and_below_the_ephemeral_ran
     assert merged.spare_vllm_port(frozenset({port + 3}), **window) == port
 
 
+
+def test_a_benchmark_daemons_front_port_is_none_of_its_vllm_instances(monkeypatch) -> None:
+    monkeypatch.setattr(merged.random, "sample", lambda starts, k: list(starts)[:k])  # lowest first: two plain
+    port, vllm_port = merged.spare_daemon_ports()                                    # picks would collide
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert port < ephemeral and vllm_port + merged.SLOTS < ephemeral
+    assert port not in range(vllm_port, vllm_port + merged.SLOTS + 1)
+    assert vllm_port not in range(port, port + merged.SLOTS + 1)
+
 # ---- retention: old merged versions lose their weights, not their history (state.keep_merged) ---------
 
 def merged_version(adapters: Path, version: str) -> Path:

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path[:0] = [str(REPO)]
 import measure  # noqa: E402  (beside this file)
 
 from daemon.config import load_settings  # noqa: E402
-from daemon.engine.merged import is_merged, spare_vllm_port  # noqa: E402
+from daemon.engine.merged import is_merged, spare_daemon_ports  # noqa: E402
 from daemon.engine.vllm import VLLMClient, auth_headers  # noqa: E402
 from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
@@ -44,12 +43,6 @@ START_TIMEOUT_S = 3600
 CYCLE_TIMEOUT_S = 3600
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---- the daemon under test ------------------------------------------------------------------------
 
 class Daemon:
@@ -58,8 +51,8 @@ class Daemon:
 
     def __init__(self, folder: Path, state: Path, settings: list[str]):
         overrides = dict(item.split("=", 1) for item in settings)
-        self.folder, self.state, self.port = folder, state, free_port()
-        self.vllm_port = spare_vllm_port()  # and its merged instances' + 1, + 2, outside the ephemeral range
+        self.folder, self.state = folder, state
+        self.port, self.vllm_port = spare_daemon_ports()
         base = f'[model]\nbase = "{PREPARED}"\n' if (PREPARED / "config.json").is_file() else ""
         self.config = folder / "config.toml"
         self.config.write_text(f'[state]\ndir = "{state}"\n{base}[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'

@@ -156,6 +156,14 @@ def spare_vllm_port(taken: frozenset[int] = frozenset(), low: int = 20000, high:
     raise RuntimeError(f"no {SLOTS + 1} free loopback ports in a row between {low} and {high}")
 
 
+def spare_daemon_ports() -> tuple[int, int]:
+    """serve.port and serve.vllm_port for a daemon a benchmark starts: both below the kernel's
+    ephemeral range (no client socket can take one before the daemon binds it), the vLLM port with
+    its merged instances' ports free, and the front's port none of those."""
+    port = spare_vllm_port()
+    return port, spare_vllm_port(frozenset(range(port, port + SLOTS + 1)))
+
+
 async def _ready(supervisor: Supervisor, timeout_s: float, version: str) -> None:
     """Wait until the instance answers; RuntimeError when it exits first (a candidate that cannot
     start is refused now, not after serve.startup_timeout_s of restarts) or never answers."""
