@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -289,23 +290,49 @@ def _synthetic_ready(job: BuildJob) -> bool:
 
 
 def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
-    """Have the base model write the corpus (no corpus is configured) and store it as one."""
+    """Have the base model write the corpus (no corpus is configured) and store it as one. How far
+    it got is kept after every batch, so a build stopped part way (the daemon restarted) goes on
+    from there instead of asking the base everything again."""
     if job.generator is None:
         raise BuildError("replay.corpus is empty, so the corpus is synthesized from the base model, "
                          "and no model server is given: start the daemon (`cld run`) or set replay.corpus")
     chat = synth.supports_chat(job.generator)
-    log.info("no replay.corpus configured: synthesizing %d documents from %s (%s)", job.synthetic_documents,
-             job.generator.model, "chat" if chat else "completions")
+    folder = job.folder / files.SYNTHETIC_DIR
+    so_far = _synthesis_so_far(folder / files.SYNTHETIC_PARTIAL_FILE, job, chat)
+    log.info("no replay.corpus configured: synthesizing %d documents from %s (%s)%s", job.synthetic_documents,
+             job.generator.model, "chat" if chat else "completions",
+             f", going on from {len(so_far.documents)} written earlier" if so_far.asked else "")
+
+    def checkpoint(state: synth.CorpusSoFar) -> None:
+        atomic_write_json(folder / files.SYNTHETIC_PARTIAL_FILE,
+                          {"model_id": job.model_id, "chat": chat, "seed": job.seed, **asdict(state)})
+
     documents = synth.synthesize_corpus(synth.endpoint(job.generator, chat), job.synthetic_documents, chat,
                                         job.synthetic_temperature, job.seed, stop,
-                                        progress=_reporter(job, "synthesizing the corpus"))
+                                        progress=_reporter(job, "synthesizing the corpus"), so_far=so_far,
+                                        checkpoint=checkpoint)
     _check_stop(stop)
     if not documents:
         raise BuildError(f"the base model at {job.generator.base_url} wrote no usable text for the synthetic corpus")
-    folder = job.folder / files.SYNTHETIC_DIR
     atomic_write_jsonl(folder / files.SYNTHETIC_CORPUS_FILE, documents)
     meta = {"model_id": job.model_id, "documents": len(documents), "chat": chat}
     atomic_write_json(folder / files.SYNTHETIC_META_FILE, meta)
+    (folder / files.SYNTHETIC_PARTIAL_FILE).unlink(missing_ok=True)
+
+
+def _synthesis_so_far(path: Path, job: BuildJob, chat: bool) -> synth.CorpusSoFar:
+    """Where an earlier synthesis for this model stopped (nothing when it was another model's, asked
+    another way or with another seed, or the file is unreadable)."""
+    found = read_json(path, lenient=True)
+    made_for = (job.model_id, chat, job.seed)
+    if not isinstance(found, dict) or (found.get("model_id"), found.get("chat"), found.get("seed")) != made_for:
+        return synth.CorpusSoFar()
+    try:
+        return synth.CorpusSoFar(documents=[{"text": str(d["text"]), "topic": str(d["topic"])} for d in found["documents"]],
+                                 asked=int(found["asked"]), rejected={str(k): int(v) for k, v in found["rejected"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        log.warning("%s is unreadable: the synthetic corpus is written from the start", path)
+        return synth.CorpusSoFar()
 
 
 def _reporter(job: BuildJob, stage: str) -> synth.Progress:

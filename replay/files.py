@@ -22,6 +22,7 @@ INDEX_SUFFIX = ".faiss"
 SYNTHETIC_DIR = "synthetic"
 SYNTHETIC_CORPUS_FILE = "corpus.jsonl"
 SYNTHETIC_META_FILE = "meta.json"
+SYNTHETIC_PARTIAL_FILE = "partial.json"  # how far a synthesis stopped part way got
 REHEARSAL_FILE = "rehearsal.json"
 PROGRESS_FILE = "progress.json"  # while a build runs: its stage and how far it is
 LOCK_FILE = "build.lock"

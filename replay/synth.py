@@ -17,7 +17,7 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -103,21 +103,38 @@ def supports_chat(spec: GeneratorSpec) -> bool:
     return reply.status_code == 200
 
 
+@dataclass
+class CorpusSoFar:
+    """How far a synthetic corpus got: the documents kept, the asks made, what was rejected and why.
+    Asks are numbered (their seed and topic follow from the number), so a synthesis given where an
+    earlier one stopped asks what it would have asked next."""
+
+    documents: list[dict[str, str]] = field(default_factory=list)
+    asked: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
 def synthesize_corpus(generate: Generate, count: int, chat: bool, temperature: float, seed: int = 0,
                       stop: threading.Event | None = None, batch: int = 64,
-                      progress: Progress = lambda done, total: None) -> list[dict[str, str]]:
-    """Up to `count` distinct documents the model wrote on varied topics and in varied styles."""
+                      progress: Progress = lambda done, total: None, so_far: CorpusSoFar | None = None,
+                      checkpoint: Callable[[CorpusSoFar], None] = lambda so_far: None) -> list[dict[str, str]]:
+    """Up to `count` distinct documents the model wrote on varied topics and in varied styles,
+    continuing `so_far` when given; `checkpoint` gets how far it is after every batch."""
     asks = prompts.corpus_asks(seed)
-    documents: list[dict[str, str]] = []
+    state = so_far or CorpusSoFar()
+    documents, rejected = state.documents, state.rejected
     seen: set[str] = set()
-    rejected: dict[str, int] = {}
-    asked = 0
-    while len(documents) < count and asked < count * ATTEMPTS_PER_DOCUMENT and not (stop and stop.is_set()):
+    for document in documents:
+        _duplicate(document["text"], seen)
+    while len(documents) < count and state.asked < count * ATTEMPTS_PER_DOCUMENT and not (stop and stop.is_set()):
+        asked = state.asked
         size = min(batch, count * ATTEMPTS_PER_DOCUMENT - asked, math.ceil((count - len(documents)) * 1.25))
         picks = [asks[i % len(asks)] for i in range(asked, asked + size)]
         texts = generate([Ask(chat_prompt if chat else prefix, temperature, CORPUS_MAX_TOKENS, seed + asked + i)
                           for i, (_, chat_prompt, prefix) in enumerate(picks)])
-        asked += size
+        if stop and stop.is_set() and None in texts:
+            break  # asks the stop cut short are not judged: the next synthesis asks them again
+        state.asked += size
         for (topic, _, prefix), text in zip(picks, texts):
             text = (text or "").strip() if chat else (prefix + (text or "")).strip()
             problem = quality_problem(text, CORPUS_MIN_WORDS) or _duplicate(text, seen)
@@ -126,6 +143,7 @@ def synthesize_corpus(generate: Generate, count: int, chat: bool, temperature: f
             elif len(documents) < count:
                 documents.append({"text": text, "topic": topic})
         log.info("synthetic corpus: %d/%d documents (rejected: %s)", len(documents), count, rejected or "none")
+        checkpoint(state)
         progress(len(documents), count)
     return documents
 

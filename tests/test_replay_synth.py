@@ -67,6 +67,66 @@ def test_synthetic_corpus_stops_when_asked() -> None:
     assert model.asked == []
 
 
+
+class SeededModel:
+    """A distinct good answer for every ask (by its seed); sets `stop` after `stop_after` batches,
+    failing that batch's last ask as a server shut down mid-batch would."""
+
+    def __init__(self, stop: threading.Event | None = None, stop_after: int = 0):
+        self.stop, self.stop_after, self.batches, self.seeds = stop, stop_after, 0, []
+
+    def __call__(self, asks: Sequence[Ask]) -> list[str | None]:
+        self.batches += 1
+        self.seeds += [a.seed for a in asks]
+        answers: list[str | None] = [f"{GOOD} seed{a.seed}" for a in asks]
+        if self.stop is not None and self.batches == self.stop_after:
+            self.stop.set()
+            answers[-1] = None
+        return answers
+
+
+def test_a_stopped_synthesis_goes_on_where_it_stopped_and_ends_as_one_that_never_stopped() -> None:
+    whole = synth.synthesize_corpus(SeededModel(), count=9, chat=True, temperature=0.9, batch=4)
+    stop, saved = threading.Event(), []
+    first = SeededModel(stop, stop_after=2)
+    synth.synthesize_corpus(first, count=9, chat=True, temperature=0.9, stop=stop, batch=4,
+                            checkpoint=lambda state: saved.append(json.loads(json.dumps(state.__dict__))))
+    assert [s["asked"] for s in saved] == [4]  # the batch the stop cut short is not kept
+    so_far = synth.CorpusSoFar(**saved[-1])
+    second = SeededModel()
+    rest = synth.synthesize_corpus(second, count=9, chat=True, temperature=0.9, batch=4, so_far=so_far)
+    assert rest == whole and len(whole) == 9
+    assert second.seeds[0] == 4 and first.seeds[:4] + second.seeds == list(range(len(second.seeds) + 4))
+
+
+def test_a_replay_build_stopped_while_the_base_writes_keeps_what_it_wrote(tmp_path, monkeypatch) -> None:
+    from replay import build, files
+    from replay.job import BuildJob
+
+    stop = threading.Event()
+    model = SeededModel(stop, stop_after=2)
+    monkeypatch.setattr(synth, "supports_chat", lambda spec: True)
+    monkeypatch.setattr(synth, "endpoint", lambda spec, chat: model)
+    job = BuildJob(folder=tmp_path, model_id="m", generator=GeneratorSpec("http://127.0.0.1:9", "m"), synthetic_documents=100)
+    with pytest.raises(build.Stopped):
+        build.make_synthetic_corpus(job, stop)
+    partial = tmp_path / files.SYNTHETIC_DIR / files.SYNTHETIC_PARTIAL_FILE
+    kept = json.loads(partial.read_text())
+    assert (kept["asked"], len(kept["documents"])) == (64, 64) and not (tmp_path / files.SYNTHETIC_DIR / files.SYNTHETIC_CORPUS_FILE).exists()
+
+    other = SeededModel()  # another base model's partial corpus is not continued
+    monkeypatch.setattr(synth, "endpoint", lambda spec, chat: other)
+    build.make_synthetic_corpus(BuildJob(folder=tmp_path / "other", model_id="n", generator=job.generator,
+                                         synthetic_documents=100), threading.Event())
+    assert other.seeds[0] == 0
+    model.stop, asked_before = None, len(model.seeds)
+    monkeypatch.setattr(synth, "endpoint", lambda spec, chat: model)
+    build.make_synthetic_corpus(job, threading.Event())
+    assert model.seeds[asked_before] == 64  # the first 64 asks are not asked again
+    corpus = (tmp_path / files.SYNTHETIC_DIR / files.SYNTHETIC_CORPUS_FILE).read_text().splitlines()
+    assert len(corpus) == 100 and len(set(corpus)) == 100 and not partial.exists()
+    assert build._synthetic_ready(job)
+
 def test_completion_models_continue_a_prefix() -> None:
     model = FakeModel([GOOD])
     [document] = synth.synthesize_corpus(model, count=1, chat=False, temperature=1.0)
