@@ -75,3 +75,44 @@ def test_targets_are_read_off_the_last_cycle() -> None:
     assert "| cycles promoted | 2/3 |" in text
     assert "| all facts, exact cloze | 85% |" in text and "| held-out NLL vs base | +2.1% |" in text
     assert "| last cycle's time / first's | 2.50× |" in text
+
+
+def test_a_new_benchmark_state_gets_the_embedded_models_replay_text_and_keeps_what_it_has(tmp_path) -> None:
+    from daemon.model import EMBEDDED_NAME
+    from replay import build
+    from replay.job import BuildJob
+
+    harness = sys.modules["harness"]  # loaded by lifelong.py
+    fresh, started = tmp_path / "fresh", tmp_path / "started"
+    started.mkdir()
+    (started / "rehearsal.json").write_text("{}")
+    assert harness.seed_replay(fresh) == ["rehearsal.json", "synthetic/corpus.jsonl", "synthetic/meta.json"]
+    assert harness.seed_replay(started) == ["synthetic/corpus.jsonl", "synthetic/meta.json"]
+    assert (started / "rehearsal.json").read_text() == "{}" and harness.seed_replay(fresh) == []
+    job = BuildJob(folder=fresh, model_id=EMBEDDED_NAME)
+    assert build._synthetic_ready(job) and build._rehearsal_stale(job) is None  # the build writes neither again
+    assert not build._synthetic_ready(BuildJob(folder=fresh, model_id="another-model"))
+    corpus = [json.loads(line) for line in (fresh / "synthetic" / "corpus.jsonl").read_text().split("\n") if line]
+    assert len(corpus) >= 0.9 * job.synthetic_documents and all(doc["text"].strip() for doc in corpus)
+    rehearsal = json.loads((fresh / "rehearsal.json").read_text())
+    assert rehearsal["model_id"] == EMBEDDED_NAME
+
+
+def test_the_benchmark_waits_for_a_slow_replay_build_while_it_moves_and_not_when_it_stalls(tmp_path, monkeypatch) -> None:
+    harness = sys.modules["harness"]
+    daemon = harness.Daemon(tmp_path, tmp_path / "state", [])
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(harness.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 600))  # ten minutes a poll
+
+    def building(done: int) -> dict:
+        return {"replay": {"source": None, "building": {"stage": "synthesizing the corpus", "done": done}},
+                "daemon": {"vllm": "ready"}}
+    ready = {"replay": {"source": "synthetic", "building": None}, "daemon": {"vllm": "ready"}}
+    moving = iter([building(i) for i in range(12)] + [ready])  # two hours, past the hour allowed without progress
+    monkeypatch.setattr(daemon, "status", lambda: next(moving))
+    daemon.wait_ready()
+    stalled = iter([building(5)] * 12 + [ready])
+    monkeypatch.setattr(daemon, "status", lambda: next(stalled))
+    with pytest.raises(SystemExit, match="timed out waiting for vLLM and the replay buffer"):
+        daemon.wait_ready()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +39,9 @@ from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 WORKDIR = REPO / "var" / "bench-learning"
 PREPARED = REPO / "var" / "model"
 DRIFT_PROMPTS = REPO / "daemon" / "learning" / "data" / "drift_prompts.txt"
+REPLAY_SEED = HERE / "replay_seed"  # the embedded model's synthetic corpus and rehearsal pairs, written once
 HELD_OUT_PASSAGES = 64
-START_TIMEOUT_S = 3600
+START_TIMEOUT_S = 3600  # without progress (the base writing its corpus: about an hour on 2 cores)
 CYCLE_TIMEOUT_S = 3600
 
 
@@ -52,6 +54,7 @@ class Daemon:
     def __init__(self, folder: Path, state: Path, settings: list[str]):
         overrides = dict(item.split("=", 1) for item in settings)
         self.folder, self.state = folder, state
+        seed_replay(state / "replay")
         self.port, self.vllm_port = spare_daemon_ports()
         base = f'[model]\nbase = "{PREPARED}"\n' if (PREPARED / "config.json").is_file() else ""
         self.config = folder / "config.toml"
@@ -79,8 +82,10 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/api/status", timeout=60).json()
 
-    def wait(self, condition: Any, timeout_s: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
+    def wait(self, condition: Any, timeout_s: float, what: str,
+             progress: Callable[[dict], Any] = lambda s: None) -> dict[str, Any]:
+        """Until `condition(status)`; gives up after `timeout_s` in which `progress(status)` did not change."""
+        deadline, last = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
                 sys.exit(f"cld run exited ({self.process.returncode}); see {self.folder / 'daemon.log'}")
@@ -88,6 +93,8 @@ class Daemon:
                 current = self.status()
                 if condition(current):
                     return current
+                if (now := progress(current)) != last:
+                    deadline, last = time.monotonic() + timeout_s, now
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
@@ -118,13 +125,29 @@ class Daemon:
     def wait_ready(self) -> None:
         """Until vLLM serves and the replay buffer is built."""
         self.wait(lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
-                  START_TIMEOUT_S, "vLLM and the replay buffer")
+                  START_TIMEOUT_S, "vLLM and the replay buffer", progress=lambda s: s["replay"]["building"])
 
     def vllm(self, url: str = "") -> VLLMClient:
         """A client of the daemon's own vLLM (or of another instance it started, at `url`), with
         the key cld gave it."""
         key, url = (self.state / "vllm.key").read_text(), url or self.vllm_url
         return VLLMClient(url, httpx.AsyncClient(base_url=url, timeout=600, headers=auth_headers(key)))
+
+
+def seed_replay(replay: Path, seed: Path = REPLAY_SEED) -> list[str]:
+    """Give a new state's replay buffer the text the embedded model wrote for it once (its synthetic
+    corpus and its rehearsal answers, kept in `seed`), so a benchmark run embeds it in a minute instead
+    of having the base write it again for most of an hour on 2 cores. The build takes them only for
+    the base model that wrote them (`model_id`; another base writes its own); files already there are
+    kept. The paths copied."""
+    copied = []
+    for path in sorted(p for p in seed.rglob("*") if p.is_file()):
+        target = replay / path.relative_to(seed)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            copied.append(str(path.relative_to(seed)))
+    return copied
 
 
 def _settings_with(config: Path, env: dict[str, str]) -> Any:
