@@ -305,27 +305,28 @@ def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
 
     def checkpoint(state: synth.CorpusSoFar) -> None:
         atomic_write_json(folder / files.SYNTHETIC_PARTIAL_FILE,
-                          {"model_id": job.model_id, "chat": chat, "seed": job.seed, **asdict(state)})
+                          {"model_id": job.model_id, "chat": chat, "seed": job.seed,
+                           "temperature": job.synthetic_temperature, **asdict(state)})
 
     documents = synth.synthesize_corpus(synth.endpoint(job.generator, chat), job.synthetic_documents, chat,
                                         job.synthetic_temperature, job.seed, stop,
                                         progress=_reporter(job, "synthesizing the corpus"), so_far=so_far,
                                         checkpoint=checkpoint)
     _check_stop(stop)
+    (folder / files.SYNTHETIC_PARTIAL_FILE).unlink(missing_ok=True)  # finished: a next try starts afresh
     if not documents:
         raise BuildError(f"the base model at {job.generator.base_url} wrote no usable text for the synthetic corpus")
     atomic_write_jsonl(folder / files.SYNTHETIC_CORPUS_FILE, documents)
     meta = {"model_id": job.model_id, "documents": len(documents), "chat": chat}
     atomic_write_json(folder / files.SYNTHETIC_META_FILE, meta)
-    (folder / files.SYNTHETIC_PARTIAL_FILE).unlink(missing_ok=True)
 
 
 def _synthesis_so_far(path: Path, job: BuildJob, chat: bool) -> synth.CorpusSoFar:
     """Where an earlier synthesis for this model stopped (nothing when it was another model's, asked
-    another way or with another seed, or the file is unreadable)."""
+    another way, with another seed or temperature, or the file is unreadable)."""
     found = read_json(path, lenient=True)
-    made_for = (job.model_id, chat, job.seed)
-    if not isinstance(found, dict) or (found.get("model_id"), found.get("chat"), found.get("seed")) != made_for:
+    made_for = {"model_id": job.model_id, "chat": chat, "seed": job.seed, "temperature": job.synthetic_temperature}
+    if not isinstance(found, dict) or any(found.get(key) != value for key, value in made_for.items()):
         return synth.CorpusSoFar()
     try:
         return synth.CorpusSoFar(documents=[{"text": str(d["text"]), "topic": str(d["topic"])} for d in found["documents"]],

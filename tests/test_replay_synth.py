@@ -127,6 +127,15 @@ def test_a_replay_build_stopped_while_the_base_writes_keeps_what_it_wrote(tmp_pa
     assert len(corpus) == 100 and len(set(corpus)) == 100 and not partial.exists()
     assert build._synthetic_ready(job)
 
+    silent = FakeModel([""] * 1000)  # a base that writes nothing usable: refused, and the next build asks again
+    monkeypatch.setattr(synth, "endpoint", lambda spec, chat: silent)
+    empty = BuildJob(folder=tmp_path / "empty", model_id="m", generator=job.generator, synthetic_documents=10)
+    for _ in range(2):
+        with pytest.raises(build.BuildError, match="wrote no usable text"):
+            build.make_synthetic_corpus(empty, threading.Event())
+    assert [a.seed for a in silent.asked] == list(range(20)) * 2
+    assert not (tmp_path / "empty" / files.SYNTHETIC_DIR / files.SYNTHETIC_PARTIAL_FILE).exists()
+
 def test_completion_models_continue_a_prefix() -> None:
     model = FakeModel([GOOD])
     [document] = synth.synthesize_corpus(model, count=1, chat=False, temperature=1.0)

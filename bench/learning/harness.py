@@ -37,7 +37,6 @@ from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 
 WORKDIR = REPO / "var" / "bench-learning"
-PREPARED = REPO / "var" / "model"
 DRIFT_PROMPTS = REPO / "daemon" / "learning" / "data" / "drift_prompts.txt"
 REPLAY_SEED = HERE / "replay_seed"  # the embedded model's synthetic corpus and rehearsal pairs, written once
 HELD_OUT_PASSAGES = 64
@@ -56,9 +55,8 @@ class Daemon:
         self.folder, self.state = folder, state
         seed_replay(state / "replay")
         self.port, self.vllm_port = spare_daemon_ports()
-        base = f'[model]\nbase = "{PREPARED}"\n' if (PREPARED / "config.json").is_file() else ""
-        self.config = folder / "config.toml"
-        self.config.write_text(f'[state]\ndir = "{state}"\n{base}[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'
+        self.config = folder / "config.toml"  # model.base unset: the embedded model, as shipped (and as the seed's)
+        self.config.write_text(f'[state]\ndir = "{state}"\n[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'
                                "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n")
         self.env = {**os.environ, **{f"CLD_{k.replace('.', '__').upper()}": v for k, v in overrides.items()}}
         self.settings = load_settings(self.config) if not overrides else _settings_with(self.config, self.env)
@@ -217,7 +215,7 @@ class Bench:
     def train_naive(self, document: measure.Document, version: str, parent: Optional[Path]) -> tuple[Path, float]:
         """The recipe on the document's chunks alone: no replay, no rehearsal, no gate."""
         settings = self.daemon.settings
-        model_dir = PREPARED if (PREPARED / "config.json").is_file() else self.daemon.state / "model"
+        model_dir = self.daemon.state / "model"
         chunker = Chunker(load_tokenizer(model_dir), settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
         new = [record for _, record in chunker.chunks([{"text": document.text}])]
         out = self.daemon.folder / "naive"
