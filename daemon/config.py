@@ -120,7 +120,7 @@ class ServeSection(Section):
     )
     merged_compile: bool = Field(
         False, description="CPU build: let vLLM torch.compile each merged-weight instance as it starts. Generation is "
-        "then 25-30 % faster, but every start takes 1-2 min longer alone and 5-9 min beside a busy server (vLLM 0.32 "
+        "then 20-30 % faster, but every start takes 1-2 min longer alone and 5-9 min beside a busy server (vLLM 0.32 "
         "cannot load its compile cache under torch 2.13, so it compiles again each time). Off, a merged version runs "
         "uncompiled, as every LoRA version does (vLLM turns compilation off with LoRA on CPU). GPUs always compile."
     )
