@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -28,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+import machine  # beside this file
 
 from daemon.engine.merged import spare_daemon_ports
 
@@ -136,10 +135,8 @@ def main() -> None:
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     print(json.dumps(result, indent=2))
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print(f"\nMachine: {machine.describe()}")
     print("| measure | direct vLLM | through cld front | result | target |")
     print("|---|---|---|---|---|")
     print(f"| p50 latency, 1-token completion | {result['direct_p50_ms']:.1f} ms | {result['front_p50_ms']:.1f} ms "

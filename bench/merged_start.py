@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import machine  # noqa: E402  (beside this file)
 
 from daemon import model  # noqa: E402
 from daemon.config import Settings  # noqa: E402
@@ -170,7 +171,7 @@ def main() -> int:
             settings.serve.merged_compile = tag == "compiled"
             rows[tag].append(measure(model_dir, settings, (port, vllm_port + 1), folder, f"{tag}-{round_}",
                                      args.clients, args.pause_s))
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"\n{machine.describe()}, "
           f"{args.rounds} round(s), {args.clients} clients pausing {args.pause_s:g} s; logs in {folder}\n")
     print("| merged instance | start, alone | start beside a serving instance | 16 concurrent × 64 tokens "
           "| one stream | failed requests |")

@@ -16,10 +16,10 @@ import gc
 import os
 import platform
 import random
-import subprocess
 import time
 
 import faiss
+import machine  # beside this file
 import numpy as np
 
 from replay import index
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--passages", type=int, default=512)
     args = parser.parse_args()
-    lines = [f"Machine: {_cpu()}, {faiss.omp_get_max_threads()} threads; {time.strftime('%Y-%m-%d')}; "
+    lines = [f"Machine: {machine.describe()}, {faiss.omp_get_max_threads()} threads; "
              f"faiss {faiss.__version__}, Python {platform.python_version()}; load average at start "
              f"{os.getloadavg()[0]:.1f}.", ""]
     lines += embedding_section(args.passages)
@@ -134,13 +134,6 @@ def _nprobe_curve(built: index.Built, queries: np.ndarray, truth: np.ndarray) ->
     built.index.nprobe = built.nprobe
     return [*rows, ""]
 
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import machine  # noqa: E402  (beside this file)
+
 from daemon.config import TrainSection  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
 from daemon.learning.train import build_dataset, load_model, train  # noqa: E402
@@ -108,9 +110,8 @@ def main() -> None:
                 ours.append(cld_epoch(args.model, data, hp))
             print(f"round {round_}: {name} {(plain if name == 'plain' else ours)[-1]:.0f} tok/s", flush=True)
     ratio = statistics.mean(ours) / statistics.mean(plain)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(json.dumps({"plain_tok_s": plain, "cld_tok_s": ours, "ratio": ratio}, indent=2))
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+    print(f"\nMachine: {machine.describe()}; torch {torch.__version__}")
     print("| model | plain peft loop (fp32, padded) | cld recipe (packed, bf16 base) | ratio | target |")
     print("|---|---|---|---|---|")
     print(f"| {args.model} | {statistics.mean(plain):.0f} tok/s | {statistics.mean(ours):.0f} tok/s "

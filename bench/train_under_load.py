@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import machine  # noqa: E402  (beside this file)
 from cycle_latency import FACTS, start, status, wait  # noqa: E402
 
 from daemon.config import TrainSection  # noqa: E402
@@ -132,7 +132,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def table(results: dict[str, dict[str, list]], window_s: float) -> str:
-    lines = [f"Machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", "",
+    lines = [f"Machine: {machine.describe()}", "",
              "| trainer threads | trainer alone tok/s | trainer with serving tok/s | serving p50 / p90 ms, alone "
              "| serving p50 / p90 ms, with trainer |", "|---|---|---|---|---|"]
     alone = results["serving alone"]["latency"]
