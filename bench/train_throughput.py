@@ -100,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     _quiet_progress()
     data = records(args.records)
-    hp = TrainSection(rank=16, alpha=32, seq_len=256, batch_size=4, learning_rate=1e-4)
+    hp = TrainSection(method="lora", rank=16, alpha=32, seq_len=256, batch_size=4, learning_rate=1e-4)
     plain, ours = [], []
     for round_ in range(args.rounds):  # ABBA order
         for name in ("plain", "cld") if round_ % 2 == 0 else ("cld", "plain"):

@@ -51,7 +51,7 @@ QUESTION = {"messages": [{"role": "user", "content": "Name three rivers of Europ
 def job_file(folder: Path, steps: int) -> Path:
     words = FACTS.split()
     chunks = [{"text": " ".join(words[i:i + 180])} for i in range(0, len(words), 60)]
-    hyper = TrainSection(max_steps=steps, epochs=1000, early_stop_patience=0, replay_loss="lm", new_repeats=1)
+    hyper = TrainSection(method="lora", max_steps=steps, epochs=1000, early_stop_patience=0, replay_loss="lm", new_repeats=1)
     job = TrainJob(version="v0001", base_model=str(folder / "state" / "model"), output_dir=str(folder / "out"),
                    data=JobData(new=chunks), hyper=hyper)
     (folder / "out").mkdir(exist_ok=True)

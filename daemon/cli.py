@@ -267,8 +267,9 @@ def adapter_line(a: dict[str, Any]) -> str:
         if rephrased := [t["rephrasings"] for t in taught if t.get("rephrasings")]:
             made += f", {sum(r['kept'] for r in rephrased)} of {sum(r['asked'] for r in rephrased)} rephrasings"
     pruned = f"  (weights deleted {a['pruned_at']}: state.keep_merged)" if a.get("pruned_at") else ""
+    relearned = f" + {a['relearned']} learned again" if a.get("relearned") else ""
     return (f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
-            f"{a['documents']} docs{made + ')' if made else ''}  {measured}{pruned}")
+            f"{a['documents']} docs{relearned}{made + ')' if made else ''}  {measured}{pruned}")
 
 
 @app.command()

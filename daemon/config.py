@@ -330,10 +330,12 @@ class ReplaySection(Section):
 
 class TrainSection(Section):
     method: Literal["lora", "mora", "expand", "full"] = Field(
-        "lora", description="How a cycle adapts the model: lora (an adapter vLLM serves beside the base), or trained "
+        "expand", description="How a cycle adapts the model: lora (an adapter vLLM serves beside the base), or trained "
         "as merged weights: mora (one high-rank square matrix per layer, as many weights as a LoRA of train.rank), "
         "expand (added blocks, base frozen: train.expand_blocks), full (train.full_layers). Merged weights are "
-        "served by a vLLM instance of their own, switched blue-green (serve.merged_kv_cache_gib)."
+        "served by a vLLM instance of their own, switched blue-green (serve.merged_kv_cache_gib). Default expand: "
+        "its forgetting does not add up over cycles as LoRA's does (docs/BENCHMARKS.md, lifelong learning); "
+        "unset with serve.vllm_url, lora (an external vLLM serves adapters only)."
     )
     rank: int = Field(16, ge=1, le=512, description="LoRA rank; vLLM is started to serve adapters up to it.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank, or alpha / sqrt(rank) with rsLoRA).")
@@ -638,6 +640,8 @@ class Settings(BaseSettings):
             )
         if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
             raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
+        if self.serve.vllm_url and "method" not in self.train.model_fields_set:
+            self.train.method = "lora"
         if self.train.method != "lora" and self.serve.vllm_url:
             raise ValueError(
                 f"train.method = {self.train.method!r} trains merged weights, which cld serves from vLLM "

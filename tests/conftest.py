@@ -103,6 +103,12 @@ def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Pa
     return path
 
 
+# The live tests' daemons train LoRA, which the one vLLM serves beside the base: the default
+# method (expand) starts a vLLM instance per candidate, minutes each on a 2-core CI machine.
+# tests/test_merged_live.py runs the default method live.
+LIVE_METHOD = {"CLD_TRAIN__METHOD": "lora"}
+
+
 def start_daemon(folder: Path, extra_config: str = "", env: dict[str, str] | None = None) -> LiveDaemon:
     """`cld run` on a new state folder; `env` adds settings (CLD_SECTION__KEY) to what the config says."""
     port, vllm_port = free_port(), free_port()
@@ -111,7 +117,7 @@ def start_daemon(folder: Path, extra_config: str = "", env: dict[str, str] | Non
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **LIVE_METHOD, **(env or {})},
         )
     daemon = LiveDaemon(process, config, folder / "state", port, vllm_port, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -72,6 +72,11 @@ class FakeVLLM:
         self.loaded: dict[str, Path] = {}
         self.unloaded: list[str] = []
         self.expected = {c.prompt: c.expected for text in (FACTS, MORE) for c in build_cloze(text, 8)}
+        self.documents = FACTS + MORE  # what an adapter learns
+
+    def learn(self, text: str) -> None:
+        self.documents += text
+        self.expected |= {c.prompt: c.expected for c in build_cloze(text, 8)}
 
     async def load_lora(self, name: str, path: Path) -> None:
         assert name not in self.loaded and name not in self.unloaded, "adapter names must never be reused"
@@ -88,7 +93,7 @@ class FakeVLLM:
 
     async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
         adapter = self._check(model)
-        new = isinstance(text, str) and (text in FACTS + MORE)
+        new = isinstance(text, str) and (text in self.documents)
         value = 2.0 * (0.5 if adapter and new else 1.0) * (1 + self.forgetting if adapter and not new else 1.0)
         return [value] * 10
 
@@ -143,7 +148,7 @@ def state(tmp_path: Path) -> StateDir:
 def make(state: StateDir, tiny: Path, vllm: FakeVLLM, journal: FakeJournal) -> Learner:
     settings = Settings.model_validate({
         "state": {"dir": str(state.root)}, "model": {"base": str(tiny)},
-        "train": {"epochs": 1, "seq_len": 32, "rank": 4, "alpha": 8},
+        "train": {"method": "lora", "epochs": 1, "seq_len": 32, "rank": 4, "alpha": 8},
         "replay": {"embedder": "test-bow", "passage_tokens": 24},
     })
     router = Router("cld", "cld-base", state.serving)
@@ -370,6 +375,60 @@ async def test_rollback_to_the_base_and_back(state: StateDir, tiny: Path) -> Non
         with pytest.raises(ValueError, match="is not an adapter version"):
             await learner.rollback(hostile)
     assert Router("cld", "cld-base", state.serving).current == adapter, "nothing hostile was served"
+
+
+async def served_by_another_method(state: StateDir, tiny: Path, vllm: FakeVLLM) -> tuple[Learner, FakeJournal]:
+    """A learner (lora) whose served v0001 learned FACTS with another train.method (as its
+    meta.json says, as a state written before the method changed would), and MORE handed in."""
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    assert (await learner.run_cycle("api")).state == "promoted"
+    meta = json.loads((state.adapters / "v0001" / "meta.json").read_text())
+    (state.adapters / "v0001" / "meta.json").write_text(json.dumps({**meta, "method": "expand"}))
+    journal.add(MORE)
+    return learner, journal
+
+
+async def test_after_a_change_of_method_the_served_documents_are_learned_again_from_the_base(
+        state: StateDir, tiny: Path) -> None:
+    """A version of another method cannot be continued: the next run starts from the base with
+    what the served lineage had learned among its new documents, is probed on all of them, and
+    its earlier facts stay retention probes after it."""
+    vllm = FakeVLLM()
+    learner, journal = await served_by_another_method(state, tiny, vllm)
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    assert (record.documents, record.relearned, record.parent) == ([2], [1], None)
+    job = json.loads((state.root / "jobs" / "v0002.json").read_text())
+    assert job["parent_path"] is None and {"text": FACTS} in job["data"]["new"], "trained again as new, from the base"
+    assert not any(r.get("text") == FACTS for r in job["data"]["knowledge"]), "not also as knowledge replay"
+    per_document = learner.settings.probes.cloze_per_document
+    assert record.cloze and len(record.cloze) == len(build_cloze(FACTS, per_document)) + len(build_cloze(MORE, per_document))
+    meta = json.loads((state.adapters / "v0002" / "meta.json").read_text())
+    assert (meta["documents"], meta["relearned"], meta["parent"]) == (["h2"], ["h1"], None)
+    assert [journal.docs[i]["version"] for i in (1, 2)] == ["v0002", "v0002"]
+    view = {a["version"]: a for a in adapters_view(state.adapters, learner.cycles, "v0002")}
+    assert adapter_line(view["v0002"]).startswith("v0002  promoted  parent base   1 docs + 1 learned again  cloze 100%")
+
+    ferry = "The Odrin ferry crosses the Sael estuary twice a day. Its captain in 2032 was Rhea Valdomir."
+    vllm.learn(ferry)
+    journal.add(ferry)
+    third = await learner.run_cycle("api")
+    assert (third.state, third.parent, third.relearned) == ("promoted", "v0002", []), third.reasons
+    assert any(r.startswith("retention of earlier facts 1.00") for r in third.reasons), third.reasons
+    assert len(learner._retention_probes()) == len(record.cloze) + len(third.cloze)
+
+
+async def test_a_refused_change_of_method_counts_against_the_new_documents_only(state: StateDir, tiny: Path) -> None:
+    vllm = FakeVLLM()
+    learner, journal = await served_by_another_method(state, tiny, vllm)
+    vllm.forgetting = 0.10
+    record = await learner.run_cycle("api")
+    assert (record.state, record.relearned) == ("rejected", [1])
+    assert learner.router.current is not None and learner.router.current.version == "v0001"
+    assert (journal.docs[1]["state"], journal.docs[1]["version"], journal.docs[1]["attempts"]) == ("learned", "v0001", 0)
+    assert (journal.docs[2]["state"], journal.docs[2]["attempts"]) == ("ready", 1)
 
 
 async def test_a_cycle_ending_deletes_the_weights_of_merged_versions_beyond_keep_merged(state: StateDir, tiny: Path) -> None:

@@ -74,6 +74,16 @@ def test_merged_weights_need_an_instance_cld_starts(tmp_path: Path) -> None:
     assert load_settings(config).train.method == "expand"
 
 
+def test_the_default_method_is_expand_and_lora_with_an_external_vllm(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    assert load_settings(config).train.method == "expand"
+    config.write_text('[serve]\nvllm_url = "http://127.0.0.1:9"\n')
+    assert load_settings(config).train.method == "lora", "an external vLLM serves adapters only"
+    config.write_text('[train]\nmethod = "lora"\n')
+    assert load_settings(config).train.method == "lora"
+
+
 def test_the_kv_cache_is_whole_gib_as_vllm_reads_it(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("[serve]\nmerged_kv_cache_gib = 0.5\n")
@@ -87,7 +97,7 @@ def test_the_kv_cache_is_whole_gib_as_vllm_reads_it(tmp_path: Path) -> None:
 
 def test_the_gpu_must_hold_two_more_instances_for_merged_weights(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    settings.train.method = "full"
+    settings.train.method, settings.serve.gpu_memory_utilization = "full", 0.6  # a share set in the config
     problem = gpu_shares_problem(settings, cpu=False)
     assert problem and "serve.merged_gpu_memory_utilization" in problem and "1.25" in problem
     assert "serve.gpu_memory_utilization = 0.35" in problem  # a split that fits: 0.35 + 2 × 0.15 + 0.35

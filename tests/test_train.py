@@ -45,8 +45,8 @@ def job(tiny: Path, out: Path, version: str = "v0001", **hyper) -> TrainJob:
                                  {"role": "assistant", "content": "Paris."}]}],
     )
     # Token loss on every record, so the first and last steps' losses compare like with like.
-    settings = {"epochs": 3, "seq_len": 32, "batch_size": 2, "learning_rate": 5e-3, "rank": 4, "alpha": 8,
-                "replay_loss": "lm", **hyper}
+    settings = {"method": "lora", "epochs": 3, "seq_len": 32, "batch_size": 2, "learning_rate": 5e-3, "rank": 4,
+                "alpha": 8, "replay_loss": "lm", **hyper}
     out.mkdir(parents=True, exist_ok=True)
     return TrainJob(version=version, base_model=str(tiny), output_dir=str(out), documents=["abc"], data=data,
                     hyper=TrainSection(**settings))
@@ -210,7 +210,7 @@ def replay_only(tiny: Path, out: Path, replay_loss: str) -> TrainJob:
                    rehearsal=[{"messages": [{"role": "user", "content": "Capital of France?"},
                                             {"role": "assistant", "content": "Paris."}]}] * 2)
     return TrainJob(version="v0001", base_model=str(tiny), output_dir=str(out), data=data,
-                    hyper=TrainSection(epochs=4, seq_len=32, batch_size=2, learning_rate=5e-3, rank=4, alpha=8,
+                    hyper=TrainSection(method="lora", epochs=4, seq_len=32, batch_size=2, learning_rate=5e-3, rank=4, alpha=8,
                                        replay_loss=replay_loss, dtype="fp32"))
 
 
@@ -421,8 +421,8 @@ def test_an_open_book_record_distils_only_its_answer_toward_the_reading(tokenize
 
 def context_job(tiny: Path, out: Path, records: list[dict], **hyper) -> TrainJob:
     data = JobData(new=[], replay=[{"text": "The quick brown fox jumps over the lazy dog. " * 3}] * 2, augmented=records)
-    settings = {"epochs": 4, "seq_len": 64, "batch_size": 2, "learning_rate": 5e-3, "rank": 4, "alpha": 8,
-                "replay_loss": "distill", "dtype": "fp32", **hyper}
+    settings = {"method": "lora", "epochs": 4, "seq_len": 64, "batch_size": 2, "learning_rate": 5e-3, "rank": 4,
+                "alpha": 8, "replay_loss": "distill", "dtype": "fp32", **hyper}
     return TrainJob(version="v0001", base_model=str(tiny), output_dir=str(out), data=data, hyper=TrainSection(**settings))
 
 

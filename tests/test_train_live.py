@@ -30,7 +30,7 @@ def test_training_lowers_the_documents_nll_as_served_by_vllm(live_daemon: LiveDa
     job = TrainJob(
         version="v0001", base_model=str(live_daemon.state_dir / "model"), output_dir=str(tmp_path),
         data=JobData(new=[{"text": FACTS}]),
-        hyper=TrainSection(epochs=8, rank=8, alpha=16, learning_rate=1e-3, seq_len=128, batch_size=1),
+        hyper=TrainSection(method="lora", epochs=8, rank=8, alpha=16, learning_rate=1e-3, seq_len=128, batch_size=1),
     )
     job_file = tmp_path / "job.json"
     job_file.write_text(job.model_dump_json())

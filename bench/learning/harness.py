@@ -213,7 +213,8 @@ class Bench:
             await client.aclose()
 
     def train_naive(self, document: measure.Document, version: str, parent: Optional[Path]) -> tuple[Path, float]:
-        """The recipe on the document's chunks alone: no replay, no rehearsal, no gate."""
+        """The recipe on the document's chunks alone, as a LoRA whatever train.method says: no replay,
+        no rehearsal, no gate."""
         settings = self.daemon.settings
         model_dir = self.daemon.state / "model"
         chunker = Chunker(load_tokenizer(model_dir), settings.ingest.chunk_tokens, settings.ingest.chunk_overlap_tokens)
@@ -222,7 +223,7 @@ class Bench:
         out.mkdir(exist_ok=True)
         job = TrainJob(version=version, base_model=str(model_dir), output_dir=str(out),
                        parent_version=parent.name if parent else None, parent_path=str(parent) if parent else None,
-                       data=JobData(new=new), hyper=settings.train)
+                       data=JobData(new=new), hyper=settings.train.model_copy(update={"method": "lora"}))
         job_file = out / f"{version}.json"
         job_file.write_text(job.model_dump_json(indent=1))
         started = time.monotonic()

@@ -65,6 +65,12 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return read_json(folder / META_FILE, default={})
 
 
+def version_method(folder: Path) -> str:
+    """The train.method a version folder was trained with (versions from before methods were LoRA)."""
+    meta = read_meta(folder)
+    return meta.get("method") or meta.get("hyperparameters", {}).get("method") or "lora"
+
+
 def check_adapter(folder: Path, max_rank: int) -> dict[str, Any]:
     """Raise AdapterError unless `folder` is a plain LoRA that vLLM serves with `max_rank`."""
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -149,6 +155,7 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
             "version": version, "state": states.get(version, "candidate"), "method": meta.get("method", "lora"),
             "parent": meta.get("parent", record.parent if record else None),
             "documents": len(meta.get("documents", record.documents if record else [])),
+            "relearned": len(meta.get("relearned", record.relearned if record else [])),
             "probes": (record.probes.get("results") or {}) if record else {},
             "reasons": record.reasons if record else [],
             "failed": record.failed if record else [],
@@ -163,10 +170,11 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
 
 
 def learned_documents(adapters_dir: Path, cycles: CycleStore) -> list[tuple[str, list[str]]]:
-    """(version, content hashes of its new documents) of every version a cycle promoted, oldest
-    first: what the journal must say was learned (a journal rebuild asks)."""
+    """(version, content hashes of its new and relearned documents) of every version a cycle
+    promoted, oldest first: what the journal must say was learned (a journal rebuild asks)."""
     promoted = [r.version for r in cycles.all() if r.state == PROMOTED and r.version]
-    return [(version, list(read_meta(adapters_dir / version).get("documents", []))) for version in promoted]
+    return [(version, [*meta.get("documents", []), *meta.get("relearned", [])])
+            for version in promoted for meta in [read_meta(adapters_dir / version)]]
 
 
 def refused_documents(adapters_dir: Path, cycles: CycleStore) -> list[tuple[str, list[str]]]:

@@ -87,14 +87,15 @@ class Learner:
                 if self.settings.augment.teacher_pairs or self.settings.augment.teacher_rephrasings:
                     await self._astage(record, "augment", self.teach(documents))
                 job = self._stage(record, "select", self.build_job(record, documents))
+                relearned = self.relearned(record)
                 folder = await self._astage(record, "train", self.train(record, job))
                 served = await self._astage(record, "load", self.load(folder, record.version))
-                measured = await self._astage(record, "probe", self.probe(record, documents, served))
+                measured = await self._astage(record, "probe", self.probe(record, documents + relearned, served))
                 decision = decide(measured.results, thresholds(self.settings.probes))
                 record.judge(decision)
                 record.probes = measured.to_dict()
                 await self._astage(record, "promote" if decision.promote else "reject",
-                                   self.conclude(record, decision, folder, served, documents))
+                                   self.conclude(record, decision, folder, served, documents, relearned))
                 return self.cycles.finish(record, PROMOTED if decision.promote else REJECTED)
             except Skip as why:
                 return self.cycles.finish(record, SKIPPED, [str(why)])
@@ -147,9 +148,19 @@ class Learner:
             raise Skip("the replay buffer is being built" + (f" ({building})" if building else "") +
                        "; a cycle can run once it is ready (see `cld status`)")
         record.documents = [doc["id"] for doc in documents]
-        new = self.journal.chunks(record.documents)
+        parent = self.router.current if self.settings.train.warm_start else None
+        if parent is not None and adapters.version_method(parent.path) != self.settings.train.method:
+            # A version of another method cannot be continued: start from the base, and learn again
+            # what the served lineage had learned, as hard as the new documents.
+            learned = {doc["id"] for doc in self.journal.documents("learned")}
+            record.relearned = [i for i in self._lineage_documents() if i in learned and i not in record.documents]
+            log.warning("cycle %d: the served %s was trained with train.method %r, this run uses %r: it starts "
+                        "from the base and learns again the %d documents learned so far", record.id, parent.version,
+                        adapters.version_method(parent.path), self.settings.train.method, len(record.relearned))
+            parent = None
+        new = self.journal.chunks(record.documents + record.relearned)
         owner = {chunk["text"]: doc for doc in self.journal.documents("learned")  # earlier chunks, by document
-                 for chunk in self.journal.chunks([doc["id"]]) if "text" in chunk}
+                 if doc["id"] not in record.relearned for chunk in self.journal.chunks([doc["id"]]) if "text" in chunk}
         try:
             buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
         except BufferMissing:
@@ -165,14 +176,14 @@ class Learner:
         records = chosen.records() + [{"kind": "knowledge", **form} for doc in replayed.values()
                                       for form in self.augmented(doc)]
         record.version = adapters.next_version(self.state.adapters, [r.version for r in self.cycles.all() if r.version])
-        parent = self.router.current if self.settings.train.warm_start else None
         record.parent = parent.version if parent else None
         self.cycles.save(record)
-        made = {doc["hash"]: self.augmented(doc) for doc in documents}
+        relearned = self.relearned(record)
+        made = {doc["hash"]: self.augmented(doc) for doc in [*documents, *relearned]}
         return TrainJob(
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
             parent_version=record.parent, parent_path=str(parent.path) if parent else None,
-            documents=[doc["hash"] for doc in documents],
+            documents=[doc["hash"] for doc in documents], relearned=[doc["hash"] for doc in relearned],
             data=JobData.mixed(new, records, [r for forms in made.values() for r in forms]),
             hyper=self.settings.train,
             augmentation={doc["hash"]: self.made_of(doc, made[doc["hash"]]) for doc in documents if made[doc["hash"]]},
@@ -364,15 +375,19 @@ class Learner:
             answers=self.held_out_questions(documents),
         )
 
+    def relearned(self, record: CycleRecord) -> list[dict[str, Any]]:
+        """The documents the cycle learns again (record.relearned), probed as its new ones are."""
+        return [doc for doc in self.journal.documents("learned") if doc["id"] in record.relearned]
+
     async def conclude(self, record: CycleRecord, decision: Decision, folder: Path, served: str,
-                       documents: list[dict[str, Any]]) -> None:
+                       documents: list[dict[str, Any]], relearned: list[dict[str, Any]]) -> None:
         if not decision.promote:
             log.info("cycle %d: %s rejected: %s", record.id, record.version, "; ".join(decision.reasons))
             await self._unload_quietly(served)
             self.set_aside(record, [doc["id"] for doc in documents], decision)
             return
         await self.swap(Adapter(record.version or "", served, folder))
-        self.journal.mark_learned([doc["id"] for doc in documents], record.version)
+        self.journal.mark_learned([doc["id"] for doc in [*documents, *relearned]], record.version)
         log.info("cycle %d: %s promoted: %s", record.id, record.version, "; ".join(decision.reasons))
 
     def set_aside(self, record: CycleRecord, document_ids: list[int], decision: Decision) -> None:
@@ -458,14 +473,20 @@ class Learner:
     def _document_text(self, document_id: int) -> str:
         return "\n".join(_text(record) for record in self.journal.records(document_id))
 
-    def _retention_probes(self) -> list[probes.Cloze]:
-        """Cloze probes of the documents learned by the serving adapter's promoted ancestors."""
+    def _lineage(self) -> list[CycleRecord]:
+        """The promoted cycles that made the serving version: it and its ancestors."""
         lineage, version = set(), self.router.current.version if self.router.current else None
         while version and version not in lineage:
             lineage.add(version)
             version = adapters.read_meta(self.state.adapters / version).get("parent")
-        return [probes.Cloze(prompt, expected) for record in self.cycles.all()
-                if record.state == PROMOTED and record.version in lineage for prompt, expected in record.cloze]
+        return [record for record in self.cycles.all() if record.state == PROMOTED and record.version in lineage]
+
+    def _lineage_documents(self) -> list[int]:
+        return list(dict.fromkeys(i for record in self._lineage() for i in record.documents + record.relearned))
+
+    def _retention_probes(self) -> list[probes.Cloze]:
+        """Cloze probes of the documents learned by the serving adapter's promoted ancestors."""
+        return [probes.Cloze(prompt, expected) for record in self._lineage() for prompt, expected in record.cloze]
 
     async def _unload_quietly(self, served: str) -> None:
         try:

@@ -65,6 +65,8 @@ class TrainJob(BaseModel):
     parent_version: Union[str, None] = None
     parent_path: Union[str, None] = None
     documents: list[str] = Field(default_factory=list, description="content hashes of the new documents")
+    relearned: list[str] = Field(default_factory=list, description="content hashes of documents learned before, "
+                                 "trained again as new ones (the served version was of another train.method)")
     data: JobData
     hyper: TrainSection = Field(default_factory=TrainSection)
     augmentation: dict[str, dict[str, Any]] = Field(

@@ -37,18 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from daemon.learning.adapters import read_meta
+from daemon.learning.adapters import read_meta, version_method
 
 log = logging.getLogger("cld.train")
 
 METHODS = ("lora", "mora", "expand", "full")
 MORA_FILE = "mora.safetensors"
-
-
-def parent_method(folder: Path) -> str:
-    """The method a version folder was trained with (versions from before methods were LoRA)."""
-    meta = read_meta(folder)
-    return meta.get("method") or meta.get("hyperparameters", {}).get("method") or "lora"
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -97,9 +91,9 @@ def attach(model: Any, job: Any) -> Any:
 
     hp = job.hyper
     parent = Path(job.parent_path) if job.parent_path else None
-    if parent is not None and parent_method(parent) != hp.method:
+    if parent is not None and version_method(parent) != hp.method:
         log.warning("the parent %s was trained with train.method %r, this run uses %r: starting from the base",
-                    parent.name, parent_method(parent), hp.method)
+                    parent.name, version_method(parent), hp.method)
         parent = None
     if hp.method == "lora":
         if parent is not None:

@@ -30,6 +30,7 @@ class CycleRecord:
     version: Optional[str] = None
     parent: Optional[str] = None
     documents: list[int] = field(default_factory=list)
+    relearned: list[int] = field(default_factory=list)  # learned before, trained again: train.method changed
     decision: Optional[str] = None
     reasons: list[str] = field(default_factory=list)  # one per decision rule, passed or not
     failed: list[dict[str, Any]] = field(default_factory=list)  # the failed checks: probe, value, limit, reason
