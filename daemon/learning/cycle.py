@@ -148,18 +148,20 @@ class Learner:
             raise Skip("the replay buffer is being built" + (f" ({building})" if building else "") +
                        "; a cycle can run once it is ready (see `cld status`)")
         record.documents = [doc["id"] for doc in documents]
+        learned = self.journal.documents("learned")
         parent = self.router.current if self.settings.train.warm_start else None
-        if parent is not None and adapters.version_method(parent.path) != self.settings.train.method:
+        if parent is not None and (served_method := adapters.version_method(parent.path)) != self.settings.train.method:
             # A version of another method cannot be continued: start from the base, and learn again
             # what the served lineage had learned, as hard as the new documents.
-            learned = {doc["id"] for doc in self.journal.documents("learned")}
-            record.relearned = [i for i in self._lineage_documents() if i in learned and i not in record.documents]
+            ids = {doc["id"] for doc in learned}
+            record.relearned = [i for i in self._lineage_documents() if i in ids and i not in record.documents]
             log.warning("cycle %d: the served %s was trained with train.method %r, this run uses %r: it starts "
                         "from the base and learns again the %d documents learned so far", record.id, parent.version,
-                        adapters.version_method(parent.path), self.settings.train.method, len(record.relearned))
+                        served_method, self.settings.train.method, len(record.relearned))
             parent = None
+        relearned = [doc for doc in learned if doc["id"] in record.relearned]
         new = self.journal.chunks(record.documents + record.relearned)
-        owner = {chunk["text"]: doc for doc in self.journal.documents("learned")  # earlier chunks, by document
+        owner = {chunk["text"]: doc for doc in learned  # earlier chunks, by document
                  if doc["id"] not in record.relearned for chunk in self.journal.chunks([doc["id"]]) if "text" in chunk}
         try:
             buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
@@ -178,7 +180,6 @@ class Learner:
         record.version = adapters.next_version(self.state.adapters, [r.version for r in self.cycles.all() if r.version])
         record.parent = parent.version if parent else None
         self.cycles.save(record)
-        relearned = self.relearned(record)
         made = {doc["hash"]: self.augmented(doc) for doc in [*documents, *relearned]}
         return TrainJob(
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
