@@ -87,6 +87,8 @@ def test_a_method_learns_and_saves_a_model_that_computes_what_was_trained(tiny: 
     assert summary["last_loss"] < summary["first_loss"], "training did not lower the loss"
     check_model(folder)
     assert not (folder / "adapter_config.json").exists()
+    # vLLM loads every *.safetensors at the top of a model folder as the model's weights
+    assert [path.name for path in folder.glob("*.safetensors")] == ["model.safetensors"]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["method"] == method and meta["trainable_parameters"] == methods.count_trainable(model) > 0
     config = json.loads((folder / "config.json").read_text())

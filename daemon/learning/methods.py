@@ -19,7 +19,8 @@ in fp32 (the trainer loads the model so; the weights they train are their own ma
 merged weights, config, tokenizer — in the base's dtype, which vLLM serves as a model of its own.
 Every method can show the base model (`base_view`): the distillation teacher and the benchmarks'
 reference. A warm start continues the parent version of the same method; MoRA keeps its matrices
-(`mora.safetensors`) beside the merged weights for that, added blocks are found by their indices in
+for that in `mora/matrices.safetensors` (in a subfolder: vLLM loads every `*.safetensors` at the top of
+a model folder as weights of the model and refuses names it does not know), added blocks are found by their indices in
 the parent's meta.json. Knows nothing of jobs' data, the optimiser or serving.
 """
 
@@ -42,7 +43,7 @@ from daemon.learning.adapters import read_meta, version_method
 log = logging.getLogger("cld.train")
 
 METHODS = ("lora", "mora", "expand", "full")
-MORA_FILE = "mora.safetensors"
+MORA_FILE = "mora/matrices.safetensors"  # not at the top: vLLM would load it as model weights
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
@@ -255,6 +256,7 @@ class MoRA(Method):
             elif not leaf == "weight_m":
                 state[key] = tensor
         _save_merged(model, tokenizer, folder, dtype, state)
+        (folder / MORA_FILE).parent.mkdir(exist_ok=True)
         save_file({name: w.weight_m.detach().cpu().contiguous() for name, w in self.wrapped.items()},
                   str(folder / MORA_FILE))
 
