@@ -122,7 +122,8 @@ class ServeSection(Section):
         False, description="CPU build: let vLLM torch.compile each merged-weight instance as it starts. Generation is "
         "then 20-30 % faster, but every start takes 1-2 min longer alone and 5-9 min beside a busy server (vLLM 0.32 "
         "cannot load its compile cache under torch 2.13, so it compiles again each time). Off, a merged version runs "
-        "uncompiled, as every LoRA version does (vLLM turns compilation off with LoRA on CPU). GPUs always compile."
+        "uncompiled, as every LoRA version does (vLLM turns compilation off with LoRA on CPU), and compilation options in "
+        "serve.vllm_args do not apply to it (vLLM's --enforce-eager turns them off). GPUs always compile."
     )
     vllm_args: list[str] = Field(
         default_factory=list, description="Extra command-line arguments for the vLLM server (not --host or "
