@@ -164,3 +164,12 @@ def test_a_grids_augment_settings_make_the_forms_the_daemon_makes() -> None:
     assert plain and all("open_book" not in r for r in plain)
     assert [r["messages"] for r in read] == [r["messages"] for r in plain]
     assert all(r["open_book"][0]["content"].startswith("Read this document") for r in read)
+
+
+def test_the_methods_grid_compares_the_four_methods_with_valid_settings() -> None:
+    grid = json.loads((Path(sweep.__file__).parent / "methods.json").read_text())
+    recipes = [sweep.parse_recipe(recipe) for recipe in grid]
+    assert sorted(hyper.method for *_, hyper, _ in recipes) == ["expand", "full", "lora", "mora"]
+    assert {(ratio, cycles) for _, ratio, cycles, *_ in recipes} == {("run", 5)}
+    with pytest.raises(ValueError, match="learning_rat"):
+        sweep.parse_recipe({"name": "typo", "learning_rat": 1e-3})

@@ -247,6 +247,18 @@ def augmented(document: measure.Document, settings: AugmentSection, seed: int) -
     return augment.open_book(forms, augment.split_paragraphs(document.text), settings.context_distill)
 
 
+def parse_recipe(recipe: dict[str, Any]) -> tuple[str, str, int, list[int], AugmentSection, TrainSection, dict[str, Any]]:
+    """One recipe of a grid: its name, replay ratio, cycles, first documents, the daemon's [augment]
+    and [train] settings made from it (a misspelt setting is an error, not ignored), and the train
+    settings as given."""
+    recipe = dict(recipe)
+    name, ratio = recipe.pop("name"), recipe.pop("ratio", 4.0)
+    ratio = ratio if ratio == "run" else str(float(ratio))
+    cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
+    forms = AugmentSection(**recipe.pop("augment", {}))
+    return name, ratio, cycles, order, forms, TrainSection(**recipe), recipe
+
+
 def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     import torch
 
@@ -260,13 +272,7 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     results: list[dict[str, Any]] = []
     base_eval: dict[str, Any] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="cld-sweep-"))
-    for recipe in grid:
-        recipe = dict(recipe)
-        name, ratio = recipe.pop("name"), recipe.pop("ratio", 4.0)
-        ratio = ratio if ratio == "run" else str(float(ratio))
-        cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
-        forms = AugmentSection(**recipe.pop("augment", {}))  # the daemon's [augment] settings, made here
-        hyper = TrainSection(**recipe)  # a misspelt setting is an error, not ignored
+    for name, ratio, cycles, order, forms, hyper, recipe in map(parse_recipe, grid):
         for first in order:
             started, steps = time.monotonic(), []
             model = tokenizer = None
