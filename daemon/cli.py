@@ -250,6 +250,8 @@ def adapters_cmd(
         typer.echo("no adapter versions yet")
     for a in found:
         typer.echo(adapter_line(a))
+        for line in refusal_lines(a):
+            typer.echo(f"    {line}")
 
 
 def adapter_line(a: dict[str, Any]) -> str:
@@ -270,6 +272,20 @@ def adapter_line(a: dict[str, Any]) -> str:
     relearned = f" + {a['relearned']} learned again" if a.get("relearned") else ""
     return (f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
             f"{a['documents']} docs{relearned}{made + ')' if made else ''}  {measured}{pruned}")
+
+
+def refusal_lines(a: dict[str, Any], shown_lost: int = 5) -> list[str]:
+    """Why a version was refused: each failed check (value, limit, items), then the earlier facts
+    the serving version completed and this one did not."""
+    if a["state"] != "rejected":
+        return []
+    lines = [f"refused: {failure['reason']}" for failure in a.get("failed") or []]
+    lost = a.get("lost") or []
+    lines += [f"lost: {item['prompt']!r} -> expected {item['expected']!r}, got {item['got']!r}"
+              for item in lost[:shown_lost]]
+    if len(lost) > shown_lost:
+        lines.append(f"lost: {len(lost) - shown_lost} more (`cld adapters --json`)")
+    return lines
 
 
 @app.command()

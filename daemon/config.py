@@ -445,6 +445,11 @@ class ScheduleSection(Section):
         "(`cld status` counts it, the cycle record says why) and waits for `cld retry` instead of joining every "
         "later cycle. 0 = retry in every cycle.",
     )
+    max_cycle_tokens: int = Field(
+        4000, ge=0, description="Most new-document tokens one cycle learns (0 = no bound): documents refused fewer "
+        "times go first, then the oldest; the rest wait for the next cycle, so documents that keep being refused "
+        "never make every later cycle longer. A larger document is learned alone."
+    )
 
 
 class AugmentSection(Section):
@@ -511,12 +516,28 @@ class ProbesSection(Section):
         "prompts to the base model's answers. Free-running answers diverge after the first changed word: "
         "candidates inside the NLL limits scored 0.44-0.73 in bench/learning, a model that forgot badly ~0.1."
     )
-    min_nll_drop: float = Field(0.1, ge=0, le=1, description="Smallest relative NLL decrease on the new documents.")
+    min_nll_drop: float = Field(
+        0.1, ge=0, le=1, description="Smallest relative NLL decrease on the new documents' text, vs the base and vs "
+        "the serving version (the primary learning signal: an NLL over every token of up to probes.new_chunks chunks)."
+    )
+    min_knowledge_kept: float = Field(
+        0.75, ge=0, le=1, description="Smallest share of the serving version's NLL gain over the base on the earlier "
+        "documents' text (up to probes.retention_chunks of their chunks) that the candidate keeps: the primary "
+        "retention signal. 1 = keeps all it learned, 0 = back to the base."
+    )
     min_cloze_pass: float = Field(
-        0.5, ge=0, le=1, description="Smallest share of the new documents' cloze probes the candidate completes."
+        0.5, ge=0, le=1, description="Smallest share of the new documents' cloze probes the candidate completes, "
+        "judged at the upper confidence bound (probes.confidence): refused only when it is surely below."
     )
     min_retention: float = Field(
-        0.8, ge=0, le=1, description="Smallest share of earlier versions' cloze probes still completed."
+        0.8, ge=0, le=1, description="Smallest share of the earlier documents' cloze probes that the serving version "
+        "completes which the candidate still completes (items the serving version fails are not held against it), "
+        "judged at the upper confidence bound (probes.confidence)."
+    )
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1, description="One-sided confidence of the bounds on shares of few discrete items (cloze "
+        "probes): a candidate fails such a rule only when the share is past its limit with this confidence "
+        "(Wilson's score interval), so one item more or less does not decide."
     )
     max_qa_drop: float = Field(0.0, ge=0, le=1, description="Largest accuracy drop on the QA sets, vs the base.")
     min_answered: float = Field(
@@ -528,7 +549,19 @@ class ProbesSection(Section):
         0.25, ge=0, le=0.5, description="Share of the teacher's question/answer pairs (augment.teacher_pairs) kept "
         "out of training to probe answering: every 1/share-th pair, when the document has at least two."
     )
-    cloze_per_document: int = Field(8, ge=1, description="Cloze probes built from each new document.")
+    cloze_per_document: int = Field(
+        16, ge=1, description="Most cloze probes built from each new document: each prose sentence cut at several "
+        "points (probes.cloze_cuts), spread over the document."
+    )
+    cloze_cuts: list[float] = Field(
+        default_factory=lambda: [0.4, 0.6, 0.8], min_length=1, description="Where sentences are cut for cloze probes "
+        "(share of the words given as the prompt): each cut is a probe of its own form, so a short document still "
+        "yields several items per sentence."
+    )
+    retention_chunks: int = Field(
+        32, ge=0, description="Most chunks of earlier documents scored per cycle for probes.min_knowledge_kept (spread "
+        "over all of them, a different selection each cycle)."
+    )
     retention_probes: int = Field(
         64, ge=0, description="Most cloze probes of earlier documents asked per cycle (spread over all of them, a "
         "different selection each cycle), so probing does not grow with everything ever learned."
@@ -543,6 +576,13 @@ class ProbesSection(Section):
         default_factory=list, description="JSONL files of {\"question\", \"answer\"} the model must keep "
         "answering (contained match)."
     )
+
+    @field_validator("cloze_cuts")
+    @classmethod
+    def _cuts_inside(cls, cuts: list[float]) -> list[float]:
+        if any(not 0 < cut < 1 for cut in cuts):
+            raise ValueError("every cut is a share of a sentence's words, between 0 and 1 (e.g. [0.4, 0.6, 0.8])")
+        return sorted(set(cuts))
 
 
 class SecuritySection(Section):

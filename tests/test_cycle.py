@@ -65,23 +65,38 @@ class FakeJournal:
 
 
 class FakeVLLM:
-    """Answers like vLLM; a loaded adapter `learns` (cloze answers) and `forgets` as configured."""
+    """Answers like vLLM; a loaded adapter knows the documents it and its ancestors were trained on
+    (lower NLL on their text, their cloze probes completed), and `forgets` as configured."""
 
     def __init__(self, forgetting: float = 0.0, learns: bool = True):
         self.forgetting, self.learns = forgetting, learns
         self.loaded: dict[str, Path] = {}
         self.unloaded: list[str] = []
-        self.expected = {c.prompt: c.expected for text in (FACTS, MORE) for c in build_cloze(text, 8)}
-        self.documents = FACTS + MORE  # what an adapter learns
+        self.texts = [FACTS, MORE]  # documents whose cloze probes the fake can complete
+        self.journal: FakeJournal | None = None  # where a version's documents are read (None: it knows every text)
+        self.known: dict[str, set[str]] = {}  # version -> texts it learned, its ancestors' included
+        self.unknown: set[str] = set()  # cloze prompts no adapter completes
+        self.forgets: set[str] = set()  # cloze prompts the adapters loaded from now on no longer complete
+        self.forgetful: set[str] = set()
 
     def learn(self, text: str) -> None:
-        self.documents += text
-        self.expected |= {c.prompt: c.expected for c in build_cloze(text, 8)}
+        self.texts.append(text)
+
+    @property
+    def expected(self) -> dict[str, tuple[str, str]]:
+        """Every cloze prompt the fake can complete -> (its continuation, the document it is from)."""
+        return {c.prompt: (c.expected, text) for text in self.texts for c in build_cloze(text, 100, cuts=(0.4, 0.6, 0.8))}
 
     async def load_lora(self, name: str, path: Path) -> None:
         assert name not in self.loaded and name not in self.unloaded, "adapter names must never be reused"
         assert (path / "adapter_model.safetensors").is_file()
         self.loaded[name] = path
+        meta = json.loads((path / "meta.json").read_text())
+        hashes = set(meta.get("documents", []) + meta.get("relearned", []))
+        own = {d["text"] for d in self.journal.docs.values() if d["hash"] in hashes} if self.journal else set(self.texts)
+        self.known[path.name] = own | self.known.get(meta.get("parent") or "", set())
+        if self.forgets:
+            self.forgetful.add(name)
 
     async def unload_lora(self, name: str) -> None:
         self.loaded.pop(name)
@@ -91,9 +106,12 @@ class FakeVLLM:
         assert model == "cld-base" or model in self.loaded, f"{model} is not loaded"
         return model != "cld-base"
 
+    def _knows(self, model: str, text: str) -> bool:
+        return model in self.loaded and any(text in known for known in self.known[self.loaded[model].name])
+
     async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
         adapter = self._check(model)
-        new = isinstance(text, str) and (text in self.documents)
+        new = isinstance(text, str) and self._knows(model, text)
         value = 2.0 * (0.5 if adapter and new else 1.0) * (1 + self.forgetting if adapter and not new else 1.0)
         return [value] * 10
 
@@ -106,7 +124,10 @@ class FakeVLLM:
 
     async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
         adapter = self._check(model)
-        return " " + self.expected.get(prompt, "") if adapter and self.learns else " something else"
+        expected, text = self.expected.get(prompt, ("", ""))
+        forgotten = prompt in self.unknown or (model in self.forgetful and prompt in self.forgets)
+        knows = adapter and self.learns and self._knows(model, text) and not forgotten
+        return " " + expected if knows else " something else"
 
     async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                      n: int) -> list[str]:
@@ -152,6 +173,7 @@ def make(state: StateDir, tiny: Path, vllm: FakeVLLM, journal: FakeJournal) -> L
         "replay": {"embedder": "test-bow", "passage_tokens": 24},
     })
     router = Router("cld", "cld-base", state.serving)
+    vllm.journal = journal
     return Learner(settings, state, vllm, router, journal, tiny)  # type: ignore[arg-type]
 
 
@@ -191,7 +213,9 @@ async def test_a_good_candidate_is_promoted_and_the_next_one_builds_on_it(state:
     journal.add(MORE)
     second = await learner.run_cycle("api")
     assert second.state == "promoted" and second.parent == "v0001"
-    assert any(r.startswith("retention of earlier facts 1.00") for r in second.reasons), second.reasons
+    assert any(r.startswith("earlier facts the serving version recalls kept") and "= 1.00" in r
+               for r in second.reasons), second.reasons
+    assert second.probes["results"]["knowledge_kept"] == 1.0 and second.probes["results"]["nll_drop_vs_incumbent"] == 0.5
     assert len(vllm.loaded) == 1 and vllm.unloaded, "the previous adapter is unloaded after the swap"
     views = {v["version"]: v["state"] for v in adapters_view(state.adapters, learner.cycles, "v0002")}
     assert views == {"v0001": "retired", "v0002": "promoted"}
@@ -404,7 +428,9 @@ async def test_after_a_change_of_method_the_served_documents_are_learned_again_f
     assert job["parent_path"] is None and {"text": FACTS} in job["data"]["new"], "trained again as new, from the base"
     assert not any(r.get("text") == FACTS for r in job["data"]["knowledge"]), "not also as knowledge replay"
     per_document = learner.settings.probes.cloze_per_document
-    assert record.cloze and len(record.cloze) == len(build_cloze(FACTS, per_document)) + len(build_cloze(MORE, per_document))
+    cuts = learner.settings.probes.cloze_cuts
+    assert record.cloze and len(record.cloze) == (len(build_cloze(FACTS, per_document, cuts=cuts))
+                                                  + len(build_cloze(MORE, per_document, cuts=cuts)))
     meta = json.loads((state.adapters / "v0002" / "meta.json").read_text())
     assert (meta["documents"], meta["relearned"], meta["parent"]) == (["h2"], ["h1"], None)
     assert [journal.docs[i]["version"] for i in (1, 2)] == ["v0002", "v0002"]
@@ -416,7 +442,8 @@ async def test_after_a_change_of_method_the_served_documents_are_learned_again_f
     journal.add(ferry)
     third = await learner.run_cycle("api")
     assert (third.state, third.parent, third.relearned) == ("promoted", "v0002", []), third.reasons
-    assert any(r.startswith("retention of earlier facts 1.00") for r in third.reasons), third.reasons
+    assert any(r.startswith("earlier facts the serving version recalls kept") and "= 1.00" in r
+               for r in third.reasons), third.reasons
     assert len(learner._retention_probes()) == len(record.cloze) + len(third.cloze)
 
 
@@ -514,3 +541,58 @@ def test_trainer_threads_spin_briefly_only_while_serving_is_quiet(state: StateDi
     assert trainer_env({"PATH": "/bin"}, SHORT_SPIN_ENV) == {"PATH": "/bin", **SHORT_SPIN_ENV}
     assert trainer_env({"OMP_WAIT_POLICY": "ACTIVE"}, TRAINER_ENV) == {"OMP_WAIT_POLICY": "ACTIVE"}, \
         "the operator's setting wins"
+
+
+async def test_a_lineage_promoted_between_the_limits_keeps_learning(state: StateDir, tiny: Path) -> None:
+    """Issue 31's stall: v0001 promoted completing 4 of 6 of its cloze probes (between
+    min_cloze_pass 0.5 and min_retention 0.8). A candidate that keeps all 4 used to be refused
+    ("retention of earlier facts 0.67 < 0.80") in every later cycle; now it is held only to those 4.
+    A candidate that loses them is refused, and `cld adapters` names what it lost."""
+    from daemon.cli import refusal_lines
+
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    prompts = [c.prompt for c in build_cloze(FACTS, 16, cuts=learner.settings.probes.cloze_cuts)]
+    assert len(prompts) == 6
+    vllm.unknown = set(prompts[::3])  # the served version never completes these two
+    first = await learner.run_cycle("api")
+    assert first.state == "promoted" and first.probes["results"]["cloze_pass"] == pytest.approx(4 / 6)
+
+    journal.add(MORE)
+    second = await learner.run_cycle("api")
+    results = second.probes["results"]
+    assert results["earlier_recalled"] == pytest.approx(4 / 6), "below 0.8: the old absolute rule refused this"
+    assert (second.state, results["retention"], results["retention_items"]) == ("promoted", 1.0, 4), second.reasons
+
+    vllm.forgets = set(prompts) - vllm.unknown
+    journal.add("The Sael estuary ferry was rebuilt in 2033 by the shipwrights of Odrin. Its new hull is oak.")
+    vllm.learn(journal.docs[3]["text"])
+    third = await learner.run_cycle("api")
+    assert third.state == "rejected"
+    failed = [f["probe"] for f in third.failed]
+    assert failed == ["retention"], third.failed
+    view = {a["version"]: a for a in adapters_view(state.adapters, learner.cycles, "v0002")}["v0003"]
+    lines = refusal_lines(view)
+    assert lines[0].startswith("refused: earlier facts the serving version recalls kept 3 of 7 = 0.43 (at most"), lines
+    assert sum(line.startswith("lost: ") for line in lines) == 4
+    assert any(FACTS.split()[-1].rstrip(".") in line for line in lines[1:]), lines
+
+
+def test_a_cycle_learns_documents_refused_fewer_times_first_within_its_token_budget(state: StateDir, tiny: Path) -> None:
+    """A document that keeps being refused never lengthens every later cycle: fresh documents go
+    first, and no cycle learns more than schedule.max_cycle_tokens (one larger document alone)."""
+    from daemon.learning.cycle import within_budget
+
+    journal = FakeJournal()
+    for text in (FACTS, MORE, FACTS + " " + MORE):
+        journal.add(text)
+    journal.docs[1]["attempts"] = 2
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.schedule.max_cycle_tokens = 40
+    assert [d["id"] for d in learner.new_documents()] == [2], "doc 1 was refused twice: it waits; 2 + 3 > 40 tokens"
+    learner.settings.schedule.max_cycle_tokens = 0
+    assert [d["id"] for d in learner.new_documents()] == [2, 3, 1]
+    docs = [{"id": 1, "tokens": 500}, {"id": 2, "tokens": 10}]
+    assert within_budget(docs, 100) == docs[:1], "a document over the budget is learned alone"
+    assert within_budget(docs, 510) == docs

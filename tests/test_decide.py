@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.learning.decide import ProbeResults, Thresholds, decide
+from daemon.learning.decide import ProbeResults, Thresholds, decide, wilson_bound
 
 LIMITS = Thresholds(max_forgetting=0.02, max_behaviour_increase=0.15, min_drift_agreement=0.6, min_nll_drop=0.1,
-                    min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0, min_answered=0.25)
+                    min_knowledge_kept=0.75, min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0,
+                    min_answered=0.25, confidence=0.95)
 GOOD = dict(forgetting_vs_base=0.005, forgetting_vs_incumbent=0.0, behaviour_increase=0.05, drift_agreement=0.9,
-            nll_drop=0.4, cloze_pass=0.875, retention=1.0, qa_drop=0.0, answered=0.5)
+            nll_drop=0.4, nll_drop_vs_incumbent=0.38, knowledge_kept=0.95, cloze_pass=0.875, cloze_items=16,
+            retention=1.0, retention_items=12, qa_drop=0.0, answered=0.5)
 
 CASES = [
     # (name, changes to GOOD, promote?, fragment of a reason)
-    ("all good", {}, True, "cloze probes passed 0.88 ≥ 0.50"),
+    ("all good", {}, True, "cloze probes passed 14 of 16 = 0.88 ≥ 0.50"),
     ("forgot original text", {"forgetting_vs_base": 0.05}, False, "forgetting vs base +5.0% > +2.0%"),
     ("worse than incumbent", {"forgetting_vs_incumbent": 0.03}, False, "forgetting vs incumbent +3.0% > +2.0%"),
     ("forgetting exactly at the limit", {"forgetting_vs_base": 0.02}, True, "forgetting vs base +2.0% ≤ +2.0%"),
@@ -21,11 +23,26 @@ CASES = [
      "behaviour NLL increase +90.0% > +15.0%"),
     ("answers drifted", {"drift_agreement": 0.3}, False, "drift agreement 0.30 < 0.60"),
     ("learned nothing", {"nll_drop": 0.01}, False, "NLL drop on new documents 1.0% < 10.0%"),
-    ("facts not recalled", {"cloze_pass": 0.25}, False, "cloze probes passed 0.25 < 0.50"),
-    ("earlier facts lost", {"retention": 0.5}, False, "retention of earlier facts 0.50 < 0.80"),
+    ("facts not recalled", {"cloze_pass": 0.25}, False,
+     "cloze probes passed 4 of 16 = 0.25 (at most 0.45 at 95% confidence) < 0.50"),
+    ("one item short of the limit among few", {"cloze_pass": 1 / 3, "cloze_items": 3}, True,
+     "cloze probes passed 1 of 3 = 0.33 (at most 0.75 at 95% confidence) ≥ 0.50"),
+    ("none of few recalled", {"cloze_pass": 0.0, "cloze_items": 3}, False,
+     "cloze probes passed 0 of 3 = 0.00 (at most 0.47 at 95% confidence) < 0.50"),
+    ("learned nothing over the incumbent", {"nll_drop_vs_incumbent": 0.02}, False,
+     "NLL drop on new documents vs incumbent 2.0% < 10.0%"),
+    ("earlier documents' text forgotten", {"knowledge_kept": 0.5}, False,
+     "earlier documents' NLL gain kept 50.0% < 75.0%"),
+    ("earlier facts lost", {"retention": 0.5}, False,
+     "earlier facts the serving version recalls kept 6 of 12 = 0.50 (at most 0.71 at 95% confidence) < 0.80"),
+    ("one earlier fact of three lost", {"retention": 2 / 3, "retention_items": 3}, True,
+     "earlier facts the serving version recalls kept 2 of 3 = 0.67 (at most 0.92 at 95% confidence) ≥ 0.80"),
+    ("every earlier fact of five lost", {"retention": 0.0, "retention_items": 5}, False,
+     "earlier facts the serving version recalls kept 0 of 5 = 0.00 (at most 0.35 at 95% confidence) < 0.80"),
     ("general QA dropped", {"qa_drop": 0.1}, False, "QA accuracy drop +10.0% > +0.0%"),
-    ("no earlier versions", {"retention": None, "forgetting_vs_incumbent": None}, True,
-     "retention of earlier facts: not measured"),
+    ("no earlier versions", {"retention": None, "retention_items": None, "forgetting_vs_incumbent": None,
+                             "knowledge_kept": None, "nll_drop_vs_incumbent": None}, True,
+     "earlier facts the serving version recalls kept: not measured"),
     ("no QA set configured", {"qa_drop": None}, True, "QA accuracy drop: not measured"),
     ("questions not answered", {"answered": 0.2}, False, "questions about the new documents answered 0.20 < 0.25"),
     ("no teacher", {"answered": None}, True, "questions about the new documents answered: not measured"),
@@ -42,4 +59,20 @@ def test_decide(name: str, changes: dict, promote: bool, reason: str) -> None:
 
 
 def test_every_probe_gives_a_reason() -> None:
-    assert len(decide(ProbeResults(**GOOD), LIMITS).reasons) == 9
+    assert len(decide(ProbeResults(**GOOD), LIMITS).reasons) == 11
+
+
+@pytest.mark.parametrize(("share", "items", "upper", "expected"), [
+    (0.5, 10, True, 0.73), (0.5, 10, False, 0.27), (1.0, 3, True, 1.0), (0.0, 3, False, 0.0),
+    (1.0, 3, False, 0.53), (0.0, 3, True, 0.47), (0.5, 1000, True, 0.526)])
+def test_the_confidence_bound_narrows_with_more_items(share: float, items: int, upper: bool, expected: float) -> None:
+    assert wilson_bound(share, items, 0.95, upper) == pytest.approx(expected, abs=0.01)
+
+
+def test_a_check_with_few_items_fails_only_when_surely_past_its_limit() -> None:
+    """Shares of 0..n items against min 0.5: with 3 items only 0 of 3 fails; with 30, below 11."""
+    def promoted(k: int, n: int) -> bool:
+        return decide(ProbeResults(**{**GOOD, "cloze_pass": k / n, "cloze_items": n}), LIMITS).promote
+
+    assert [promoted(k, 3) for k in range(4)] == [False, True, True, True]
+    assert [k for k in range(31) if promoted(k, 30)][0] == 11

@@ -171,7 +171,7 @@ def probe_set(new: str = "a new chunk"):
                     behaviour=[([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(3)],
                     drift_prompts=["hello", "how are you"], new_chunks=[new],
                     cloze=[Cloze("The cat sat", "on the mat")], retention=[Cloze("Old", "fact here")],
-                    qa=[QA("question?", "answer")])
+                    retention_chunks=["an old chunk"], qa=[QA("question?", "answer")])
 
 
 async def test_the_base_and_incumbent_are_asked_only_what_the_gate_compares() -> None:
@@ -179,9 +179,9 @@ async def test_the_base_and_incumbent_are_asked_only_what_the_gate_compares() ->
 
     vllm = CountingVLLM()
     measured = await run_probes(vllm, probe_set(), "base", "cand", "inc")  # type: ignore[arg-type]
-    assert vllm.asked["inc"] == 6, "the incumbent: held-out passages only"
-    assert vllm.asked["base"] == 6 + 3 + 1 + 1 + 2, "no cloze or retention for the base"
-    assert vllm.asked["cand"] == 6 + 3 + 1 + 1 + 1 + 1 + 2
+    assert vllm.asked["inc"] == 6 + 1 + 1 + 1, "the incumbent: held-out passages, new and earlier documents"
+    assert vllm.asked["base"] == 6 + 3 + 1 + 1 + 1 + 2, "no cloze or retention items for the base"
+    assert vllm.asked["cand"] == 6 + 3 + 1 + 1 + 1 + 1 + 1 + 2
     assert measured.values["base"]["cloze"] is None and measured.values["incumbent"]["behaviour_nll"] is None
     assert measured.results.forgetting_vs_base == pytest.approx(0.5)
     assert measured.results.forgetting_vs_incumbent == pytest.approx(0.5)
@@ -200,7 +200,7 @@ async def test_the_base_is_asked_once_and_measured_again_when_it_changes() -> No
     vllm.shift = 1.0  # another base is served now
     asked = vllm.asked["base"]
     third = await run_probes(vllm, probe_set("chunk two"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
-    assert vllm.asked["base"] - asked == 1 + 6 + 3 + 1 + 2 + 1, "the spot check failed: everything asked again"
+    assert vllm.asked["base"] - asked == 1 + 6 + 3 + 1 + 1 + 2 + 1, "the spot check failed: everything asked again"
     assert third.values["base"]["held_out_nll"] == pytest.approx(2.0)
 
 
@@ -212,7 +212,7 @@ async def test_the_incumbent_is_not_asked_what_it_answered_as_the_candidate() ->
     await run_probes(vllm, probe_set("chunk one"), "base", "cand", None, memo=memo)  # type: ignore[arg-type]
     asked = vllm.asked["cand"]
     measured = await run_probes(vllm, probe_set("chunk two"), "base", "next", "cand", memo=memo)  # type: ignore[arg-type]
-    assert vllm.asked["cand"] == asked, "promoted, it is the incumbent: its held-out NLLs are remembered"
+    assert vllm.asked["cand"] == asked + 1, "promoted, it is the incumbent: asked only the new document's chunk"
     assert measured.values["incumbent"]["held_out_nll"] == pytest.approx(1.5)
 
 
@@ -234,3 +234,64 @@ def test_retention_probes_are_bounded_and_every_one_is_asked_in_turn() -> None:
     assert all(len(c) == len(set(c)) == 8 for c in chosen)
     assert set().union(*chosen) == set(items)
     assert chosen[0] != chosen[1]
+
+
+class ItemVLLM(CountingVLLM):
+    """Completes the cloze prompts each model knows; NLLs per model and text as set."""
+
+    def __init__(self, knows: dict[str, set[str]], nll: dict[str, float]) -> None:
+        super().__init__()
+        self.knows, self.nll = knows, nll
+
+    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        self._count(model)
+        return " fact here" if prompt in self.knows.get(model, set()) else " nothing"
+
+    async def token_nll(self, model: str, text) -> list[float]:
+        self._count(model)
+        return [self.nll.get(model, 2.0) if text == "an old chunk" else 2.0] * 4
+
+
+async def test_retention_holds_the_candidate_only_to_what_the_serving_version_recalls() -> None:
+    """The stall of issue 31: the serving version completes 2 of 3 earlier items; a candidate
+    completing the same 2 keeps everything it knew (the old rule read 0.67 < 0.80 and refused)."""
+    from daemon.learning.probes import Cloze, run_probes
+
+    earlier = [Cloze(f"Old {i}", "fact here") for i in range(3)]
+    vllm = ItemVLLM({"inc": {"Old 0", "Old 1"}, "cand": {"Old 0", "Old 1"}}, {"inc": 0.5, "cand": 0.6})
+    measured = await run_probes(vllm, ProbeSet_with(earlier), "base", "cand", "inc")  # type: ignore[arg-type]
+    results = measured.results
+    assert (results.retention, results.retention_items, results.earlier_recalled) == (1.0, 2, pytest.approx(2 / 3))
+    assert results.knowledge_kept == pytest.approx((2.0 - 0.6) / (2.0 - 0.5))
+    assert measured.lost == []
+    assert measured.items["incumbent"]["retention"] == [1, 1, 0]
+
+    vllm.knows["cand2"] = {"Old 2"}  # lost both items the serving version knew, learned the third
+    measured = await run_probes(vllm, ProbeSet_with(earlier), "base", "cand2", "inc")  # type: ignore[arg-type]
+    assert (measured.results.retention, measured.results.retention_items) == (0.0, 2)
+    assert [item["prompt"] for item in measured.lost] == ["Old 0", "Old 1"]
+    assert measured.lost[0]["expected"] == "fact here" and measured.lost[0]["got"] == "nothing"
+
+
+async def test_knowledge_kept_is_not_judged_when_the_serving_version_learned_too_little() -> None:
+    from daemon.learning.probes import knowledge_kept
+
+    assert knowledge_kept(2.0, 1.99, 2.5) is None
+    assert knowledge_kept(2.0, 1.0, 1.0) == 1.0 and knowledge_kept(2.0, 1.0, 2.0) == 0.0
+    assert knowledge_kept(None, 1.0, 1.0) is None
+
+
+def ProbeSet_with(retention):
+    from dataclasses import replace
+
+    return replace(probe_set(), retention=list(retention))
+
+
+def test_cloze_probes_are_cut_at_several_points_of_each_sentence() -> None:
+    text = ("The harbour authority of Wrenhollow opened a second ferry terminal in the spring of that year. "
+            "Passengers can now return their tickets at either terminal until the day before departure.")
+    one = build_cloze(text, 50)
+    three = build_cloze(text, 50, cuts=(0.4, 0.6, 0.8))
+    assert len(one) == 2 and len(three) == 6
+    assert len({c.prompt for c in three}) == 6
+    assert all((c.prompt.split()[-1] + " " + c.expected) in text for c in three)

@@ -159,6 +159,7 @@ def adapters_view(adapters_dir: Path, cycles: CycleStore, serving: str | None) -
             "probes": (record.probes.get("results") or {}) if record else {},
             "reasons": record.reasons if record else [],
             "failed": record.failed if record else [],
+            "lost": (record.probes.get("lost") or []) if record else [],  # earlier facts the serving version knew
             "created_at": meta.get("created_at"),
             "pruned_at": meta.get(PRUNED),  # its weights deleted (state.keep_merged): it cannot be served again
             "training": {k: meta.get("training", {}).get(k) for k in ("steps", "tokens", "first_loss", "last_loss")},

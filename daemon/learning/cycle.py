@@ -133,10 +133,13 @@ class Learner:
     # ---- stages ---------------------------------------------------------------------------------
 
     def new_documents(self) -> list[dict[str, Any]]:
+        """The ready documents this cycle learns: those refused fewer times first, then the oldest,
+        up to `schedule.max_cycle_tokens` (at least one); the rest wait for the next cycle."""
         documents = self.journal.documents("ready")
         if not documents:
             raise Skip("no new documents")
-        return documents
+        return within_budget(sorted(documents, key=lambda doc: (doc["attempts"], doc["id"])),
+                             self.settings.schedule.max_cycle_tokens)
 
     def build_job(self, record: CycleRecord, documents: list[dict[str, Any]]) -> TrainJob:
         """Choose the version, the parent and the training data (new chunks + replay)."""
@@ -355,8 +358,8 @@ class Learner:
 
         settings = self.settings.probes
         new_texts = [_text(chunk) for chunk in self.journal.chunks(record.documents)]
-        cloze = [c for doc in documents for c in probes.build_cloze(self._document_text(doc["id"]),
-                                                                    settings.cloze_per_document)]
+        cloze = [c for doc in documents for c in probes.build_cloze(
+            self._document_text(doc["id"]), settings.cloze_per_document, cuts=settings.cloze_cuts)]
         record.cloze = [[c.prompt, c.expected] for c in cloze]
         buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
         try:
@@ -372,6 +375,8 @@ class Learner:
             new_chunks=new_texts[: settings.new_chunks],
             cloze=cloze,
             retention=probes.spread(self._retention_probes(), settings.retention_probes, record.id),
+            retention_chunks=probes.spread([_text(chunk) for chunk in self.journal.chunks(self._lineage_documents())],
+                                           settings.retention_chunks, record.id),
             qa=[probes.QA(item["question"], item["answer"]) for path in settings.qa_sets for item in _jsonl(path)],
             answers=self.held_out_questions(documents),
         )
@@ -513,6 +518,17 @@ def trainer_env(base: dict[str, str] | None = None, policy: dict[str, str] = TRA
     if any(key in env for key in TRAINER_ENV):
         return env
     return env | policy
+
+
+def within_budget(documents: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
+    """The leading documents whose tokens add up to at most `max_tokens` (0: all), and at least the first."""
+    chosen, total = [], 0
+    for doc in documents:
+        total += doc.get("tokens") or 0
+        if chosen and max_tokens and total > max_tokens:
+            break
+        chosen.append(doc)
+    return chosen
 
 
 def _text(record: dict[str, Any]) -> str:

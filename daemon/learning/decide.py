@@ -5,11 +5,20 @@ whether it must be measured), the thresholds' values from `[probes]`, and the st
 of every check (probe, value, limit, passed, a human-readable reason kept with the version).
 Status views render these; none re-derives them. Knows nothing of how the numbers were measured
 (`daemon.learning.probes`) or what happens next.
+
+Two kinds of evidence. Continuous signals (NLLs over many tokens) are judged by their value.
+Shares of a few discrete items (cloze probes: a 300-word README yields a handful) are judged at a
+confidence bound (Wilson's score interval, `probes.confidence`): a candidate fails such a rule only
+when even the bound on the side of the candidate is past the limit, so one item more or less
+(noise, or which sentences happened to be probed) does not decide. Retention is relative to what
+serves: the candidate is held only to the earlier items the serving version itself completes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
+from statistics import NormalDist
 from typing import Any, Optional
 
 from daemon.config import ProbesSection
@@ -20,11 +29,13 @@ class Thresholds:
     max_forgetting: float          # relative NLL increase on held-out original text, vs base and incumbent
     max_behaviour_increase: float  # relative NLL increase of the base's own answers, vs base
     min_drift_agreement: float     # word similarity of answers to general prompts to the base's
-    min_nll_drop: float            # relative NLL decrease on the new documents, vs base
-    min_cloze_pass: float          # share of the new documents' cloze probes passed
-    min_retention: float           # share of earlier versions' cloze probes still passed
+    min_nll_drop: float            # relative NLL decrease on the new documents, vs base and vs incumbent
+    min_knowledge_kept: float      # share of the serving version's NLL gain on earlier documents kept
+    min_cloze_pass: float          # share of the new documents' cloze probes passed (at the confidence bound)
+    min_retention: float           # share of the earlier items the serving version completes still completed
     max_qa_drop: float             # accuracy points lost on the user's QA sets, vs base
     min_answered: float            # share of the teacher's held-out questions about the new documents answered
+    confidence: float = 0.95       # one-sided confidence of the bounds on shares of discrete items
 
 
 def thresholds(probes: ProbesSection) -> Thresholds:
@@ -41,8 +52,13 @@ class ProbeResults:
     behaviour_increase: Optional[float] = None       # (candidate - base) / base, base answers
     drift_agreement: Optional[float] = None
     nll_drop: Optional[float] = None                 # (base - candidate) / base, new chunks
+    nll_drop_vs_incumbent: Optional[float] = None    # (incumbent - candidate) / incumbent, new chunks
+    knowledge_kept: Optional[float] = None           # (base - candidate) / (base - incumbent), earlier documents' chunks
     cloze_pass: Optional[float] = None
-    retention: Optional[float] = None
+    cloze_items: Optional[int] = None                # how many cloze probes cloze_pass is a share of
+    retention: Optional[float] = None                # share kept of the earlier items the incumbent completes
+    retention_items: Optional[int] = None            # how many earlier items the incumbent completes
+    earlier_recalled: Optional[float] = None         # share of all the lineage's items the candidate completes (shown)
     qa_drop: Optional[float] = None
     answered: Optional[float] = None                 # teacher's held-out questions answered by the candidate
 
@@ -55,13 +71,21 @@ class Rule:
     at_most: bool      # the value must be ≤ the limit (else ≥)
     required: bool     # a learning probe: not measured fails the candidate
     percent: bool      # shown as a percentage
+    items: Optional[str] = None  # field of ProbeResults with the item count: judged at the confidence bound
 
 
 # The candidate must learn (required rules) and every measured forgetting probe must be within its
 # limit; a forgetting probe without data is reported, not held against the candidate.
 RULES = (
     Rule("nll_drop", "NLL drop on new documents", "min_nll_drop", at_most=False, required=True, percent=True),
-    Rule("cloze_pass", "cloze probes passed", "min_cloze_pass", at_most=False, required=True, percent=False),
+    Rule("nll_drop_vs_incumbent", "NLL drop on new documents vs incumbent", "min_nll_drop", at_most=False,
+         required=False, percent=True),
+    Rule("cloze_pass", "cloze probes passed", "min_cloze_pass", at_most=False, required=True, percent=False,
+         items="cloze_items"),
+    Rule("knowledge_kept", "earlier documents' NLL gain kept", "min_knowledge_kept", at_most=False, required=False,
+         percent=True),
+    Rule("retention", "earlier facts the serving version recalls kept", "min_retention", at_most=False,
+         required=False, percent=False, items="retention_items"),
     Rule("forgetting_vs_base", "forgetting vs base", "max_forgetting", at_most=True, required=False, percent=True),
     Rule("forgetting_vs_incumbent", "forgetting vs incumbent", "max_forgetting", at_most=True, required=False,
          percent=True),
@@ -69,7 +93,6 @@ RULES = (
          percent=True),
     Rule("drift_agreement", "drift agreement", "min_drift_agreement", at_most=False, required=False, percent=False),
     Rule("qa_drop", "QA accuracy drop", "max_qa_drop", at_most=True, required=False, percent=True),
-    Rule("retention", "retention of earlier facts", "min_retention", at_most=False, required=False, percent=False),
     Rule("answered", "questions about the new documents answered", "min_answered", at_most=False, required=False,
          percent=False),
 )
@@ -85,6 +108,8 @@ class Check:
     limit: float
     passed: bool
     reason: str
+    items: Optional[int] = None    # the value is a share of this many items ...
+    bound: Optional[float] = None  # ... judged at this confidence bound
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,26 +135,50 @@ class Decision:
 
 def decide(results: ProbeResults, limits: Thresholds) -> Decision:
     """Promote only if every rule holds for the measured results."""
-    checks = [check(rule, getattr(results, rule.probe), getattr(limits, rule.limit)) for rule in RULES]
+    checks = [check(rule, getattr(results, rule.probe), getattr(limits, rule.limit),
+                    getattr(results, rule.items) if rule.items else None, limits.confidence) for rule in RULES]
     return Decision(all(c.passed for c in checks), checks)
 
 
-def check(rule: Rule, value: Optional[float], limit: float) -> Check:
+def check(rule: Rule, value: Optional[float], limit: float, items: Optional[int] = None,
+          confidence: float = 0.95) -> Check:
+    """`rule` applied to `value`; a share of `items` discrete items is judged at its confidence
+    bound on the candidate's side (the upper bound for an at-least rule, the lower for an at-most one)."""
     if value is None:
         reason = f"{rule.title}: not measured" + (" (required)" if rule.required else "")
         return Check(rule.probe, None, limit, not rule.required, reason)
-    passed = value <= limit if rule.at_most else value >= limit
+    bound = wilson_bound(value, items, confidence, upper=not rule.at_most) if items else None
+    judged = value if bound is None else bound
+    passed = judged <= limit if rule.at_most else judged >= limit
     sign = ("≤" if passed else ">") if rule.at_most else ("≥" if passed else "<")
     shown = _shown(rule)
-    return Check(rule.probe, value, limit, passed, f"{rule.title} {shown(value)} {sign} {shown(limit)}")
+    if bound is None:
+        return Check(rule.probe, value, limit, passed, f"{rule.title} {shown(value)} {sign} {shown(limit)}")
+    side = "at least" if rule.at_most else "at most"
+    count = f"{round(value * items)} of {items} = {shown(value)}"
+    if passed and (value <= limit if rule.at_most else value >= limit):
+        return Check(rule.probe, value, limit, True, f"{rule.title} {count} {sign} {shown(limit)}", items, bound)
+    return Check(rule.probe, value, limit, passed, f"{rule.title} {count} ({side} {shown(bound)} at "
+                 f"{confidence:.0%} confidence) {sign} {shown(limit)}", items, bound)
 
 
-def passes(probe: str, value: Optional[float], limits: dict[str, float]) -> Optional[bool]:
+def wilson_bound(share: float, items: int, confidence: float, upper: bool) -> float:
+    """One-sided bound of Wilson's score interval for a share of `items` observed: the true share
+    is below the upper bound (above the lower) with probability `confidence`."""
+    z = NormalDist().inv_cdf(confidence)
+    centre = share + z * z / (2 * items)
+    spread = z * math.sqrt(share * (1 - share) / items + z * z / (4 * items * items))
+    bound = (centre + spread if upper else centre - spread) / (1 + z * z / items)
+    return min(1.0, max(0.0, bound))
+
+
+def passes(probe: str, value: Optional[float], limits: dict[str, float],
+           items: Optional[int] = None) -> Optional[bool]:
     """Whether a probe value is within its threshold (None: not measured, or no rule for it)."""
     rule = RULE_OF.get(probe)
     if rule is None or value is None or rule.limit not in limits:
         return None
-    return check(rule, value, limits[rule.limit]).passed
+    return check(rule, value, limits[rule.limit], items, limits.get("confidence", 0.95)).passed
 
 
 def _shown(rule: Rule) -> Any:

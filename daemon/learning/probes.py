@@ -67,29 +67,31 @@ class ProbeSet:
     drift_prompts: list[str] = field(default_factory=list)
     new_chunks: list[str] = field(default_factory=list)
     cloze: list[Cloze] = field(default_factory=list)
-    retention: list[Cloze] = field(default_factory=list)
+    retention: list[Cloze] = field(default_factory=list)  # cloze probes of the documents learned earlier
+    retention_chunks: list[str] = field(default_factory=list)  # chunks of the documents learned earlier
     qa: list[QA] = field(default_factory=list)
     answers: list[QA] = field(default_factory=list)  # the teacher's held-out questions about the new documents
 
 
 # ---- cloze probes from any text ------------------------------------------------------------
 
-def build_cloze(text: str, limit: int, min_words: int = 6, keep: float = 0.6) -> list[Cloze]:
-    """Up to `limit` cloze probes, evenly spread over the prose of `text`: the first `keep` of a
-    sentence's words (after the previous sentence, for context) must be continued with the rest.
-    Sentences are taken as written; code, tables and markup-heavy lines are never probed
-    (`prose_sentences`)."""
+def build_cloze(text: str, limit: int, min_words: int = 6, cuts: Sequence[float] = (0.6,)) -> list[Cloze]:
+    """Up to `limit` cloze probes, evenly spread over the prose of `text`: the first share of a
+    sentence's words (after the previous sentence, for context) must be continued with the rest,
+    one probe per share in `cuts` (a later cut asks for the sentence's last words, an earlier one
+    for more of it), so a short document still yields several items. Sentences are taken as
+    written; code, tables and markup-heavy lines are never probed (`prose_sentences`)."""
     sentences = prose_sentences(text)
     found = []
     for index, (sentence, prose) in enumerate(sentences):
         words = sentence.split()
         if not prose or len(words) < min_words:
             continue
-        cut = max(3, int(len(words) * keep))
         context = sentences[index - 1][0] + " " if index else ""
-        expected = " ".join(words[cut:]).rstrip(".!?;:,")
-        if _content_words(expected) and _is_prose(expected):
-            found.append(Cloze(context + " ".join(words[:cut]), expected))
+        for cut in sorted({min(len(words) - 1, max(3, int(len(words) * keep))) for keep in cuts}):
+            expected = " ".join(words[cut:]).rstrip(".!?;:,")
+            if _content_words(expected) and _is_prose(expected):
+                found.append(Cloze(context + " ".join(words[:cut]), expected))
     return spread(found, limit)
 
 
@@ -217,17 +219,22 @@ async def gather(items: Sequence[T], work: Callable[[T], Awaitable[Any]]) -> lis
 
 async def mean_nll(client: VLLMClient, model: str, texts: Sequence[str]) -> Optional[float]:
     """Mean NLL per token over `texts` under `model`."""
-    if not texts:
-        return None
+    return token_mean(await text_nlls(client, model, texts))
+
+
+async def text_nlls(client: VLLMClient, model: str, texts: Sequence[str]) -> list[list[float]]:
+    """[summed NLL, tokens] of each text under `model`."""
     per_text = await gather(texts, lambda text: client.token_nll(model, text))
-    tokens = [value for values in per_text for value in values]
-    return statistics.fmean(tokens) if tokens else None
+    return [[sum(values), len(values)] for values in per_text]
 
 
 async def answer_nll(client: VLLMClient, model: str, pairs: Sequence[tuple[list[dict], str]]) -> Optional[float]:
     """Mean NLL per token of the answers in (chat prompt, answer) pairs under `model`."""
-    if not pairs:
-        return None
+    return token_mean(await answer_nlls(client, model, pairs))
+
+
+async def answer_nlls(client: VLLMClient, model: str, pairs: Sequence[tuple[list[dict], str]]) -> list[list[float]]:
+    """[summed NLL, tokens] of the answer of each (chat prompt, answer) pair under `model`."""
 
     async def one(pair: tuple[list[dict], str]) -> list[float]:
         prompt, answer = pair
@@ -237,20 +244,29 @@ async def answer_nll(client: VLLMClient, model: str, pairs: Sequence[tuple[list[
         values = await client.token_nll(model, full)
         return values[len(head) - 1:] if len(full) > len(head) else []
 
-    per_pair = await gather(pairs, one)
-    tokens = [value for values in per_pair for value in values]
-    return statistics.fmean(tokens) if tokens else None
+    return [[sum(values), len(values)] for values in await gather(pairs, one)]
+
+
+def token_mean(per_text: Sequence[Sequence[float]]) -> Optional[float]:
+    """The mean NLL per token of [summed NLL, tokens] items (None without tokens)."""
+    tokens = sum(n for _, n in per_text)
+    return sum(total for total, _ in per_text) / tokens if tokens else None
 
 
 async def greedy_chat(client: VLLMClient, model: str, prompts: Sequence[str], max_tokens: int) -> list[str]:
     return await gather(prompts, lambda p: client.chat(model, [{"role": "user", "content": p}], max_tokens))
 
 
+async def cloze_outputs(client: VLLMClient, model: str, probes: Sequence[Cloze]) -> list[str]:
+    """`model`'s greedy continuation of each cloze prompt."""
+    return await gather(
+        probes, lambda c: client.complete(model, c.prompt, max_tokens=2 * len(c.expected.split()) + 8))
+
+
 async def cloze_rate(client: VLLMClient, model: str, probes: Sequence[Cloze]) -> Optional[float]:
     if not probes:
         return None
-    outputs = await gather(
-        probes, lambda c: client.complete(model, c.prompt, max_tokens=2 * len(c.expected.split()) + 8))
+    outputs = await cloze_outputs(client, model, probes)
     return statistics.fmean(cloze_passed(c.expected, out) for c, out in zip(probes, outputs))
 
 
@@ -267,51 +283,83 @@ def agreement(reference: Sequence[str], answers: Sequence[str], head_words: int 
     to the same prompt. An unchanged model scores 1: greedy decoding is deterministic."""
     if not reference:
         return None
-    return statistics.fmean(
-        difflib.SequenceMatcher(None, normalized_words(a)[:head_words], normalized_words(b)[:head_words]).ratio()
-        for a, b in zip(reference, answers)
-    )
+    return statistics.fmean(similarities(reference, answers))
+
+
+def similarities(reference: Sequence[str], answers: Sequence[str], head_words: int = 48) -> list[float]:
+    return [difflib.SequenceMatcher(None, normalized_words(a)[:head_words], normalized_words(b)[:head_words]).ratio()
+            for a, b in zip(reference, answers)]
+
+
+# Per-item measures: NLLs are [summed NLL, tokens] per text, the rest a score per item (pass = 1).
+NLL_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "retention_nll")
+Items = dict[str, dict[str, list[Any]]]  # model -> measure -> one entry per item
 
 
 @dataclass
 class Measured:
-    """Raw numbers per model, kept with the version for inspection and plots."""
+    """Raw numbers per model, kept with the version for inspection and plots; `items` holds every
+    item's own result (what the means are of: the noise study resamples them), `lost` the earlier
+    facts the serving version completed and the candidate did not."""
 
     values: dict[str, dict[str, Optional[float]]]
     results: ProbeResults
+    items: Items = field(default_factory=dict)
+    lost: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"models": self.values, "results": asdict(self.results)}
+        return {"models": self.values, "results": asdict(self.results), "items": self.items, "lost": self.lost}
 
 
 # What each model is measured on: the gate compares the candidate's numbers with the base's, and
-# the incumbent only on held-out NLL (forgetting vs the incumbent); nothing else is asked of them.
-CANDIDATE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "cloze", "retention", "qa", "answers",
-                      "drift_agreement")
-BASE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "qa", "drift_agreement")
-INCUMBENT_MEASURES = ("held_out_nll",)
+# with the incumbent's on what the incumbent is held to (held-out text, the new documents, and the
+# earlier documents it learned: their text and their cloze items); nothing else is asked of them.
+CANDIDATE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "retention_nll", "cloze", "retention", "qa",
+                      "answers", "drift_agreement")
+BASE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "retention_nll", "qa", "drift_agreement")
+INCUMBENT_MEASURES = ("held_out_nll", "new_nll", "retention_nll", "retention")
 
 
 async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_reference: list[str] | None,
                         drift_tokens: int, measures: Sequence[str] = CANDIDATE_MEASURES,
-                        ) -> tuple[dict[str, Optional[float]], list[str]]:
-    """`measures` of `model` (the others are None) and its greedy answers to the drift prompts."""
-    answers = await greedy_chat(client, model, probes.drift_prompts, drift_tokens) if "drift_agreement" in measures else []
+                        ) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
+    """Each of `measures` of `model`, item by item, and its greedy outputs (drift answers, cloze
+    continuations of earlier documents)."""
+    outputs: dict[str, list[str]] = {}
+
+    async def cloze(name: str, items: Sequence[Cloze]) -> list[int]:
+        outputs[name] = await cloze_outputs(client, model, items)
+        return [int(cloze_passed(c.expected, out)) for c, out in zip(items, outputs[name])]
+
+    async def answered(items: Sequence[QA], correct: Callable[[str, str], bool]) -> list[int]:
+        replies = await greedy_chat(client, model, [item.question for item in items], max_tokens=64)
+        return [int(correct(item.answer, reply)) for item, reply in zip(items, replies)]
+
     work = {
-        "held_out_nll": lambda: mean_nll(client, model, probes.held_out_passages),
-        "behaviour_nll": lambda: answer_nll(client, model, probes.behaviour),
-        "new_nll": lambda: mean_nll(client, model, probes.new_chunks),
-        "cloze": lambda: cloze_rate(client, model, probes.cloze),
-        "retention": lambda: cloze_rate(client, model, probes.retention),
-        "qa": lambda: qa_accuracy(client, model, probes.qa),
-        "answers": lambda: qa_accuracy(client, model, probes.answers, answer_recalled),
+        "held_out_nll": lambda: text_nlls(client, model, probes.held_out_passages),
+        "behaviour_nll": lambda: answer_nlls(client, model, probes.behaviour),
+        "new_nll": lambda: text_nlls(client, model, probes.new_chunks),
+        "retention_nll": lambda: text_nlls(client, model, probes.retention_chunks),
+        "cloze": lambda: cloze("cloze", probes.cloze),
+        "retention": lambda: cloze("retention", probes.retention),
+        "qa": lambda: answered(probes.qa, qa_correct),
+        "answers": lambda: answered(probes.answers, answer_recalled),
     }
-    values: dict[str, Optional[float]] = {name: await measure() if name in measures else None
-                                          for name, measure in work.items()}
-    values["drift_agreement"] = None
+    items = {name: await measure() for name, measure in work.items() if name in measures}
     if "drift_agreement" in measures:
-        values["drift_agreement"] = agreement(drift_reference, answers) if drift_reference is not None else 1.0
-    return values, answers
+        outputs["drift"] = await greedy_chat(client, model, probes.drift_prompts, drift_tokens)
+        items["drift_agreement"] = (similarities(drift_reference, outputs["drift"]) if drift_reference is not None
+                                    else [1.0] * len(outputs["drift"]))
+    return items, outputs
+
+
+def summarize(items: dict[str, list[Any]]) -> dict[str, Optional[float]]:
+    """Each measure's value from its items: the mean NLL per token, or the mean score."""
+    values: dict[str, Optional[float]] = {}
+    for name in (*NLL_MEASURES, "cloze", "retention", "qa", "answers", "drift_agreement"):
+        found = items.get(name) or []
+        values[name] = token_mean(found) if name in NLL_MEASURES else (statistics.fmean(found) if found else None)
+    return values
 
 
 async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate: str, incumbent: str | None,
@@ -325,21 +373,42 @@ async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate:
     if memo is not None:
         await memo.check(base)
     asker = memo if memo is not None else client
-    base_values, reference = await measure_model(asker, base, probes, None, drift_tokens, BASE_MEASURES)
-    values = {"base": base_values}
+    items, outputs = {}, {}
+    items["base"], outputs["base"] = await measure_model(asker, base, probes, None, drift_tokens, BASE_MEASURES)
     if incumbent:
-        values["incumbent"], _ = await measure_model(asker, incumbent, probes, reference, drift_tokens,
-                                                     INCUMBENT_MEASURES)
-    values["candidate"], _ = await measure_model(asker, candidate, probes, reference, drift_tokens)
-    return Measured(values, compare(values))
+        items["incumbent"], _ = await measure_model(asker, incumbent, probes, outputs["base"].get("drift"),
+                                                    drift_tokens, INCUMBENT_MEASURES)
+    items["candidate"], outputs["candidate"] = await measure_model(asker, candidate, probes,
+                                                                   outputs["base"].get("drift"), drift_tokens)
+    values = {model: summarize(found) for model, found in items.items()}
+    return Measured(values, compare(values, items), _rounded(items), lost_items(probes.retention, items,
+                                                                                 outputs["candidate"]))
+
+
+def lost_items(retention: Sequence[Cloze], items: Items, outputs: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The earlier items the incumbent completes and the candidate does not: prompt's end, expected, got."""
+    incumbent, candidate = items.get("incumbent", {}).get("retention"), items["candidate"].get("retention")
+    if not incumbent or not candidate:
+        return []
+    return [{"prompt": "…" + probe.prompt[-80:] if len(probe.prompt) > 80 else probe.prompt,
+             "expected": probe.expected, "got": " ".join(got.split())[:120]}
+            for probe, kept, lost, got in zip(retention, incumbent, candidate, outputs["retention"]) if kept and not lost]
+
+
+def _rounded(items: Items) -> Items:
+    """Items as kept in the cycle record: NLL sums to 4 decimals, similarities to 3."""
+    def one(value: Any) -> Any:
+        return [round(value[0], 4), value[1]] if isinstance(value, list) else round(value, 3)
+    return {model: {name: [one(v) for v in found] for name, found in measures.items()}
+            for model, measures in items.items()}
 
 
 class ProbeMemo:
-    """Answers to probe requests (NLLs, greedy chat answers) kept for the daemon's life, as a
-    client that answers a repeated request from memory. Worth it because most probes recur every
-    cycle (held-out passages, behaviour pairs, drift prompts, QA sets): the base's answers never
-    change, and an adapter's served name is never reused, so the incumbent's answers are the ones
-    it gave as the candidate. The base's name is stable while an external server could swap its
+    """Answers to probe requests (NLLs, greedy chat answers and completions) kept for the daemon's
+    life, as a client that answers a repeated request from memory. Worth it because most probes
+    recur every cycle (held-out passages, behaviour pairs, drift prompts, QA sets, the cloze probes
+    of documents learned earlier): the base's answers never change, and an adapter's served name is
+    never reused, so the incumbent's answers are the ones it gave as the candidate. The base's name is stable while an external server could swap its
     weights: before each use one remembered base NLL is asked again, and a different answer
     empties the memory. Holds at most `limit` answers (least recently used dropped first)."""
 
@@ -368,7 +437,7 @@ class ProbeMemo:
         return await self.client.chat_tokens(messages, add_generation_prompt)
 
     async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
-        return await self.client.complete(model, prompt, max_tokens)
+        return await self._remembered(("complete", model, prompt, max_tokens))
 
     async def _remembered(self, key: tuple[Any, ...]) -> Any:
         if key in self.answers:
@@ -385,6 +454,8 @@ class ProbeMemo:
         kind, model, *rest = key
         if kind == "token_nll":
             return await self.client.token_nll(model, rest[0] if isinstance(rest[0], str) else list(rest[0]))
+        if kind == "complete":
+            return await self.client.complete(model, rest[0], rest[1])
         return await self.client.chat(model, [{"role": role, "content": content} for role, content in rest[0]], rest[1])
 
 
@@ -399,19 +470,49 @@ def _same(a: Any, b: Any, tolerance: float) -> bool:
     return abs(total_a - total_b) <= tolerance * max(abs(total_a), 1e-9)
 
 
-def compare(values: dict[str, dict[str, Optional[float]]]) -> ProbeResults:
+def compare(values: dict[str, dict[str, Optional[float]]], items: Optional[Items] = None) -> ProbeResults:
+    """The gate's numbers: the candidate against the base and the incumbent."""
     base, cand, inc = values["base"], values["candidate"], values.get("incumbent")
+    items = items or {}
+    cloze = items.get("candidate", {}).get("cloze")
+    kept, known = retained(items)
     return ProbeResults(
         forgetting_vs_base=_relative(cand["held_out_nll"], base["held_out_nll"]),
         forgetting_vs_incumbent=_relative(cand["held_out_nll"], inc["held_out_nll"]) if inc else None,
         behaviour_increase=_relative(cand["behaviour_nll"], base["behaviour_nll"]),
         drift_agreement=cand["drift_agreement"],
         nll_drop=_relative(base["new_nll"], cand["new_nll"], over=base["new_nll"]),
+        nll_drop_vs_incumbent=_relative(inc["new_nll"], cand["new_nll"], over=inc["new_nll"]) if inc else None,
+        knowledge_kept=knowledge_kept(base.get("retention_nll"), inc.get("retention_nll") if inc else None,
+                                      cand.get("retention_nll")),
         cloze_pass=cand["cloze"],
-        retention=cand["retention"],
+        cloze_items=len(cloze) if cloze else None,
+        retention=kept / known if known else None,
+        retention_items=known or None,
+        earlier_recalled=cand.get("retention"),
         qa_drop=(base["qa"] - cand["qa"]) if base["qa"] is not None and cand["qa"] is not None else None,
         answered=cand.get("answers"),
     )
+
+
+MIN_GAIN = 0.05  # an incumbent whose NLL on earlier documents is not this far (relative) below the base's learned little to keep
+
+
+def knowledge_kept(base: Optional[float], incumbent: Optional[float], candidate: Optional[float]) -> Optional[float]:
+    """The share of the incumbent's NLL gain over the base on the earlier documents that the
+    candidate keeps (> 1: it knows them better). None when the incumbent gained too little to judge."""
+    if base is None or incumbent is None or candidate is None or base - incumbent < MIN_GAIN * base:
+        return None
+    return (base - candidate) / (base - incumbent)
+
+
+def retained(items: Items) -> tuple[int, int]:
+    """(earlier items the incumbent completes that the candidate completes too, items the incumbent completes)."""
+    incumbent, candidate = items.get("incumbent", {}).get("retention"), items.get("candidate", {}).get("retention")
+    if not incumbent or not candidate:
+        return 0, 0
+    known = [kept for knew, kept in zip(incumbent, candidate) if knew]
+    return sum(known), len(known)
 
 
 def _relative(value: Optional[float], reference: Optional[float], over: Optional[float] = None) -> Optional[float]:

@@ -82,7 +82,9 @@ def _alive(pid: int) -> bool:
 
 # The key probe numbers `cld status` shows per cycle: (probe, column title).
 KEY_PROBES = (("forgetting_vs_base", "forgetting"), ("behaviour_increase", "behaviour"),
-              ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"))
+              ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"), ("knowledge_kept", "kept"))
+SHARES = ("cloze_pass", "knowledge_kept")  # shown as plain percentages, not changes
+ITEM_COUNTS = {"cloze_pass": "cloze_items", "retention": "retention_items"}  # judged at a confidence bound
 OUTCOME_STYLES = {"promoted": "bold green", "rejected": "red", "failed": "bold red", "skipped": "dim",
                   "running": "bold yellow"}
 
@@ -136,17 +138,20 @@ def _cycles_table(status: dict[str, Any], now_s: float) -> Table:
     for cycle in status["cycles"][-RECENT_IN_TABLE:]:
         measured = probes.get(cycle.get("version"), {})
         ended = f"{span(now_s - cycle['finished_at'])} ago" if cycle.get("finished_at") else "-"
-        values = [_probe_cell(probe, measured.get(probe), limits) for probe, _ in KEY_PROBES]
+        values = [_probe_cell(probe, measured.get(probe), limits, measured.get(ITEM_COUNTS.get(probe, "")))
+                  for probe, _ in KEY_PROBES]
         table.add_row(str(cycle["id"]), ended, Text(cycle["state"], style=OUTCOME_STYLES.get(cycle["state"], "")),
                       cycle.get("version") or "-", *values, _why(cycle))
     return table
 
 
-def _probe_cell(probe: str, value: float | None, limits: dict[str, float]) -> Text:
+def _probe_cell(probe: str, value: float | None, limits: dict[str, float], items: int | None = None) -> Text:
     if value is None:
         return Text("-", style="dim")
-    shown = f"{value:.0%}" if probe == "cloze_pass" else f"{value:+.1%}"
-    return Text(shown, style="red" if passes(probe, value, limits) is False else "")
+    shown = f"{value:.0%}" if probe in SHARES else f"{value:+.1%}"
+    if items and probe in ITEM_COUNTS:
+        shown = f"{round(value * items)}/{items}"
+    return Text(shown, style="red" if passes(probe, value, limits, items) is False else "")
 
 
 def failed_reasons(cycle: dict[str, Any]) -> list[str]:
