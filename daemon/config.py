@@ -446,7 +446,7 @@ class ScheduleSection(Section):
         "later cycle. 0 = retry in every cycle.",
     )
     max_cycle_tokens: int = Field(
-        4000, ge=0, description="Most new-document tokens one cycle learns (0 = no bound): documents refused fewer "
+        2000, ge=0, description="Most new-document tokens one cycle learns (0 = no bound): documents refused fewer "
         "times go first, then the oldest; the rest wait for the next cycle, so documents that keep being refused "
         "never make every later cycle longer. A larger document is learned alone."
     )

