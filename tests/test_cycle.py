@@ -91,7 +91,7 @@ class FakeVLLM:
         assert name not in self.loaded and name not in self.unloaded, "adapter names must never be reused"
         assert (path / "adapter_model.safetensors").is_file()
         self.loaded[name] = path
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
         hashes = set(meta.get("documents", []) + meta.get("relearned", []))
         own = {d["text"] for d in self.journal.docs.values() if d["hash"] in hashes} if self.journal else set(self.texts)
         self.known[path.name] = own | self.known.get(meta.get("parent") or "", set())

@@ -36,7 +36,8 @@ OTHER_MODEL = "other"  # the request label of any model name that is not a publi
 CYCLE_OUTCOMES = (PROMOTED, REJECTED, SKIPPED, FAILED)
 REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 SWAP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-PROBES = [probe.name for probe in fields(ProbeResults)]
+# the probe values (relative changes and shares), not the counts of items some are shares of
+PROBES = [probe.name for probe in fields(ProbeResults) if not probe.name.endswith("_items")]
 
 
 class Metrics:
