@@ -92,30 +92,10 @@ def cycles(state: Path) -> list[dict[str, Any]]:
     return [r for r in records if (r.get("probes") or {}).get("items")]
 
 
-class Served:
-    """One client per served name, as the daemon's Fleet is (the probes' calls only)."""
-
-    def __init__(self, clients: dict[str, Any]):
-        self.clients = clients
-        self.base = next(iter(clients.values()))
-
-    async def token_nll(self, model: str, text: Any) -> list[float]:
-        return await self.clients[model].token_nll(model, text)
-
-    async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-        return await self.clients[model].chat(model, messages, max_tokens)
-
-    async def complete(self, model: str, prompt: str, max_tokens: int) -> str:
-        return await self.clients[model].complete(model, prompt, max_tokens)
-
-    async def chat_tokens(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        return await self.base.chat_tokens(messages, add_generation_prompt)
-
-
 async def probe_twice(state: Path, cycle_id: int, times: int = 2) -> list[dict[str, Any]]:
     """Cycle `cycle_id`'s candidate, incumbent and base probed again `times` times, as the cycle did."""
     from daemon.config import load_settings
-    from daemon.engine.merged import MergedServers, spare_daemon_ports
+    from daemon.engine.merged import Fleet, MergedServers, spare_daemon_ports
     from daemon.engine.router import Adapter, Router
     from daemon.ingestion.journal import Journal
     from daemon.layout import JOURNAL_FILE, StateDir
@@ -130,18 +110,19 @@ async def probe_twice(state: Path, cycle_id: int, times: int = 2) -> list[dict[s
     folders = {"base": prepared(settings.model.base, layout), "candidate": layout.adapters / record.version,
                "incumbent": layout.adapters / record.parent if record.parent else None}
     key = os.urandom(16).hex()
-    servers = []
     names = {role: f"{role}-{record.version}" for role, folder in folders.items() if folder}
+
+    def servers(port: int) -> MergedServers:  # instances on port + 1 and + 2
+        return MergedServers(settings.model_copy(update={"serve": settings.serve.model_copy(
+            update={"vllm_port": port})}), state, key, {})
+
+    # the base alone, the incumbent and the candidate beside each other, on ports no daemon uses
+    base, versions = (servers(port) for port in spare_daemon_ports())
     try:
-        clients = {}
-        for role, folder in folders.items():  # one instance each, on ports no daemon uses
-            if folder is None:
-                continue
-            ports = spare_daemon_ports()
-            servers.append(MergedServers(settings.model_copy(update={"serve": settings.serve.model_copy(
-                update={"vllm_port": ports[1]})}), state, key, {}))
-            clients[names[role]] = (await servers[-1].start(names[role], folder)).client
-        served = Served(clients)
+        served = Fleet((await base.start(names["base"], folders["base"])).client, versions)
+        for role in ("incumbent", "candidate"):
+            if folders[role] is not None:
+                await served.load_merged(names[role], folders[role])
         with tempfile.TemporaryDirectory() as scratch:
             router = Router("cld", names["base"], Path(scratch) / "serving.json")
             if record.parent:
@@ -158,8 +139,8 @@ async def probe_twice(state: Path, cycle_id: int, times: int = 2) -> list[dict[s
                 runs.append(measured.to_dict())
         return runs
     finally:
-        for server in servers:
-            await server.stop_all()
+        await versions.stop_all()
+        await base.stop_all()
 
 
 def same_items(a: Items, b: Items) -> dict[str, float]:

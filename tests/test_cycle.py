@@ -14,7 +14,7 @@ from daemon.config import Settings
 from daemon.engine.router import Router
 from daemon.layout import StateDir
 from daemon.learning.adapters import adapters_view
-from daemon.learning.cycle import Learner
+from daemon.learning.cycle import Learner, retention_probes
 from daemon.learning.probes import build_cloze
 from daemon.learning.records import RUNNING, CycleRecord, CycleStore
 from replay import build
@@ -444,7 +444,7 @@ async def test_after_a_change_of_method_the_served_documents_are_learned_again_f
     assert (third.state, third.parent, third.relearned) == ("promoted", "v0002", []), third.reasons
     assert any(r.startswith("earlier facts the serving version recalls kept") and "= 1.00" in r
                for r in third.reasons), third.reasons
-    assert len(learner._retention_probes()) == len(record.cloze) + len(third.cloze)
+    assert len(retention_probes(learner._lineage())) == len(record.cloze) + len(third.cloze)
 
 
 async def test_a_refused_change_of_method_counts_against_the_new_documents_only(state: StateDir, tiny: Path) -> None:

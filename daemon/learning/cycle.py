@@ -157,7 +157,7 @@ class Learner:
             # A version of another method cannot be continued: start from the base, and learn again
             # what the served lineage had learned, as hard as the new documents.
             ids = {doc["id"] for doc in learned}
-            record.relearned = [i for i in self._lineage_documents() if i in ids and i not in record.documents]
+            record.relearned = [i for i in lineage_documents(self._lineage()) if i in ids and i not in record.documents]
             log.warning("cycle %d: the served %s was trained with train.method %r, this run uses %r: it starts "
                         "from the base and learns again the %d documents learned so far", record.id, parent.version,
                         served_method, self.settings.train.method, len(record.relearned))
@@ -356,7 +356,7 @@ class Learner:
         """The texts to probe with, derived from whatever arrived and from the replay buffer."""
         from replay.buffer import ReplayBuffer, load_rehearsal  # deliberately lazy, as in build_job
 
-        settings = self.settings.probes
+        settings, lineage = self.settings.probes, self._lineage()
         new_texts = [_text(chunk) for chunk in self.journal.chunks(record.documents)]
         cloze = [c for doc in documents for c in probes.build_cloze(
             self._document_text(doc["id"]), settings.cloze_per_document, cuts=settings.cloze_cuts)]
@@ -374,8 +374,8 @@ class Learner:
             drift_prompts=_lines(settings.drift_prompts or SHIPPED_DRIFT_PROMPTS),
             new_chunks=new_texts[: settings.new_chunks],
             cloze=cloze,
-            retention=probes.spread(self._retention_probes(), settings.retention_probes, record.id),
-            retention_chunks=probes.spread([_text(chunk) for chunk in self.journal.chunks(self._lineage_documents())],
+            retention=probes.spread(retention_probes(lineage), settings.retention_probes, record.id),
+            retention_chunks=probes.spread([_text(chunk) for chunk in self.journal.chunks(lineage_documents(lineage))],
                                            settings.retention_chunks, record.id),
             qa=[probes.QA(item["question"], item["answer"]) for path in settings.qa_sets for item in _jsonl(path)],
             answers=self.held_out_questions(documents),
@@ -487,13 +487,6 @@ class Learner:
             version = adapters.read_meta(self.state.adapters / version).get("parent")
         return [record for record in self.cycles.all() if record.state == PROMOTED and record.version in lineage]
 
-    def _lineage_documents(self) -> list[int]:
-        return list(dict.fromkeys(i for record in self._lineage() for i in record.documents + record.relearned))
-
-    def _retention_probes(self) -> list[probes.Cloze]:
-        """Cloze probes of the documents learned by the serving adapter's promoted ancestors."""
-        return [probes.Cloze(prompt, expected) for record in self._lineage() for prompt, expected in record.cloze]
-
     async def _unload_quietly(self, served: str) -> None:
         try:
             await self.client.unload_lora(served)
@@ -518,6 +511,16 @@ def trainer_env(base: dict[str, str] | None = None, policy: dict[str, str] = TRA
     if any(key in env for key in TRAINER_ENV):
         return env
     return env | policy
+
+
+def lineage_documents(lineage: list[CycleRecord]) -> list[int]:
+    """The documents a lineage's cycles learned (new or again), each once, oldest first."""
+    return list(dict.fromkeys(i for record in lineage for i in record.documents + record.relearned))
+
+
+def retention_probes(lineage: list[CycleRecord]) -> list[probes.Cloze]:
+    """The cloze probes of the documents a lineage's cycles learned."""
+    return [probes.Cloze(prompt, expected) for record in lineage for prompt, expected in record.cloze]
 
 
 def within_budget(documents: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:

@@ -263,21 +263,6 @@ async def cloze_outputs(client: VLLMClient, model: str, probes: Sequence[Cloze])
         probes, lambda c: client.complete(model, c.prompt, max_tokens=2 * len(c.expected.split()) + 8))
 
 
-async def cloze_rate(client: VLLMClient, model: str, probes: Sequence[Cloze]) -> Optional[float]:
-    if not probes:
-        return None
-    outputs = await cloze_outputs(client, model, probes)
-    return statistics.fmean(cloze_passed(c.expected, out) for c, out in zip(probes, outputs))
-
-
-async def qa_accuracy(client: VLLMClient, model: str, items: Sequence[QA],
-                      correct: Callable[[str, str], bool] = qa_correct) -> Optional[float]:
-    if not items:
-        return None
-    outputs = await greedy_chat(client, model, [item.question for item in items], max_tokens=64)
-    return statistics.fmean(correct(item.answer, out) for item, out in zip(items, outputs))
-
-
 def agreement(reference: Sequence[str], answers: Sequence[str], head_words: int = 48) -> Optional[float]:
     """Mean similarity (0..1, difflib's ratio over words) of each answer to the reference answer
     to the same prompt. An unchanged model scores 1: greedy decoding is deterministic."""
@@ -408,9 +393,10 @@ class ProbeMemo:
     life, as a client that answers a repeated request from memory. Worth it because most probes
     recur every cycle (held-out passages, behaviour pairs, drift prompts, QA sets, the cloze probes
     of documents learned earlier): the base's answers never change, and an adapter's served name is
-    never reused, so the incumbent's answers are the ones it gave as the candidate. The base's name is stable while an external server could swap its
-    weights: before each use one remembered base NLL is asked again, and a different answer
-    empties the memory. Holds at most `limit` answers (least recently used dropped first)."""
+    never reused, so the incumbent's answers are the ones it gave as the candidate. The base's name
+    is stable while an external server could swap its weights: before each use one remembered base
+    NLL is asked again, and a different answer empties the memory. Holds at most `limit` answers
+    (least recently used dropped first)."""
 
     def __init__(self, client: VLLMClient, limit: int = 4096, tolerance: float = 0.01):
         self.client, self.limit, self.tolerance = client, limit, tolerance

@@ -29,15 +29,15 @@ from daemon.engine.router import Router
 from daemon.ingestion import journal
 from daemon.layout import CYCLES_DIR, StateDir
 from daemon.learning import replay_plan
-from daemon.learning.decide import ProbeResults
+from daemon.learning.decide import RULES, ProbeResults
 from daemon.learning.records import FAILED, PROMOTED, REJECTED, RUNNING, SKIPPED, CycleRecord, CycleStore, adapter_states
 
 OTHER_MODEL = "other"  # the request label of any model name that is not a public one
 CYCLE_OUTCOMES = (PROMOTED, REJECTED, SKIPPED, FAILED)
 REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 SWAP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-# the probe values (relative changes and shares), not the counts of items some are shares of
-PROBES = [probe.name for probe in fields(ProbeResults) if not probe.name.endswith("_items")]
+# the probe values (relative changes and shares), not the counts of items some of them are shares of
+PROBES = [probe.name for probe in fields(ProbeResults) if probe.name not in {rule.items for rule in RULES}]
 
 
 class Metrics:

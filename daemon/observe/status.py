@@ -22,7 +22,7 @@ from daemon.engine.router import Router
 from daemon.ingestion import journal
 from daemon.layout import CYCLES_DIR, StateDir
 from daemon.learning.adapters import adapters_view
-from daemon.learning.decide import passes, thresholds
+from daemon.learning.decide import RULE_OF, passes, thresholds
 from daemon.learning.records import CycleStore
 from daemon.learning.replay_plan import progress_line
 from daemon.learning.replay_plan import summary as replay_summary
@@ -84,7 +84,6 @@ def _alive(pid: int) -> bool:
 KEY_PROBES = (("forgetting_vs_base", "forgetting"), ("behaviour_increase", "behaviour"),
               ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"), ("knowledge_kept", "kept"))
 SHARES = ("cloze_pass", "knowledge_kept")  # shown as plain percentages, not changes
-ITEM_COUNTS = {"cloze_pass": "cloze_items", "retention": "retention_items"}  # judged at a confidence bound
 OUTCOME_STYLES = {"promoted": "bold green", "rejected": "red", "failed": "bold red", "skipped": "dim",
                   "running": "bold yellow"}
 
@@ -138,8 +137,7 @@ def _cycles_table(status: dict[str, Any], now_s: float) -> Table:
     for cycle in status["cycles"][-RECENT_IN_TABLE:]:
         measured = probes.get(cycle.get("version"), {})
         ended = f"{span(now_s - cycle['finished_at'])} ago" if cycle.get("finished_at") else "-"
-        values = [_probe_cell(probe, measured.get(probe), limits, measured.get(ITEM_COUNTS.get(probe, "")))
-                  for probe, _ in KEY_PROBES]
+        values = [_probe_cell(probe, measured.get(probe), limits, item_count(probe, measured)) for probe, _ in KEY_PROBES]
         table.add_row(str(cycle["id"]), ended, Text(cycle["state"], style=OUTCOME_STYLES.get(cycle["state"], "")),
                       cycle.get("version") or "-", *values, _why(cycle))
     return table
@@ -149,9 +147,15 @@ def _probe_cell(probe: str, value: float | None, limits: dict[str, float], items
     if value is None:
         return Text("-", style="dim")
     shown = f"{value:.0%}" if probe in SHARES else f"{value:+.1%}"
-    if items and probe in ITEM_COUNTS:
+    if items:
         shown = f"{round(value * items)}/{items}"
     return Text(shown, style="red" if passes(probe, value, limits, items) is False else "")
+
+
+def item_count(probe: str, measured: dict[str, Any]) -> int | None:
+    """How many discrete items a probe's value is a share of (its rule's `items`), None for the others."""
+    rule = RULE_OF.get(probe)
+    return measured.get(rule.items) if rule and rule.items else None
 
 
 def failed_reasons(cycle: dict[str, Any]) -> list[str]:

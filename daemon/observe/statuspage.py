@@ -20,7 +20,7 @@ import jinja2
 from markupsafe import Markup
 
 from daemon.learning.decide import RULE_OF, RULES, passes
-from daemon.observe.status import ITEM_COUNTS, cycle_line, failed_reasons, replay_line, span
+from daemon.observe.status import cycle_line, failed_reasons, item_count, replay_line, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
@@ -134,8 +134,7 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now_s)),
         plots=[plot_svg(title, axis, series, plotted, limits) for title, axis, series in PLOTS] if plotted else [],
         plotted=plotted, probe_names=[rule.probe for rule in RULES], probe_titles=PROBE_TITLES,
-        probe_cell=lambda probe, measured: _cell(probe, measured.get(probe), limits,
-                                                 measured.get(ITEM_COUNTS.get(probe, ""))),
+        probe_cell=lambda probe, measured: _cell(probe, measured.get(probe), limits, item_count(probe, measured)),
         ago=lambda at: f"{span(now_s - at)} ago" if at else "-", took=_took, line=cycle_line, failed=failed_reasons,
     )
 
