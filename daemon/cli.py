@@ -259,7 +259,7 @@ def adapter_line(a: dict[str, Any]) -> str:
     probes = a["probes"] or {}
     cloze = probes.get("cloze_pass")
     forgetting = probes.get("forgetting_vs_base")
-    measured = (f"cloze {cloze:.0%}" if cloze is not None else "cloze -") + (
+    measured = (f"cloze {cloze:.0%}" if cloze is not None else "cloze -") + answering(probes) + (
         f", forgetting {forgetting:+.1%}" if forgetting is not None else "")
     augmented = (a.get("records") or {}).get("augmented")
     taught = [d["teacher"] for d in (a.get("augmentation") or {}).values() if d.get("teacher")]
@@ -272,6 +272,15 @@ def adapter_line(a: dict[str, Any]) -> str:
     relearned = f" + {a['relearned']} learned again" if a.get("relearned") else ""
     return (f"{a['version']}  {a['state']:<9} parent {a['parent'] or 'base':<6} "
             f"{a['documents']} docs{relearned}{made + ')' if made else ''}  {measured}{pruned}")
+
+
+def answering(probes: dict[str, Any]) -> str:
+    """The held-out questions a version answers closed book, beside what the base answers open book."""
+    closed, opened, items = probes.get("closed_book"), probes.get("open_book"), probes.get("question_items")
+    if closed is None or not items:
+        return ""
+    shown = f", answered {round(closed * items)}/{items} closed book"
+    return shown + (f" (base open book {round(opened * items)}/{items})" if opened is not None else "")
 
 
 def refusal_lines(a: dict[str, Any], shown_lost: int = 5) -> list[str]:

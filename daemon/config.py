@@ -27,7 +27,7 @@ from pydantic_settings import (
 
 from replay.select import DEFAULT_MIX, check_mix, get_strategy
 
-AUGMENT_FORMS = ("shuffled", "titled", "notes", "quiz")  # daemon.learning.augment makes them
+AUGMENT_FORMS = ("shuffled", "titled", "notes", "quiz", "questions")  # daemon.learning.augment makes them
 
 ENV_PREFIX = "CLD_"
 ENV_DELIMITER = "__"
@@ -286,6 +286,12 @@ class ReplaySection(Section):
         "knowledge_share of the budget (0.5: half of everything learned; 0 = off), so earlier documents are "
         "not thinned out as more arrive; the cycle then grows with what was learned, up to knowledge_cap.",
     )
+    knowledge_forms: float = Field(
+        0.5, ge=0, le=5,
+        description="Tokens of earlier documents' other forms ([augment]: their questions, notes, shuffles, the "
+        "teacher's pairs, as each was trained) replayed per token of their chunks replayed, taken from every such "
+        "document in turn, so what they taught is asked again. 0 = chunks only.",
+    )
     knowledge_cap: float = Field(
         12.0, ge=0, le=100,
         description="Most knowledge-replay tokens per new-document token that knowledge_floor may ask for "
@@ -454,15 +460,21 @@ class ScheduleSection(Section):
 
 class AugmentSection(Section):
     forms: list[str] = Field(
-        default_factory=list,
+        default_factory=lambda: ["questions"],
         description="Training text made from each new document besides its chunks, so its facts can be recalled "
         "when asked in other words: shuffled (sentence and paragraph order), titled (each sentence prefixed with "
         "the document's title), notes (a chat question about each named thing, answered with its sentences), quiz "
-        "(each sentence as a chat question with its key term blanked out, answered with the term and the sentence).",
+        "(each sentence as a chat question with its key term blanked out, answered with the term and the sentence), "
+        "questions (each fact of each sentence — a date, number, version, code span or name — asked in five "
+        "phrasings that name the document's subject and share a few of the sentence's words, answered with the fact, "
+        "and in some with its sentence).",
     )
     shuffles: int = Field(2, ge=0, le=20, description="Shuffled copies of each document (form \"shuffled\").")
     max_notes: int = Field(12, ge=0, description="Most notes per document (form \"notes\"), most mentioned names first.")
     max_quiz: int = Field(24, ge=0, description="Most quiz questions per document (form \"quiz\"), spread over it.")
+    max_questions: int = Field(
+        24, ge=0, description="Most facts per document asked as questions (form \"questions\"), spread over it; each "
+        "is asked in five phrasings.")
     teacher_pairs: int = Field(
         0, ge=0, le=500, description="Question/answer pairs per new document written by a teacher model that reads "
         "it passage by passage (kept only when the answer is in the document), trained as chat answers; generated "
@@ -544,6 +556,16 @@ class ProbesSection(Section):
         0.0, ge=0, le=1, description="Smallest share of the teacher's held-out questions about the new documents "
         "the candidate answers (augment.teacher_pairs; asked in the teacher's words, never trained on). 0 = "
         "measured and reported only."
+    )
+    min_answered_vs_open_book: float = Field(
+        0.0, ge=0, le=2, description="Smallest ratio of the new documents' held-out questions the candidate answers "
+        "closed book (weights alone) to those the base answers with the passage in front of it (open book), judged "
+        "at the upper confidence bound (probes.confidence). The questions ask each fact in a phrasing never trained "
+        "(probes.questions_per_document per document). 0 = measured and reported only."
+    )
+    questions_per_document: int = Field(
+        16, ge=0, description="Held-out questions built from each new document for the answering probe "
+        "(probes.min_answered_vs_open_book), spread over its facts; 0 = no answering probe."
     )
     teacher_held_out: float = Field(
         0.25, ge=0, le=0.5, description="Share of the teacher's question/answer pairs (augment.teacher_pairs) kept "

@@ -29,6 +29,7 @@ LOGS_DIR = "logs"
 CYCLES_DIR = "cycles"
 JOBS_DIR = "jobs"
 TEACHER_DIR = "teacher"  # teacher/<document hash>.json: the questions and answers a teacher wrote about it
+FORMS_DIR = "forms"  # forms/<document hash>.json: what a document is trained as, kept for life (learning.forms)
 VERSION_RE = re.compile(r"^v(\d{4,})$")  # adapters/<version>: v0001, v0002, ...
 BASE_VERSION = "base"  # what rollback and the CLI call the base model
 
@@ -97,6 +98,10 @@ class StateDir:
     @property
     def teacher(self) -> Path:
         return self.root / TEACHER_DIR
+
+    @property
+    def forms(self) -> Path:
+        return self.root / FORMS_DIR
 
     def ensure(self) -> StateDir:
         for folder in (self.root, self.inbox, self.adapters, self.logs):

@@ -10,11 +10,16 @@ from daemon.config import ConfigError, load_settings
 from daemon.learning.augment import (
     OPEN_BOOK,
     augment,
+    cues,
+    facts,
+    held_out_questions,
     key_term,
     names,
     notes,
     open_book,
     passage,
+    plain,
+    questions,
     quiz,
     shuffled,
     split_paragraphs,
@@ -149,3 +154,68 @@ def test_the_passage_is_the_answers_paragraph_and_neighbours_that_fit() -> None:
     found = passage("Tidemark 2026", long)  # a paragraph too long: the sentence and its neighbours
     assert found.endswith("Tidemark was built in 2026.") and 250 <= len(found.split()) <= 300
     assert OPEN_BOOK.format(document="D", question="Q?").endswith("Q?")
+
+
+# ---- questions: each fact asked in several phrasings, one more held out --------------------
+
+@pytest.mark.parametrize(("sentence", "found"), [
+    ("Kestrel Labs released Harbour Lights 2.0 on 4 May 2026.", [("Kestrel Labs", "name"), ("4 May 2026", "date")]),
+    ("Each entry can now carry files of up to 250 megabytes.", [("250 megabytes", "count")]),
+    ("Upgrading from any 4.x version needs no migration at all.", []),
+    ("Run `pip install kettle` to install version 1.2.3 of it.", [("`pip install kettle`", "code"), ("1.2.3", "version")]),
+    ("Nine in ten kettles, 90%, boiled within the hour.", [("90%", "percent")]),
+])
+def test_the_facts_of_a_sentence_are_its_dates_numbers_codes_and_names(sentence: str, found: list) -> None:
+    assert facts(sentence, "Harbour Lights 2.0") == found
+
+
+def test_questions_name_the_subject_and_are_answered_with_the_fact_then_its_sentence() -> None:
+    records = questions(split_paragraphs(DOC), "Harbour Lights 2.0", limit=3)
+    assert len(records) == 15, "five phrasings of each of three facts"
+    for record in records:
+        asked, answer = (m["content"] for m in record["messages"])
+        assert "Harbour Lights 2.0" in asked and asked.endswith("?") and record["mask_prompt"]
+    first = [r["messages"] for r in records[:5]]
+    assert first[0][1]["content"] == "Kestrel Labs."
+    assert first[1][1]["content"].startswith("Kestrel Labs. Kestrel Labs released Harbour Lights 2.0 on 4 May 2026.")
+    assert len({m[0]["content"] for m in first}) == 5, "each phrasing differs"
+    assert "Kestrel Labs" not in first[0][0]["content"], "the question does not give its answer away"
+
+
+def test_a_question_shares_a_few_of_its_sentences_words_near_the_fact() -> None:
+    sentence = "In internal tests, Marlinspike reconciled a warehouse of 50,000 items in under 40 seconds, down from eleven."
+    chosen = [cues(sentence, "40 seconds", phrasing).split() for phrasing in range(4)]
+    words = "internal tests Marlinspike reconciled warehouse 50,000 items under down eleven".split()
+    for words_chosen in chosen:
+        assert len(words_chosen) == 3 and set(words_chosen) <= set(words)
+        assert words_chosen == sorted(words_chosen, key=words.index), "in the sentence's order"
+    assert len({tuple(c) for c in chosen}) > 1, "another few for another phrasing"
+    assert cues(sentence, "40 seconds", 1) == cues(sentence, "40 seconds", 1), "the same every time"
+
+
+def test_held_out_questions_are_never_a_trained_phrasing() -> None:
+    paragraphs = split_paragraphs(DOC)
+    trained = {r["messages"][0]["content"] for r in questions(paragraphs, "Harbour Lights 2.0", limit=50)}
+    held_out = held_out_questions(paragraphs, "Harbour Lights 2.0", limit=50)
+    assert held_out and not trained & {q for q, _, _ in held_out}
+    by_answer = {answer: (question, sentence) for question, answer, sentence in held_out}
+    question, sentence = by_answer["Mira Oakes"]
+    assert question.startswith("Who or what — ") and question.endswith(" — in Harbour Lights 2.0?")
+    assert sentence == "The release was led by Mira Oakes, who joined in 2024."
+    asked = question.removeprefix("Who or what — ").removesuffix(" — in Harbour Lights 2.0?").split()
+    assert asked and set(asked) <= {"release", "led", "joined", "2024"}, "the sentence's own words, no answer"
+    assert len(held_out_questions(paragraphs, "Harbour Lights 2.0", limit=2)) == 2
+
+
+@pytest.mark.parametrize(("text", "source", "title"), [
+    ("## Why use it\n\nprek runs hooks. prek is fast.", "prek-readme.md", "prek"),
+    ("**Django-Bolt** is fast. Django-Bolt uses Rust.", "django-bolt-readme.md", "Django-Bolt"),
+    ("```\n# a comment, not a title\n```\nKettle boils water in two minutes, as everyone knows.", "notes.txt",
+     "notes"),
+])
+def test_the_subject_is_what_the_file_is_named_after_when_the_text_uses_it(text: str, source: str, title: str) -> None:
+    assert title_of(text, source) == title
+
+
+def test_a_sentence_is_asked_as_a_reader_sees_it() -> None:
+    assert plain("- It uses [`uv`](https://x.dev/uv) for **speed**, see https://x.dev.") == "It uses `uv` for speed, see"

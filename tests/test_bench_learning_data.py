@@ -37,10 +37,10 @@ def test_six_documents_with_unique_names_and_sizes() -> None:
     assert len({d["genre"] for d in documents}) == 6
 
 
-def test_each_document_has_eight_wellformed_facts() -> None:
+def test_each_document_has_sixteen_wellformed_facts() -> None:
     for doc in data()["documents"]:
         text = collapse(doc["text"])
-        assert len(doc["facts"]) == 8, doc["name"]
+        assert len(doc["facts"]) == 16, doc["name"]
         for fact in doc["facts"]:
             prompt, answer = fact["cloze"]["prompt"], fact["cloze"]["answer"]
             assert prompt == collapse(prompt) and answer == collapse(answer) and answer

@@ -41,7 +41,7 @@ def test_contains(answer: str, reply: str, expected: bool) -> None:
 
 def test_documents_load_into_facts() -> None:
     documents, general = measure.load_documents()
-    assert len(documents) == 6 and all(len(doc.facts) == 8 for doc in documents)
+    assert len(documents) == 6 and all(len(doc.facts) == 16 for doc in documents)
     assert all(fact.document == doc.name for doc in documents for fact in doc.facts)
     assert general and all(answers for _, answers in general)
 

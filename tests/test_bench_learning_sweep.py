@@ -155,12 +155,14 @@ def test_teach_adds_the_teachers_pairs_to_every_job(tiny: Path, tmp_path: Path) 
     assert taught["jobs"]["run"][0]["augmented"][0] == {"text": "kept"}
 
 
-def test_a_grids_augment_settings_make_the_forms_the_daemon_makes() -> None:
+def test_a_grids_augment_settings_make_the_forms_the_daemon_makes(tmp_path: Path) -> None:
     from daemon.config import AugmentSection
 
-    document = sweep.measure.load_documents()[0][0]
-    plain = sweep.augmented(document, AugmentSection(forms=["quiz"]), seed=0)
-    read = sweep.augmented(document, AugmentSection(forms=["quiz"], context_distill="instead"), seed=0)
+    documents = sweep.measure.load_documents()[0]
+    journaled = sweep.as_journaled(documents[0])
+    plain = sweep.library(AugmentSection(forms=["quiz"]), documents, tmp_path / "a").of(journaled).records
+    read = sweep.library(AugmentSection(forms=["quiz"], context_distill="instead"), documents,
+                         tmp_path / "b").of(journaled).records
     assert plain and all("open_book" not in r for r in plain)
     assert [r["messages"] for r in read] == [r["messages"] for r in plain]
     assert all(r["open_book"][0]["content"].startswith("Read this document") for r in read)

@@ -36,7 +36,7 @@ def test_the_sequence_has_twenty_documents_half_real_and_newer_than_the_model() 
 def test_every_fact_is_in_its_document_and_answered_in_other_words() -> None:
     docs, _, _ = lifelong.sequence()
     for doc in docs:
-        assert len(doc.facts) == 8, doc.name
+        assert len(doc.facts) == 16, doc.name
         text = words(doc.text)
         for fact in doc.facts:
             prompt, answer = words(fact.prompt), words(fact.answer)
@@ -53,7 +53,8 @@ def _record(state: str, train: float = 100.0) -> dict:
 def test_a_row_reads_recall_forgetting_and_the_gate() -> None:
     docs, held_out, real = lifelong.sequence()
     names = [d.name for d in docs[:3]]
-    bench = SimpleNamespace(base={"held_out_nll": 2.0, "behaviour_nll": 1.0}, general=[0, 1, 2, 3])
+    bench = SimpleNamespace(base={"held_out_nll": 2.0, "behaviour_nll": 1.0,
+                                  "open_book": {names[0]: 0.5, names[1]: 0.5, names[2]: 0.25}}, general=[0, 1, 2, 3])
     scorer = lifelong.Scorer(docs, held_out, real, bench)
     facts = {names[0]: {"cloze": 1.0, "qa": 0.5}, names[1]: {"cloze": 0.5, "qa": 0.25}, names[2]: {"cloze": 0.0, "qa": 0.0}}
     measured = {"facts": facts, "held_out_nll": 2.04, "behaviour_nll": 1.1, "general_correct": [0, 1, 2]}
@@ -63,18 +64,23 @@ def test_a_row_reads_recall_forgetting_and_the_gate() -> None:
     assert row["held_out_delta"] == pytest.approx(0.02) and row["behaviour_delta"] == pytest.approx(0.1)
     assert row["general_qa"] == "3/4" and row["failed"] == ["cloze probes passed 0.25 < 0.50"]
     assert row["wall_s"] == 140.0 and row["daemon_probes"]["cloze_pass"] == 0.25
+    assert row["all_open"] == pytest.approx(1.25 / 3) and row["this_open"] == 0.25
     table = lifelong.table([row])
-    assert "rejected (cloze probes passed 0.25 < 0.50)" in table and "| 50% / 25% |" in table
+    assert "rejected (cloze probes passed 0.25 < 0.50)" in table and "| 100% / 50% |" in table
+    assert "| 0% · 0% / 25% (0%) | 50% · 25% / 42% (60%) |" in table, "closed / open book (answered / answerable)"
 
 
 def test_targets_are_read_off_the_last_cycle() -> None:
     rows = [{"gate": "promoted", "wall_s": 100.0}, {"gate": "rejected", "wall_s": 150.0},
-            {"gate": "promoted", "wall_s": 250.0, "all_cloze": 0.85, "all_qa": 0.4, "first_cloze": 0.75,
+            {"gate": "promoted", "wall_s": 250.0, "all_cloze": 0.85, "all_qa": 0.2, "all_open": 0.4, "first_cloze": 0.75,
+             "this_qa": 0.3, "this_open": 0.4, "held_out_docs_qa": 0.1, "held_out_docs_open": 0.5,
              "held_out_delta": 0.021, "behaviour_delta": 0.05, "general_ratio": 1.0}]
     text = lifelong.against_targets(rows)
     assert "| cycles promoted | 2/3 |" in text
     assert "| all facts, exact cloze | 85% |" in text and "| held-out NLL vs base | +2.1% |" in text
     assert "| last cycle's time / first's | 2.50× |" in text
+    assert "| all facts, QA closed book / base open book | 20% / 40% (50%) | share ≥ 50 % |" in text
+    assert "| this document, QA closed book / base open book | 30% / 40% (75%) | share ≥ 70 % |" in text
 
 
 def test_a_new_benchmark_state_gets_the_embedded_models_replay_text_and_keeps_what_it_has(tmp_path) -> None:

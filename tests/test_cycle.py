@@ -43,7 +43,7 @@ class FakeJournal:
 
     def documents(self, state: str) -> list[dict[str, Any]]:
         return [{k: v for k, v in d.items() if k not in ("state", "text")} for d in self.docs.values()
-                if (d["state"], bool(d["set_aside"])) in ((state, False), ("ready", state == "set_aside"))]
+                if (d["state"], bool(d["set_aside"])) == (("ready", True) if state == "set_aside" else (state, False))]
 
     def refused(self, ids: list[int], why: str, max_attempts: int) -> list[dict[str, Any]]:
         for i in ids:
@@ -235,7 +235,11 @@ async def test_augmented_forms_of_the_new_documents_are_trained_on(state: StateD
     assert meta["records"]["augmented"] == len(augmented) and meta["augmented_sample"] == augmented[:3]
     [view] = adapters_view(state.adapters, learner.cycles, "v0001")
     assert view["records"]["augmented"] == len(augmented) and view["augmented_sample"] == augmented[:3]
-    assert view["augmentation"] == {"h1": {"records": len(augmented), "open_book": 0, "sample": augmented[:2]}}
+    made = view["augmentation"]["h1"]
+    assert made["records"] == len(augmented) and made["open_book"] == 0 and made["sample"] == augmented[:2]
+    assert made["title"] == "d1" and made["held_out_questions"] == len(learner.forms.of(journal.docs[1]).questions) > 0
+    stored = json.loads((state.forms / "h1.json").read_text())
+    assert stored["records"] == augmented, "the forms trained are kept with the document for later cycles"
 
 
 async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: StateDir, tiny: Path) -> None:
@@ -243,6 +247,7 @@ async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: S
     journal.add(FACTS)
     learner = make(state, tiny, FakeVLLM(), journal)
     learner.settings.augment.forms = ["quiz"]
+    learner.settings.replay.knowledge_forms = 5.0  # the document is short: enough budget for its forms
     assert (await learner.run_cycle("api")).state == "promoted"
     journal.add(MORE)
     record = await learner.run_cycle("api")
@@ -275,7 +280,8 @@ async def test_the_teachers_questions_are_trained_on_and_replayed_without_asking
     vllm, journal = FakeVLLM(), FakeJournal()
     journal.add(FACTS)
     learner = make(state, tiny, vllm, journal)
-    learner.settings.augment.teacher_pairs = 4
+    learner.settings.augment.forms, learner.settings.augment.teacher_pairs = [], 4  # the teacher's forms alone
+    learner.settings.replay.knowledge_forms = 5.0  # the document is short: enough budget for its forms
     record = await learner.run_cycle("api")
     assert record.state == "promoted" and "augment" in record.timings_s, (record.reasons, record.error)
     assert len(vllm.taught) == 1 and "Tarnhelm" in vllm.taught[0]  # the served base read the document
@@ -308,8 +314,8 @@ async def test_the_teachers_rephrasings_are_trained_as_text_and_asked_for_once(s
     vllm, journal = FakeVLLM(), FakeJournal()
     journal.add(FACTS)
     learner = make(state, tiny, vllm, journal)
-    learner.settings.augment.teacher_pairs = 4
-    await learner.teach([journal.documents("ready")[0]])  # an earlier cycle wrote its questions and answers
+    learner.settings.augment.forms, learner.settings.augment.teacher_pairs = [], 4  # the teacher's forms alone
+    await learner.forms.teach([journal.documents("ready")[0]], vllm, "cld-base")  # an earlier cycle wrote its pairs
     pairs = json.loads((state.teacher / "h1.json").read_text())["pairs"]
     learner.settings.augment.teacher_rephrasings = 2
     record = await learner.run_cycle("api")
@@ -332,14 +338,14 @@ async def test_a_teacher_that_fails_costs_only_its_questions(state: StateDir, ti
     journal = FakeJournal()
     journal.add(FACTS)
     learner = make(state, tiny, FakeVLLM(), journal)
-    learner.settings.augment.teacher_pairs = 4
+    learner.settings.augment.forms, learner.settings.augment.teacher_pairs = [], 4  # the teacher's forms alone
     learner.settings.augment.teacher_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     record = await learner.run_cycle("api")
     assert record.state == "promoted", (record.reasons, record.error)
     assert not state.teacher.exists(), "nothing kept: the next cycle asks again"
     (state.teacher).mkdir()
     (state.teacher / "h1.json").write_text("{broken")
-    assert learner.augmented(journal.documents("learned")[0]) == [], "an unreadable answer file is not trained on"
+    assert learner.forms.make(journal.documents("learned")[0]).records == [], "an unreadable answer file is not trained on"
 
 
 async def test_a_forgetting_candidate_is_rejected_and_serving_is_untouched(state: StateDir, tiny: Path) -> None:
@@ -435,7 +441,10 @@ async def test_after_a_change_of_method_the_served_documents_are_learned_again_f
     assert (meta["documents"], meta["relearned"], meta["parent"]) == (["h2"], ["h1"], None)
     assert [journal.docs[i]["version"] for i in (1, 2)] == ["v0002", "v0002"]
     view = {a["version"]: a for a in adapters_view(state.adapters, learner.cycles, "v0002")}
-    assert adapter_line(view["v0002"]).startswith("v0002  promoted  parent base   1 docs + 1 learned again  cloze 100%")
+    assert adapter_line(view["v0002"]).startswith("v0002  promoted  parent base   1 docs + 1 learned again (+")
+    assert "augmented records)  cloze 100%, answered " in adapter_line(view["v0002"])
+    assert [r for r in job["data"]["augmented"] if "Velmora" in r["messages"][1]["content"]], \
+        "the document learned again comes with its forms"
 
     ferry = "The Odrin ferry crosses the Sael estuary twice a day. Its captain in 2032 was Rhea Valdomir."
     vllm.learn(ferry)

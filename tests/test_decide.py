@@ -8,10 +8,11 @@ from daemon.learning.decide import ProbeResults, Thresholds, decide, wilson_boun
 
 LIMITS = Thresholds(max_forgetting=0.02, max_behaviour_increase=0.15, min_drift_agreement=0.6, min_nll_drop=0.1,
                     min_knowledge_kept=0.75, min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0,
-                    min_answered=0.25, confidence=0.95)
+                    min_answered=0.25, min_answered_vs_open_book=0.5, confidence=0.95)
 GOOD = dict(forgetting_vs_base=0.005, forgetting_vs_incumbent=0.0, behaviour_increase=0.05, drift_agreement=0.9,
             nll_drop=0.4, nll_drop_vs_incumbent=0.38, knowledge_kept=0.95, cloze_pass=0.875, cloze_items=16,
-            retention=1.0, retention_items=12, qa_drop=0.0, answered=0.5)
+            retention=1.0, retention_items=12, qa_drop=0.0, answered=0.5, closed_book=0.5, open_book=0.5,
+            question_items=16)
 
 CASES = [
     # (name, changes to GOOD, promote?, fragment of a reason)
@@ -47,6 +48,21 @@ CASES = [
     ("questions not answered", {"answered": 0.2}, False, "questions about the new documents answered 0.20 < 0.25"),
     ("no teacher", {"answered": None}, True, "questions about the new documents answered: not measured"),
     ("learning not measured", {"cloze_pass": None}, False, "cloze probes passed: not measured (required)"),
+    ("answers half of what the base answers open book", {"closed_book": 0.25, "open_book": 0.5}, True,
+     "held-out questions answered closed book 4 of 16 = 0.25 ≥ 0.25 (0.50 × 0.50 answered open book by the base)"),
+    ("recites but answers nothing", {"closed_book": 0.0, "open_book": 0.5}, False,
+     "held-out questions answered closed book 0 of 16 = 0.00 (at most 0.14 at 95% confidence) < 0.25 "
+     "(0.50 × 0.50 answered open book by the base)"),
+    ("one of sixteen is surely under a quarter", {"closed_book": 1 / 16, "open_book": 0.5}, False,
+     "held-out questions answered closed book 1 of 16 = 0.06 (at most 0.24 at 95% confidence) < 0.25 "
+     "(0.50 × 0.50 answered open book by the base)"),
+    ("two of sixteen may not be", {"closed_book": 2 / 16, "open_book": 0.5}, True,
+     "held-out questions answered closed book 2 of 16 = 0.12 (at most 0.32 at 95% confidence) ≥ 0.25 "
+     "(0.50 × 0.50 answered open book by the base)"),
+    ("the base answers none open book", {"closed_book": 0.0, "open_book": 0.0}, True,
+     "held-out questions answered closed book 0 of 16 = 0.00 ≥ 0.00 (0.50 × 0.00 answered open book by the base)"),
+    ("no held-out questions", {"closed_book": None, "open_book": None, "question_items": None}, True,
+     "held-out questions answered closed book: not measured"),
 ]
 
 
@@ -59,7 +75,7 @@ def test_decide(name: str, changes: dict, promote: bool, reason: str) -> None:
 
 
 def test_every_probe_gives_a_reason() -> None:
-    assert len(decide(ProbeResults(**GOOD), LIMITS).reasons) == 11
+    assert len(decide(ProbeResults(**GOOD), LIMITS).reasons) == 12
 
 
 @pytest.mark.parametrize(("share", "items", "upper", "expected"), [

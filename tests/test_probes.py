@@ -295,3 +295,36 @@ def test_cloze_probes_are_cut_at_several_points_of_each_sentence() -> None:
     assert len(one) == 2 and len(three) == 6
     assert len({c.prompt for c in three}) == 6
     assert all((c.prompt.split()[-1] + " " + c.expected) in text for c in three)
+
+
+class ReadingVLLM(CountingVLLM):
+    """Answers a question when it has the passage in front of it, or when the model learned it."""
+
+    def __init__(self, learned: dict[str, set[str]]) -> None:
+        super().__init__()
+        self.learned = learned
+
+    async def chat(self, model: str, messages, max_tokens: int) -> str:
+        self._count(model)
+        asked = messages[-1]["content"]
+        if "Read this document:" in asked:  # open book: the answer is in the passage
+            return "It is Tidemark." if "Tidemark" in asked else "I do not know."
+        return "Tidemark, I think." if asked in self.learned.get(model, set()) else "Something else."
+
+
+async def test_held_out_questions_are_asked_closed_book_of_the_candidate_and_open_book_of_the_base() -> None:
+    from dataclasses import replace
+
+    from daemon.learning.probes import Question, run_probes
+
+    questions = [Question("What, in Harbour Lights: new planner called?", "Tidemark", "The new planner is called Tidemark."),
+                 Question("What, in Harbour Lights: planner plans week?", "Tidemark", "Tidemark plans a week."),
+                 Question("Who or what, in Harbour Lights: led release?", "Mira Oakes", "The release was led by nobody.")]
+    vllm = ReadingVLLM({"cand": {questions[0].question}})
+    measured = await run_probes(vllm, replace(probe_set(), questions=questions), "base", "cand", "inc")  # type: ignore[arg-type]
+    results = measured.results
+    assert (results.closed_book, results.open_book, results.question_items) == (pytest.approx(1 / 3), pytest.approx(2 / 3), 3)
+    assert measured.items["candidate"]["closed_book"] == [1, 0, 0] and measured.items["base"]["open_book"] == [1, 1, 0]
+    assert "closed_book" not in measured.items["incumbent"], "the incumbent is not asked"
+    assert measured.questions[0] == {"question": questions[0].question, "expected": "Tidemark",
+                                     "closed_book": "Tidemark, I think.", "open_book": "It is Tidemark."}

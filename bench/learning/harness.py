@@ -171,6 +171,8 @@ class Bench:
         result = await measure.evaluate(self.client, self.base_name, self.suite, [d.name for d in self.suite.documents])
         self.general = result["general_correct"]  # the questions the base answers: its ability to keep
         result["general_accuracy"] = 1.0
+        result["open_book"] = await measure.open_book(self.client, self.base_name, self.suite,
+                                                      [d.name for d in self.suite.documents])
         self.base = result
         return result
 

@@ -126,6 +126,23 @@ async def recall(client: VLLMClient, model: str, suite: Suite,
     return per_doc, samples
 
 
+async def open_book(client: VLLMClient, model: str, suite: Suite, documents: list[str]) -> dict[str, float]:
+    """QA with each document in front of the question (the daemon's open-book prompt), per document:
+    what the model can answer when it reads the text — the ceiling closed-book QA is measured against."""
+    chosen = [doc for doc in suite.documents if doc.name in documents]
+    asked = [(doc.name, fact, probes.OPEN_BOOK.format(document=doc.text.strip(), question=fact.question))
+             for doc in chosen for fact in doc.facts]
+    replies = await probes.greedy_chat(client, model, [prompt for _, _, prompt in asked], QA_MAX_TOKENS)
+    return {doc.name: statistics.fmean(contains(fact.qa_answer, reply)
+                                       for (name, fact, _), reply in zip(asked, replies) if name == doc.name)
+            for doc in chosen}
+
+
+def answered_share(closed: Optional[float], opened: Optional[float]) -> Optional[float]:
+    """Closed-book QA as a share of open-book QA ("answered / answerable"); None when nothing is answerable."""
+    return closed / opened if closed is not None and opened else None
+
+
 def relative(value: Optional[float], reference: Optional[float]) -> Optional[float]:
     if value is None or not reference:
         return None
@@ -142,6 +159,7 @@ def summary_row(name: str, result: dict[str, Any], base: dict[str, Any], documen
         "method": name,
         "cloze": statistics.fmean(facts[d]["cloze"] for d in documents),
         "qa": statistics.fmean(facts[d]["qa"] for d in documents),
+        "open_book": open_share(base, documents),
         "held_out_nll": result["held_out_nll"],
         "held_out_delta": relative(result["held_out_nll"], base["held_out_nll"]),
         "behaviour_nll": result["behaviour_nll"],
@@ -153,6 +171,18 @@ def summary_row(name: str, result: dict[str, Any], base: dict[str, Any], documen
     }
 
 
+def open_share(base: dict[str, Any], documents: list[str]) -> Optional[float]:
+    """The base's open-book QA over `documents` (None when it was not measured)."""
+    opened = base.get("open_book") or {}
+    return statistics.fmean(opened[d] for d in documents) if documents and all(d in opened for d in documents) else None
+
+
+def qa_cell(closed: Optional[float], opened: Optional[float]) -> str:
+    """Closed-book QA, the base's open-book QA on the same questions, and the first as a share of the second."""
+    share = answered_share(closed, opened)
+    return f"{_pct(closed, False)} / {_pct(opened, False)} ({_pct(share, False)})"
+
+
 def _pct(value: Optional[float], sign: bool = True) -> str:
     if value is None:
         return "—"
@@ -160,12 +190,12 @@ def _pct(value: Optional[float], sign: bool = True) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | cloze recall | QA recall | held-out NLL Δ | behaviour NLL Δ | general QA | drift agreement "
+    head = ("| method | cloze recall | QA closed / base open book (share) | held-out NLL Δ | behaviour NLL Δ | general QA | drift agreement "
             "| tokens trained | wall s | gate |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_pct(r['cloze'], False)} | {_pct(r['qa'], False)} | {_pct(r['held_out_delta'])} "
+            f"| {r['method']} | {_pct(r['cloze'], False)} | {qa_cell(r['qa'], r.get('open_book'))} | {_pct(r['held_out_delta'])} "
             f"| {_pct(r['behaviour_delta'])} | {r['general_qa']} | {r['drift_agreement']:.2f} "
             f"| {r.get('tokens') or 0:,} | {r.get('wall_s') or 0:.0f} | {r.get('gate') or '—'} |")
     return "\n".join(lines)
@@ -173,12 +203,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def sequence_table(steps: list[dict[str, Any]]) -> str:
     lines = ["| after cycle | gate | serving | cycle-1 facts (cloze) | this cycle's facts | all facts so far "
-             "| this cycle's QA | all QA so far | held-out NLL Δ | behaviour NLL Δ | general QA | wall s |",
+             "| this cycle's QA closed / open (share) | all QA so far closed / open (share) | held-out NLL Δ | behaviour NLL Δ | general QA | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s['cycle']} | {s['gate']} | {s['serving'] or 'base'} | {_pct(s['first_cloze'], False)} "
                      f"| {_pct(s['this_cloze'], False)} | {_pct(s['all_cloze'], False)} "
-                     f"| {_pct(s.get('this_qa'), False)} | {_pct(s.get('all_qa'), False)} | {_pct(s['held_out_delta'])} "
+                     f"| {qa_cell(s.get('this_qa'), s.get('this_open'))} | {qa_cell(s.get('all_qa'), s.get('all_open'))} "
+                     f"| {_pct(s['held_out_delta'])} "
                      f"| {_pct(s['behaviour_delta'])} | {s['general_qa']} | {s.get('wall_s') or 0:.0f} |")
     return "\n".join(lines)
 

@@ -238,13 +238,21 @@ def summarize(result: dict[str, Any], base: dict[str, Any], learned: list[str], 
     }
 
 
-def augmented(document: measure.Document, settings: AugmentSection, seed: int) -> list[dict[str, Any]]:
-    """A document's augmented forms as the daemon's cycle makes them (`Learner.augmented`)."""
-    from daemon.learning import augment
+def library(settings: AugmentSection, documents: list[measure.Document], folder: Path) -> Any:
+    """The daemon's keeper of documents' forms (`daemon.learning.forms.Library`) over the benchmark's
+    documents, storing them in `folder`."""
+    from daemon.config import ProbesSection
+    from daemon.learning.forms import Library
 
-    forms = augment.augment(document.text, document.name, settings.forms, settings.shuffles, settings.max_notes,
-                            seed=seed, max_quiz=settings.max_quiz)
-    return augment.open_book(forms, augment.split_paragraphs(document.text), settings.context_distill)
+    texts = {doc.name: doc.text for doc in documents}
+    return Library(settings, ProbesSection(), folder, folder / "teacher", lambda doc: texts.get(doc["source"]))
+
+
+def as_journaled(document: measure.Document) -> dict[str, Any]:
+    """A benchmark document as the journal lists it (what the forms keeper reads)."""
+    import hashlib
+
+    return {"id": 0, "hash": hashlib.sha256(document.text.encode()).hexdigest(), "source": document.name}
 
 
 def parse_recipe(recipe: dict[str, Any]) -> tuple[str, str, int, list[int], AugmentSection, TrainSection, dict[str, Any]]:
@@ -253,6 +261,7 @@ def parse_recipe(recipe: dict[str, Any]) -> tuple[str, str, int, list[int], Augm
     settings as given."""
     recipe = dict(recipe)
     name, ratio = recipe.pop("name"), recipe.pop("ratio", 4.0)
+    recipe.pop("replay_forms", None)
     ratio = ratio if ratio == "run" else str(float(ratio))
     cycles, order = int(recipe.pop("cycles", 1)), recipe.pop("documents", [0])
     forms = AugmentSection(**recipe.pop("augment", {}))
@@ -272,7 +281,8 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
     results: list[dict[str, Any]] = []
     base_eval: dict[str, Any] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="cld-sweep-"))
-    for name, ratio, cycles, order, forms, hyper, recipe in map(parse_recipe, grid):
+    for entry, (name, ratio, cycles, order, forms, hyper, recipe) in zip(grid, map(parse_recipe, grid)):
+        replay_forms = float(entry.get("replay_forms", 0.5))  # as replay.knowledge_forms
         for first in order:
             started, steps = time.monotonic(), []
             model = tokenizer = None
@@ -283,7 +293,13 @@ def run(data_file: Path, model_dir: Path, grid_file: Path, out: Path) -> None:
                 if k == 0:
                     job_data["knowledge"] = []  # a first cycle has learned nothing before
                 if forms.forms:
-                    job_data["augmented"] = augmented(documents[index], forms, index)
+                    kept = library(forms, documents, workdir / name.replace("/", "-") / "forms")
+                    job_data["augmented"] = kept.of(as_journaled(documents[index]), keep=False).records
+                    if k and job_data.get("knowledge") and replay_forms:
+                        earlier = [as_journaled(by_name[n]) for n in learned]
+                        count = (lambda text: len(tokenizer(text)["input_ids"])) if tokenizer else (lambda t: len(t) // 4)
+                        budget = int(replay_forms * sum(count(r["text"]) for r in job_data["knowledge"] if "text" in r))
+                        job_data["knowledge"] = job_data["knowledge"] + kept.replayed(earlier, budget, count, seed=k)
                 job = TrainJob(version=f"v{k + 1:04d}", base_model=str(model_dir), output_dir=str(workdir),
                                data=JobData(**job_data), hyper=hyper)
                 if model is None:

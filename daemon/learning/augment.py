@@ -12,7 +12,12 @@ varied contexts and tied to its subject. Three deterministic forms, no model nee
   "What do you know about X?" answered with the sentences that mention it;
 - quiz: each sentence as a chat question about the document with its key term (the last name,
   number or code span in it) blanked out, answered with the term, then the whole sentence: the
-  fact is practised as an answer to a question, the way users will ask for it.
+  fact is practised as an answer to a question, the way users will ask for it;
+- questions: for every fact-bearing sentence and each fact in it (a date, a number with its unit, a
+  version, a code span, a name), questions that ask for that fact in several phrasings, the
+  document's subject named in full in each, answered in the document's words (the fact, then its
+  sentence). One more phrasing of each fact — the wh-word first, the sentence's content words after
+  it — is never trained: `held_out_questions` makes it, the answering probe of the gate.
 
 Context distillation (`open_book`): a chat record's answer learned toward what the base model
 predicts with the document's passage in front of it, not only toward the answer's own tokens (the
@@ -28,12 +33,13 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any
 
 from daemon.config import AUGMENT_FORMS as FORMS
-from daemon.learning.probes import split_sentences, spread
+from daemon.learning.probes import OPEN_BOOK, STOPWORDS, split_sentences, spread
 
 Record = dict[str, Any]
 HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
@@ -50,18 +56,40 @@ COMMON = frozenset(
 QUESTIONS = ("What do you know about {}?", "Tell me about {}.", "What is known about {}?", "Who or what is {}?")
 QUIZ = ("About {title}: {blank} What goes in the blank?", "{title}. Fill in the blank: {blank}",
         "A question on {title}: {blank} What is missing?")
+GENERIC_FILE_WORDS = frozenset("readme notes note doc docs document documentation changelog changes release "
+                               "releases guide manual index draft final copy new old v1 v2 md txt".split())
 CODE_SPAN = re.compile(r"`[^`]+`")
 # a number, with its unit when one follows ("250 megabytes", "40 %"), not a word that merely follows it
 NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*(?:\s?%|\s(?!(?:which|that|and|or|but|after|before|when|while|where|in|on|at|"
                     r"to|of|for|from|by|with|as|is|are|was|were|the|a|an)\b)[a-z]+)?")
+MONTH = ("January|February|March|April|May|June|July|August|September|October|November|December|"
+         "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec")
+DATE = re.compile(rf"\b(?:\d{{1,2}}\s+(?:{MONTH})\.?,?\s+\d{{4}}|(?:{MONTH})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}"
+                  rf"|(?:{MONTH})\s+\d{{4}}|\d{{4}}-\d{{2}}-\d{{2}})\b")
+# What a question asks in place of each kind of fact: trained phrasings, then the held-out one's.
+ASKS = {
+    "date": ("when", "what date", "when"),
+    "percent": ("what percentage", "what share", "what percentage"),
+    "count": ("how many {unit}", "what number of {unit}", "how many {unit}"),
+    "number": ("what number", "how many", "what number"),
+    "version": ("which version", "what version", "which version"),
+    "code": ("what", "which command or name", "what"),
+    "name": ("what", "which name", "who or what"),
+}
+# Trained phrasings of a question, then the held-out one (never trained: the gate's answering probe).
+ASKED = ("In {title}, {ask}: {cues}?", "{title}: {ask} — {cues}?", "About {title}: {cues}, {ask}?",
+         "{ask} {cues}, in {title}?", "{title} — {cues}: {ask}?")
+HELD_OUT = "{ask} — {cues} — in {title}?"
+FUNCTION_WORDS = frozenset("who whom whose which what when where how has have had will would can could may might must "
+                           "shall should do does did also just only very such own same its it's".split())
+CUE_WORDS, CUE_WINDOW = 3, 8  # a question's own words: this many of the sentence's, of this many nearest the fact
 MIN_WORDS = 5          # shorter sentences (headings, fragments) carry no fact to tie to a subject
 MAX_NOTE_SENTENCES = 6  # a note answers with at most this many sentences about its subject
 CONTEXT_WORDS = 300     # the passage put in front of a context-distilled question: its paragraph and neighbours
-OPEN_BOOK = "Read this document:\n\n{document}\n\nAnswer from the document: {question}"
 
 
 def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_notes: int, seed: int,
-            max_quiz: int = 24) -> list[Record]:
+            max_quiz: int = 24, max_questions: int = 24) -> list[Record]:
     """The records of `forms` for one document (`source`: its file name, the title of last resort)."""
     unknown = set(forms) - set(FORMS)
     if unknown:
@@ -80,12 +108,19 @@ def augment(text: str, source: str, forms: Sequence[str], shuffles: int, max_not
         records += notes(paragraphs, title, max_notes)
     if "quiz" in forms:
         records += quiz(paragraphs, title, max_quiz)
+    if "questions" in forms:
+        records += questions(paragraphs, title, max_questions)
     return records
+
+
+def without_code(text: str) -> str:
+    """`text` with its fenced code blocks left out."""
+    return re.sub(r"```.*?(```|$)", "\n\n", text, flags=re.DOTALL)
 
 
 def split_paragraphs(text: str) -> list[list[str]]:
     """Paragraphs (blank-line separated) as lists of sentences; code blocks are left out."""
-    text = re.sub(r"```.*?(```|$)", "\n\n", text, flags=re.DOTALL)
+    text = without_code(text)
     paragraphs = []
     for block in re.split(r"\n\s*\n", text):
         lines = [line.strip() for line in block.splitlines() if line.strip() and not HEADING.match(line)]
@@ -100,8 +135,16 @@ def split_paragraphs(text: str) -> list[list[str]]:
 
 
 def title_of(text: str, source: str) -> str:
-    """The document's subject: its first heading, else a short first line, else its file name."""
-    for line in text.splitlines():
+    """The document's subject: its title (a first-level heading), else the name its file is
+    named after when the text uses it ("prek-readme.md" -> "prek"), else its first heading or a
+    short first line, else its file name."""
+    prose = without_code(text)
+    for line in prose.splitlines():
+        if line.lstrip().startswith("# ") and (match := HEADING.match(line)):
+            return match.group(1).strip()
+    if named := named_after(prose, source):
+        return named
+    for line in prose.splitlines():
         if match := HEADING.match(line):
             return match.group(1).strip()
         if line.strip():
@@ -109,8 +152,24 @@ def title_of(text: str, source: str) -> str:
             if len(first.split()) <= 10 and not first.endswith((".", "!", "?", ":")):
                 return first
             break
-    stem = PurePath(source).name.split(".")[0] if source else ""
-    return re.sub(r"[-_]+", " ", stem).strip() or "this document"
+    return re.sub(r"[-_]+", " ", _stem(source)).strip() or "this document"
+
+
+def named_after(text: str, source: str) -> str | None:
+    """The name in `text` that its file is named after, spelt as the text spells it most often: the
+    file name without its generic words ("django-bolt-readme.md" -> "Django-Bolt"), else the first
+    of its words the text uses at least twice."""
+    words = [w for w in re.split(r"[-_ ]+", _stem(source)) if w and w.casefold() not in GENERIC_FILE_WORDS]
+    for candidate in (["-".join(words), " ".join(words)] if len(words) > 1 else []) + words:
+        found = re.findall(rf"(?<![\w.-]){re.escape(candidate)}(?![\w-])", text, re.IGNORECASE)
+        if len(candidate) >= 3 and len(found) >= 2:
+            return max(set(found), key=lambda spelling: (found.count(spelling), spelling))
+    return None
+
+
+def _stem(source: str) -> str:
+    name = PurePath(source).name if source else ""
+    return re.sub(r"\.(md|markdown|txt|rst|html?|pdf|jsonl?|docx?)$", "", name, flags=re.IGNORECASE)
 
 
 def shuffled(paragraphs: list[list[str]], rng: random.Random) -> str:
@@ -181,6 +240,117 @@ def quiz(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
     return [{"messages": [{"role": "user", "content": QUIZ[index % len(QUIZ)].format(title=title, blank=blank)},
                           {"role": "assistant", "content": f"{term}. {sentence}"}], "mask_prompt": True}
             for index, (sentence, term, blank) in enumerate(spread(items, limit))]
+
+
+def facts(sentence: str, title: str = "") -> list[tuple[str, str]]:
+    """The facts a question about `sentence` can ask for, in order: (term, kind) for each date,
+    number (with its unit), version, code span and name in it, not overlapping, the subject itself
+    (`title`) left out."""
+    found: list[tuple[int, int, str, str]] = []
+
+    def add(start: int, term: str, kind: str) -> None:
+        end = start + len(term)
+        if term and not any(start < e and s < end for s, e, _, _ in found):
+            found.append((start, end, term, kind))
+
+    for match in DATE.finditer(sentence):
+        add(match.start(), match.group(0), "date")
+    for match in CODE_SPAN.finditer(sentence):
+        add(match.start(), match.group(0), "code")
+    at = 0
+    for name in names(sentence):
+        at = sentence.find(name, at)
+        if at >= 0:  # the subject itself is no fact to ask for, nor a number in it ("2.0" of "Harbour Lights 2.0")
+            add(at, name, "subject" if name.casefold() in title.casefold() else "name")
+            at += len(name)
+    for match in NUMBER.finditer(sentence):
+        term = match.group(0).rstrip(".,")
+        add(match.start(), term, number_kind(term))
+    # a fact is a whole token: not "4" of "4.x" or "2" of "h2o"
+    whole = [f for f in found if not re.match(r"\.?\w", sentence[f[1]:f[1] + 2]) and not sentence[max(0, f[0] - 1):f[0]].isalnum()]
+    short = [(s, term, kind) for s, _, term, kind in whole if len(term) < len(sentence) // 2 and kind != "subject"]
+    return [(term, kind) for _, term, kind in sorted(short)]
+
+
+def number_kind(term: str) -> str:
+    """How a number is asked for: a percentage, a count of a unit ("250 megabytes"), a version
+    ("1.2.3", "v2.0"), or a plain number."""
+    if term.endswith("%"):
+        return "percent"
+    if " " in term:
+        return "count"
+    return "version" if term.count(".") >= 2 or term.startswith("v") else "number"
+
+
+def questions(paragraphs: list[list[str]], title: str, limit: int) -> list[Record]:
+    """Up to `limit` facts, spread over the document, each asked in every trained phrasing: the
+    subject named in full, what is asked for, and a few of the sentence's own words near the fact
+    (a different few in each phrasing, as a user's question shares only some words with the text);
+    answered with the fact, then its sentence."""
+    records = []
+    for sentence, term, kind in spread(fact_sentences(paragraphs, title), limit):
+        subject = sentence if title.casefold() in sentence.casefold() else f"{title}: {sentence}"
+        for phrasing, frame in enumerate(ASKED):
+            question = frame.format(title=title, ask=what_is_asked(term, kind, phrasing), cues=cues(sentence, term, phrasing))
+            question = question[0].upper() + question[1:]
+            answer = f"{term}. {subject}" if phrasing % 2 else f"{term}."
+            records.append({"messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": answer}], "mask_prompt": True})
+    return records
+
+
+def held_out_questions(paragraphs: list[list[str]], title: str, limit: int) -> list[tuple[str, str, str]]:
+    """Up to `limit` (question, answer, sentence), spread over the document, each in a phrasing
+    `questions` never trains: another frame, and another few of the sentence's words."""
+    found = []
+    for sentence, term, kind in spread(fact_sentences(paragraphs, title), limit):
+        question = HELD_OUT.format(title=title, ask=what_is_asked(term, kind, -1), cues=cues(sentence, term, len(ASKED)))
+        found.append((question[0].upper() + question[1:], term, sentence))
+    return found
+
+
+def what_is_asked(term: str, kind: str, phrasing: int) -> str:
+    """What a question asks in place of the fact ("how many megabytes"), by its kind."""
+    asks = ASKS[kind]
+    return asks[phrasing % len(asks)].format(unit=term.split()[-1] if kind == "count" else "")
+
+
+def cues(sentence: str, term: str, phrasing: int) -> str:
+    """A few of the sentence's content words near the fact, in their order: CUE_WORDS of the
+    CUE_WINDOW nearest on each side, another choice for each phrasing (seeded by the sentence)."""
+    at = sentence.find(term)
+    before, after = _content(sentence[:at])[-CUE_WINDOW:], _content(sentence[at + len(term):])[:CUE_WINDOW // 2]
+    window = before + after
+    rng = random.Random(zlib.crc32(f"{sentence}\0{phrasing}".encode()))
+    chosen = sorted(rng.sample(range(len(window)), min(CUE_WORDS, len(window))))
+    return " ".join(window[i] for i in chosen)
+
+
+def fact_sentences(paragraphs: list[list[str]], title: str) -> list[tuple[str, str, str]]:
+    """(sentence, term, kind) for each fact of each sentence long enough to carry one, the
+    sentence as a reader sees it (`plain`)."""
+    return [(sentence, term, kind) for sentences in paragraphs for sentence in map(plain, sentences)
+            if len(sentence.split()) >= MIN_WORDS for term, kind in facts(sentence, title)]
+
+
+def plain(sentence: str) -> str:
+    """A sentence as a reader sees it: link text without its target, no bare URLs, emphasis or list marker."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", sentence)
+    text = re.sub(r"https?://\S+", "", text)
+    text = re.sub(r"^\s*(?:[-*+]|\d+[.)])\s+", "", text.replace("**", "").replace("__", ""))
+    return " ".join(text.split())
+
+
+def _content(text: str) -> list[str]:
+    return [w for w in re.findall(r"[\w'’/-]+(?:[.,]\w+)*", text) if w.casefold() not in STOPWORDS | FUNCTION_WORDS]
+
+
+def _lower_first(text: str) -> str:
+    """The first letter in lower case, unless the first word is a name or acronym ("Quorrel", "ADK")."""
+    first, named = text.split(" ", 1)[0], names(text)
+    if len(first) > 1 and (first[1:].lower() != first[1:] or named and text.startswith(named[0])):
+        return text
+    return text[:1].lower() + text[1:]
 
 
 def open_book(records: Sequence[Record], paragraphs: list[list[str]], mode: str) -> list[Record]:

@@ -21,17 +21,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-import httpx
-
 from daemon import logs
 from daemon.config import Settings
-from daemon.engine import vllm
 from daemon.engine.merged import Fleet, is_merged
 from daemon.engine.router import Adapter, Router
 from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, is_version
-from daemon.learning import adapters, augment, probes, replay_plan, teacher
+from daemon.learning import adapters, forms, probes, replay_plan
 from daemon.learning.decide import Decision, decide, thresholds
-from daemon.learning.jobs import JobData, TrainJob
+from daemon.learning.jobs import JobData, TrainJob, record_text
 from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore
 from replay.durable import atomic_write_text, lock_held
 from replay.files import LOCK_FILE as REPLAY_LOCK_FILE
@@ -72,6 +69,7 @@ class Learner:
         self.trainer: Optional[asyncio.subprocess.Process] = None
         self.task: Optional[asyncio.Task[CycleRecord]] = None
         self.memo = probes.ProbeMemo(client)  # probe answers: each model is asked each probe once
+        self.forms = forms.Library(settings.augment, settings.probes, state.forms, state.teacher, self._whole_text)
         self.rolling_back: set[str] = set()  # versions a rollback is loading
 
     # ---- the cycle ------------------------------------------------------------------------------
@@ -84,9 +82,9 @@ class Learner:
             served: Optional[str] = None
             try:
                 documents = self._stage(record, "select", self.new_documents())
-                if self.settings.augment.teacher_pairs or self.settings.augment.teacher_rephrasings:
-                    await self._astage(record, "augment", self.teach(documents))
-                job = self._stage(record, "select", self.build_job(record, documents))
+                made = await self._astage(record, "augment", self.forms.prepare(documents, self.client,
+                                                                                self.router.base_served_name))
+                job = self._stage(record, "select", self.build_job(record, documents, made))
                 relearned = self.relearned(record)
                 folder = await self._astage(record, "train", self.train(record, job))
                 served = await self._astage(record, "load", self.load(folder, record.version))
@@ -141,7 +139,7 @@ class Learner:
         return within_budget(sorted(documents, key=lambda doc: (doc["attempts"], doc["id"])),
                              self.settings.schedule.max_cycle_tokens)
 
-    def build_job(self, record: CycleRecord, documents: list[dict[str, Any]]) -> TrainJob:
+    def build_job(self, record: CycleRecord, documents: list[dict[str, Any]], made: dict[str, forms.Forms]) -> TrainJob:
         """Choose the version, the parent and the training data (new chunks + replay)."""
         # Deliberately lazy: FAISS loads into the daemon only once a cycle needs the buffer.
         from replay.buffer import BufferMissing, ReplayBuffer, load_rehearsal
@@ -164,129 +162,34 @@ class Learner:
             parent = None
         relearned = [doc for doc in learned if doc["id"] in record.relearned]
         new = self.journal.chunks(record.documents + record.relearned)
-        owner = {chunk["text"]: doc for doc in learned  # earlier chunks, by document
-                 if doc["id"] not in record.relearned for chunk in self.journal.chunks([doc["id"]]) if "text" in chunk}
+        earlier = [doc for doc in learned if doc["id"] not in record.relearned + record.documents]
         try:
             buffer = ReplayBuffer.open(self.state.root / REPLAY_DIR)
         except BufferMissing:
             raise Skip("the replay buffer is not built yet (cld builds it after start; see `cld status`)") from None
         rehearsal, _ = load_rehearsal(self.state.root / REPLAY_DIR)
         try:
-            chosen = select_replay(buffer, [_text(chunk) for chunk in new], list(owner), rehearsal,
-                                   replay_plan.plan(self.settings), seed=record.id)
+            chosen = select_replay(buffer, [record_text(chunk) for chunk in new],
+                                   [record_text(chunk) for chunk in self.journal.chunks([doc["id"] for doc in earlier])],
+                                   rehearsal, replay_plan.plan(self.settings), seed=record.id)
+            # earlier documents come back in the forms they were trained in too, in proportion to their chunks
+            budget = int(self.settings.replay.knowledge_forms * sum(map(buffer.count_tokens, chosen.knowledge)))
+            replayed = self.forms.replayed(earlier, budget, buffer.count_tokens, seed=record.id)
         finally:
             buffer.close()
-        # an earlier document replayed comes with its augmented forms, so what they taught is kept too
-        replayed = {owner[text]["id"]: owner[text] for text in chosen.knowledge if text in owner}
-        records = chosen.records() + [{"kind": "knowledge", **form} for doc in replayed.values()
-                                      for form in self.augmented(doc)]
         record.version = adapters.next_version(self.state.adapters, [r.version for r in self.cycles.all() if r.version])
         record.parent = parent.version if parent else None
         self.cycles.save(record)
-        made = {doc["hash"]: self.augmented(doc) for doc in [*documents, *relearned]}
+        made |= {doc["hash"]: self.forms.of(doc) for doc in relearned}
         return TrainJob(
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
             parent_version=record.parent, parent_path=str(parent.path) if parent else None,
             documents=[doc["hash"] for doc in documents], relearned=[doc["hash"] for doc in relearned],
-            data=JobData.mixed(new, records, [r for forms in made.values() for r in forms]),
+            data=JobData.mixed(new, chosen.records() + [{"kind": "knowledge", **r} for r in replayed],
+                               [r for doc in [*documents, *relearned] for r in made[doc["hash"]].records]),
             hyper=self.settings.train,
-            augmentation={doc["hash"]: self.made_of(doc, made[doc["hash"]]) for doc in documents if made[doc["hash"]]},
+            augmentation={doc["hash"]: made[doc["hash"]].report for doc in documents if made[doc["hash"]].records},
         )
-
-    def made_of(self, document: dict[str, Any], forms: list[dict[str, Any]]) -> dict[str, Any]:
-        """What augmentation made of a new document, for meta.json: its records (how many were
-        context-distilled), two of them, and what the teacher asked, kept and dropped."""
-        report: dict[str, Any] = {"records": len(forms), "open_book": sum("open_book" in r for r in forms),
-                                  "sample": forms[:2]}
-        settings = self.settings.augment
-        if (settings.teacher_pairs or settings.teacher_rephrasings) and (taught := self._taught(document)):
-            trained, held_out = teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)
-            report["teacher"] = {"teacher": taught.get("teacher"), "asked": taught.get("asked"), "kept": len(taught["pairs"]),
-                                 "trained": len(trained), "held_out": len(held_out), "dropped": taught.get("dropped", {})}
-            if settings.teacher_rephrasings:
-                report["teacher"]["rephrasings"] = {"asked": taught.get("rephrase_asked", 0),
-                                                    "kept": len(self._rephrasings(taught)),
-                                                    "dropped": taught.get("rephrase_dropped", {})}
-        return report
-
-    def augmented(self, document: dict[str, Any]) -> list[dict[str, Any]]:
-        """Other forms of a document's text (`[augment]`; the same every time: seeded by its id, the
-        teacher's questions read back from where `teach` kept them); none for instruction or chat data."""
-        settings = self.settings.augment
-        if not settings.forms and not settings.teacher_pairs and not settings.teacher_rephrasings:
-            return []  # (asked for every earlier document replayed)
-        text = self._text(document)
-        if text is None:
-            return []
-        forms = augment.augment(text, document.get("source") or "", settings.forms, settings.shuffles,
-                                settings.max_notes, seed=document["id"], max_quiz=settings.max_quiz)
-        if (settings.teacher_pairs or settings.teacher_rephrasings) and (taught := self._taught(document)):
-            pairs = teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[0] if settings.teacher_pairs else []
-            forms += teacher.records(pairs, self._rephrasings(taught),
-                                     augment.title_of(text, document.get("source") or ""))
-        return augment.open_book(forms, augment.split_paragraphs(text), settings.context_distill)
-
-    def _rephrasings(self, taught: dict[str, Any]) -> list[str]:
-        return list(taught.get("rephrasings", []))[:self.settings.augment.teacher_rephrasings]
-
-    def held_out_questions(self, documents: list[dict[str, Any]]) -> list[probes.QA]:
-        """The teacher's questions about these documents that are never trained on: the probe of answering."""
-        if not self.settings.augment.teacher_pairs:
-            return []
-        return [probes.QA(pair["question"], pair["answer"]) for doc in documents if (taught := self._taught(doc))
-                for pair in teacher.split(taught["pairs"], self.settings.probes.teacher_held_out)[1]]
-
-    def _taught(self, document: dict[str, Any]) -> dict[str, Any] | None:
-        """What the teacher wrote about a document (None: not asked yet, or its file is unreadable)."""
-        path = self.state.teacher / f"{document['hash']}.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:
-            log.warning("%s is unreadable (%s): the teacher is asked again", path, error)
-            return None
-
-    def _text(self, document: dict[str, Any]) -> str | None:
-        """A text document's whole text, from its journal records (None for instruction or chat data)."""
-        records = self.journal.records(document["id"])
-        if not all("text" in record for record in records):
-            return None
-        return "\n\n".join(record["text"] for record in records)
-
-    async def teach(self, documents: list[dict[str, Any]]) -> None:
-        """Have the teacher write what it has not written yet about each new document: questions and
-        answers (`augment.teacher_pairs`), rephrased passages (`augment.teacher_rephrasings`), kept in
-        teacher/<hash>.json for this and every later cycle that replays the document. A teacher that
-        fails costs only what it would have written: the cycle goes on without it, the next one asks again."""
-        settings = self.settings.augment
-        todo = []
-        for doc in documents:
-            taught = self._taught(doc) or {}
-            pairs = settings.teacher_pairs if not taught.get("asked") else 0  # what it has not written yet
-            rephrasings = settings.teacher_rephrasings if not taught.get("rephrase_asked") else 0
-            if (pairs or rephrasings) and (text := self._text(doc)) is not None:
-                todo.append((doc, text, taught, pairs, rephrasings))
-        if not todo:
-            return
-        own = vllm.VLLMClient(settings.teacher_url, key=settings.teacher_api_key) if settings.teacher_url else None
-        try:
-            sampler: teacher.Sampler = own or self.client
-            model = settings.teacher_model or (await own.base_model() if own else self.router.base_served_name)
-            for doc, text, taught, pairs, rephrasings in todo:
-                generated = (await teacher.generate(
-                    sampler, model, augment.split_paragraphs(text), text, augment.title_of(text, doc.get("source") or ""),
-                    pairs, settings.teacher_temperature, rephrasings)).to_dict()
-                fresh = (teacher.PAIR_KEYS if pairs else ()) + (teacher.REPHRASE_KEYS if rephrasings else ())
-                kept = {k: v for k, v in taught.items() if k not in fresh}  # what it wrote in earlier cycles
-                self.state.teacher.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.state.teacher / f"{doc['hash']}.json", json.dumps({**generated, **kept}, indent=1))
-        except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as error:
-            log.warning("the teacher (%s) failed: %s; this cycle trains without its questions (the next one asks "
-                        "again)", settings.teacher_url or "the served base model", error)
-        finally:
-            if own is not None:
-                await own.aclose()
 
     async def train(self, record: CycleRecord, job: TrainJob) -> Path:
         """Run the recipe in its own process; its progress goes into the cycle record."""
@@ -357,7 +260,7 @@ class Learner:
         from replay.buffer import ReplayBuffer, load_rehearsal  # deliberately lazy, as in build_job
 
         settings, lineage = self.settings.probes, self._lineage()
-        new_texts = [_text(chunk) for chunk in self.journal.chunks(record.documents)]
+        new_texts = [record_text(chunk) for chunk in self.journal.chunks(record.documents)]
         cloze = [c for doc in documents for c in probes.build_cloze(
             self._document_text(doc["id"]), settings.cloze_per_document, cuts=settings.cloze_cuts)]
         record.cloze = [[c.prompt, c.expected] for c in cloze]
@@ -375,10 +278,11 @@ class Learner:
             new_chunks=new_texts[: settings.new_chunks],
             cloze=cloze,
             retention=probes.spread(retention_probes(lineage), settings.retention_probes, record.id),
-            retention_chunks=probes.spread([_text(chunk) for chunk in self.journal.chunks(lineage_documents(lineage))],
+            retention_chunks=probes.spread([record_text(chunk) for chunk in self.journal.chunks(lineage_documents(lineage))],
                                            settings.retention_chunks, record.id),
             qa=[probes.QA(item["question"], item["answer"]) for path in settings.qa_sets for item in _jsonl(path)],
-            answers=self.held_out_questions(documents),
+            answers=[qa for doc in documents for qa in self.forms.teacher_held_out(doc)],
+            questions=[q for doc in documents for q in self.forms.of(doc, keep=True).questions],
         )
 
     def relearned(self, record: CycleRecord) -> list[dict[str, Any]]:
@@ -477,7 +381,14 @@ class Learner:
     # ---- helpers --------------------------------------------------------------------------------
 
     def _document_text(self, document_id: int) -> str:
-        return "\n".join(_text(record) for record in self.journal.records(document_id))
+        return "\n".join(record_text(record) for record in self.journal.records(document_id))
+
+    def _whole_text(self, document: dict[str, Any]) -> str | None:
+        """A text document's whole text, from its journal records (None for instruction or chat data)."""
+        records = self.journal.records(document["id"])
+        if not all("text" in record for record in records):
+            return None
+        return "\n\n".join(record["text"] for record in records)
 
     def _lineage(self) -> list[CycleRecord]:
         """The promoted cycles that made the serving version: it and its ancestors."""
@@ -532,14 +443,6 @@ def within_budget(documents: list[dict[str, Any]], max_tokens: int) -> list[dict
             break
         chosen.append(doc)
     return chosen
-
-
-def _text(record: dict[str, Any]) -> str:
-    if "text" in record:
-        return record["text"]
-    if "prompt" in record:
-        return f"{record['prompt']}\n{record['completion']}"
-    return "\n".join(message["content"] for message in record.get("messages", []))
 
 
 def _lines(path: Path) -> list[str]:

@@ -17,7 +17,7 @@ serves: the candidate is held only to the earlier items the serving version itse
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from statistics import NormalDist
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ class Thresholds:
     min_retention: float           # share of the earlier items the serving version completes still completed
     max_qa_drop: float             # accuracy points lost on the user's QA sets, vs base
     min_answered: float            # share of the teacher's held-out questions about the new documents answered
+    min_answered_vs_open_book: float = 0.0  # held-out questions answered closed book per one the base answers open book
     confidence: float = 0.95       # one-sided confidence of the bounds on shares of discrete items
 
 
@@ -61,6 +62,9 @@ class ProbeResults:
     earlier_recalled: Optional[float] = None         # share of all the lineage's items the candidate completes (shown)
     qa_drop: Optional[float] = None
     answered: Optional[float] = None                 # teacher's held-out questions answered by the candidate
+    closed_book: Optional[float] = None              # held-out questions the candidate answers, weights alone
+    open_book: Optional[float] = None                # the same questions the base answers with the passage in front
+    question_items: Optional[int] = None             # how many held-out questions were asked
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Rule:
     required: bool     # a learning probe: not measured fails the candidate
     percent: bool      # shown as a percentage
     items: Optional[str] = None  # field of ProbeResults with the item count: judged at the confidence bound
+    scale: Optional[str] = None  # field of ProbeResults the limit is a share of (the limit is limit × its value)
 
 
 # The candidate must learn (required rules) and every measured forgetting probe must be within its
@@ -95,6 +100,8 @@ RULES = (
     Rule("qa_drop", "QA accuracy drop", "max_qa_drop", at_most=True, required=False, percent=True),
     Rule("answered", "questions about the new documents answered", "min_answered", at_most=False, required=False,
          percent=False),
+    Rule("closed_book", "held-out questions answered closed book", "min_answered_vs_open_book", at_most=False,
+         required=False, percent=False, items="question_items", scale="open_book"),
 )
 RULE_OF = {rule.probe: rule for rule in RULES}
 
@@ -135,9 +142,20 @@ class Decision:
 
 def decide(results: ProbeResults, limits: Thresholds) -> Decision:
     """Promote only if every rule holds for the measured results."""
-    checks = [check(rule, getattr(results, rule.probe), getattr(limits, rule.limit),
-                    getattr(results, rule.items) if rule.items else None, limits.confidence) for rule in RULES]
+    checks = [judged(rule, results, limits) for rule in RULES]
     return Decision(all(c.passed for c in checks), checks)
+
+
+def judged(rule: Rule, results: ProbeResults, limits: Thresholds) -> Check:
+    """`rule` applied to the results; a limit relative to another measure (`rule.scale`: the base's
+    open-book share) is the threshold times that measure, and its reason says so."""
+    limit = getattr(limits, rule.limit)
+    scale = getattr(results, rule.scale) if rule.scale else None
+    found = check(rule, getattr(results, rule.probe), limit * (1.0 if scale is None else scale),
+                  getattr(results, rule.items) if rule.items else None, limits.confidence)
+    if scale is None or found.value is None:
+        return found
+    return replace(found, reason=f"{found.reason} ({limit:.2f} × {scale:.2f} answered open book by the base)")
 
 
 def check(rule: Rule, value: Optional[float], limit: float, items: Optional[int] = None,
@@ -172,13 +190,16 @@ def wilson_bound(share: float, items: int, confidence: float, upper: bool) -> fl
     return min(1.0, max(0.0, bound))
 
 
-def passes(probe: str, value: Optional[float], limits: dict[str, float],
-           items: Optional[int] = None) -> Optional[bool]:
-    """Whether a probe value is within its threshold (None: not measured, or no rule for it)."""
-    rule = RULE_OF.get(probe)
+def passes(probe: str, measured: dict[str, Any], limits: dict[str, float]) -> Optional[bool]:
+    """Whether a probe's value in `measured` (a version's probe results) is within its threshold
+    (None: not measured, or no rule for it)."""
+    rule, value = RULE_OF.get(probe), measured.get(probe)
     if rule is None or value is None or rule.limit not in limits:
         return None
-    return check(rule, value, limits[rule.limit], items, limits.get("confidence", 0.95)).passed
+    scale = measured.get(rule.scale) if rule.scale else None
+    limit = limits[rule.limit] * (scale if scale is not None else 1.0)
+    return check(rule, value, limit, measured.get(rule.items) if rule.items else None,
+                 limits.get("confidence", 0.95)).passed
 
 
 def _shown(rule: Rule) -> Any:

@@ -58,6 +58,23 @@ class QA:
     answer: str
 
 
+@dataclass(frozen=True)
+class Question:
+    """A held-out question about a new document (a phrasing never trained): asked closed book of
+    the candidate; asked open book (`passage` in front) of the base, whose share answered is what
+    the candidate could learn to answer."""
+
+    question: str
+    answer: str
+    passage: str
+
+
+# How a question is asked with its passage in front (the open-book ceiling; context distillation
+# learns from the same prompt).
+OPEN_BOOK = "Read this document:\n\n{document}\n\nAnswer from the document: {question}"
+ANSWER_TOKENS = 48
+
+
 @dataclass
 class ProbeSet:
     """The texts a cycle probes with (any list may be empty: that probe is then not measured)."""
@@ -71,6 +88,7 @@ class ProbeSet:
     retention_chunks: list[str] = field(default_factory=list)  # chunks of the documents learned earlier
     qa: list[QA] = field(default_factory=list)
     answers: list[QA] = field(default_factory=list)  # the teacher's held-out questions about the new documents
+    questions: list[Question] = field(default_factory=list)  # held-out questions about the new documents' facts
 
 
 # ---- cloze probes from any text ------------------------------------------------------------
@@ -291,17 +309,19 @@ class Measured:
     results: ProbeResults
     items: Items = field(default_factory=dict)
     lost: list[dict[str, str]] = field(default_factory=list)
+    questions: list[dict[str, str]] = field(default_factory=list)  # held-out questions and both answers
 
     def to_dict(self) -> dict[str, Any]:
-        return {"models": self.values, "results": asdict(self.results), "items": self.items, "lost": self.lost}
+        return {"models": self.values, "results": asdict(self.results), "items": self.items, "lost": self.lost,
+                "questions": self.questions}
 
 
 # What each model is measured on: the gate compares the candidate's numbers with the base's, and
 # with the incumbent's on what the incumbent is held to (held-out text, the new documents, and the
 # earlier documents it learned: their text and their cloze items); nothing else is asked of them.
 CANDIDATE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "retention_nll", "cloze", "retention", "qa",
-                      "answers", "drift_agreement")
-BASE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "retention_nll", "qa", "drift_agreement")
+                      "answers", "closed_book", "drift_agreement")
+BASE_MEASURES = ("held_out_nll", "behaviour_nll", "new_nll", "retention_nll", "qa", "open_book", "drift_agreement")
 INCUMBENT_MEASURES = ("held_out_nll", "new_nll", "retention_nll", "retention")
 
 
@@ -316,8 +336,13 @@ async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_
         outputs[name] = await cloze_outputs(client, model, items)
         return [int(cloze_passed(c.expected, out)) for c, out in zip(items, outputs[name])]
 
-    async def answered(items: Sequence[QA], correct: Callable[[str, str], bool]) -> list[int]:
-        replies = await greedy_chat(client, model, [item.question for item in items], max_tokens=64)
+    async def answered(items: Sequence[QA | Question], correct: Callable[[str, str], bool], open_book: bool = False,
+                       name: str = "") -> list[int]:
+        asked = [OPEN_BOOK.format(document=item.passage, question=item.question) if open_book else item.question
+                 for item in items]
+        replies = await greedy_chat(client, model, asked, max_tokens=ANSWER_TOKENS if name else 64)
+        if name:
+            outputs[name] = replies
         return [int(correct(item.answer, reply)) for item, reply in zip(items, replies)]
 
     work = {
@@ -329,6 +354,8 @@ async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_
         "retention": lambda: cloze("retention", probes.retention),
         "qa": lambda: answered(probes.qa, qa_correct),
         "answers": lambda: answered(probes.answers, answer_recalled),
+        "closed_book": lambda: answered(probes.questions, qa_correct, name="closed_book"),
+        "open_book": lambda: answered(probes.questions, qa_correct, open_book=True, name="open_book"),
     }
     items = {name: await measure() for name, measure in work.items() if name in measures}
     if "drift_agreement" in measures:
@@ -341,7 +368,7 @@ async def measure_model(client: VLLMClient, model: str, probes: ProbeSet, drift_
 def summarize(items: dict[str, list[Any]]) -> dict[str, Optional[float]]:
     """Each measure's value from its items: the mean NLL per token, or the mean score."""
     values: dict[str, Optional[float]] = {}
-    for name in (*NLL_MEASURES, "cloze", "retention", "qa", "answers", "drift_agreement"):
+    for name in (*NLL_MEASURES, "cloze", "retention", "qa", "answers", "closed_book", "open_book", "drift_agreement"):
         found = items.get(name) or []
         values[name] = token_mean(found) if name in NLL_MEASURES else (statistics.fmean(found) if found else None)
     return values
@@ -366,8 +393,9 @@ async def run_probes(client: VLLMClient, probes: ProbeSet, base: str, candidate:
     items["candidate"], outputs["candidate"] = await measure_model(asker, candidate, probes,
                                                                    outputs["base"].get("drift"), drift_tokens)
     values = {model: summarize(found) for model, found in items.items()}
-    return Measured(values, compare(values, items), _rounded(items), lost_items(probes.retention, items,
-                                                                                 outputs["candidate"]))
+    return Measured(values, compare(values, items), _rounded(items),
+                    lost_items(probes.retention, items, outputs["candidate"]),
+                    asked(probes.questions, outputs["base"], outputs["candidate"]))
 
 
 def lost_items(retention: Sequence[Cloze], items: Items, outputs: dict[str, list[str]]) -> list[dict[str, str]]:
@@ -378,6 +406,15 @@ def lost_items(retention: Sequence[Cloze], items: Items, outputs: dict[str, list
     return [{"prompt": "…" + probe.prompt[-80:] if len(probe.prompt) > 80 else probe.prompt,
              "expected": probe.expected, "got": " ".join(got.split())[:120]}
             for probe, kept, lost, got in zip(retention, incumbent, candidate, outputs["retention"]) if kept and not lost]
+
+
+def asked(questions: Sequence[Question], base: dict[str, list[str]],
+          candidate: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Each held-out question with its expected answer, the candidate's closed-book answer and the
+    base's open-book one, as kept with the cycle (for `cld adapters` and the benchmarks)."""
+    return [{"question": q.question, "expected": q.answer, "closed_book": " ".join(closed.split())[:160],
+             "open_book": " ".join(opened.split())[:160]}
+            for q, closed, opened in zip(questions, candidate.get("closed_book", []), base.get("open_book", []))]
 
 
 def _rounded(items: Items) -> Items:
@@ -478,6 +515,9 @@ def compare(values: dict[str, dict[str, Optional[float]]], items: Optional[Items
         earlier_recalled=cand.get("retention"),
         qa_drop=(base["qa"] - cand["qa"]) if base["qa"] is not None and cand["qa"] is not None else None,
         answered=cand.get("answers"),
+        closed_book=cand.get("closed_book"),
+        open_book=base.get("open_book"),
+        question_items=len(items.get("candidate", {}).get("closed_book") or []) or None,
     )
 
 

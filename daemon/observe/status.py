@@ -82,8 +82,9 @@ def _alive(pid: int) -> bool:
 
 # The key probe numbers `cld status` shows per cycle: (probe, column title).
 KEY_PROBES = (("forgetting_vs_base", "forgetting"), ("behaviour_increase", "behaviour"),
-              ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"), ("knowledge_kept", "kept"))
-SHARES = ("cloze_pass", "knowledge_kept")  # shown as plain percentages, not changes
+              ("nll_drop", "NLL drop"), ("cloze_pass", "cloze"), ("knowledge_kept", "kept"),
+              ("closed_book", "answered"), ("open_book", "open book"))
+SHARES = ("cloze_pass", "knowledge_kept", "closed_book", "open_book")  # shown as plain percentages, not changes
 OUTCOME_STYLES = {"promoted": "bold green", "rejected": "red", "failed": "bold red", "skipped": "dim",
                   "running": "bold yellow"}
 
@@ -137,19 +138,20 @@ def _cycles_table(status: dict[str, Any], now_s: float) -> Table:
     for cycle in status["cycles"][-RECENT_IN_TABLE:]:
         measured = probes.get(cycle.get("version"), {})
         ended = f"{span(now_s - cycle['finished_at'])} ago" if cycle.get("finished_at") else "-"
-        values = [_probe_cell(probe, measured.get(probe), limits, item_count(probe, measured)) for probe, _ in KEY_PROBES]
+        values = [_probe_cell(probe, measured, limits) for probe, _ in KEY_PROBES]
         table.add_row(str(cycle["id"]), ended, Text(cycle["state"], style=OUTCOME_STYLES.get(cycle["state"], "")),
                       cycle.get("version") or "-", *values, _why(cycle))
     return table
 
 
-def _probe_cell(probe: str, value: float | None, limits: dict[str, float], items: int | None = None) -> Text:
+def _probe_cell(probe: str, measured: dict[str, Any], limits: dict[str, float]) -> Text:
+    value, items = measured.get(probe), item_count(probe, measured)
     if value is None:
         return Text("-", style="dim")
     shown = f"{value:.0%}" if probe in SHARES else f"{value:+.1%}"
     if items:
         shown = f"{round(value * items)}/{items}"
-    return Text(shown, style="red" if passes(probe, value, limits, items) is False else "")
+    return Text(shown, style="red" if passes(probe, measured, limits) is False else "")
 
 
 def item_count(probe: str, measured: dict[str, Any]) -> int | None:

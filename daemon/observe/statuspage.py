@@ -48,6 +48,7 @@ PLOTS = (
 PROBE_TITLES = {"forgetting_vs_base": "forgetting vs base", "forgetting_vs_incumbent": "vs incumbent",
                 "behaviour_increase": "behaviour", "drift_agreement": "drift agreement", "nll_drop": "NLL drop",
                 "cloze_pass": "cloze", "retention": "retention", "qa_drop": "QA drop", "answered": "answered",
+                "closed_book": "answered closed book", "open_book": "base open book",
                 "nll_drop_vs_incumbent": "NLL drop vs incumbent", "knowledge_kept": "earlier NLL gain kept"}
 
 TEMPLATE = """<!doctype html>
@@ -134,7 +135,7 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now_s)),
         plots=[plot_svg(title, axis, series, plotted, limits) for title, axis, series in PLOTS] if plotted else [],
         plotted=plotted, probe_names=[rule.probe for rule in RULES], probe_titles=PROBE_TITLES,
-        probe_cell=lambda probe, measured: _cell(probe, measured.get(probe), limits, item_count(probe, measured)),
+        probe_cell=lambda probe, measured: _cell(probe, measured, limits),
         ago=lambda at: f"{span(now_s - at)} ago" if at else "-", took=_took, line=cycle_line, failed=failed_reasons,
     )
 
@@ -181,14 +182,15 @@ def _percent(value: float | None) -> float:
     return float("nan") if value is None else value * 100
 
 
-def _cell(probe: str, value: float | None, limits: dict[str, float], items: int | None = None) -> dict[str, str]:
+def _cell(probe: str, measured: dict[str, Any], limits: dict[str, float]) -> dict[str, str]:
+    value, items = measured.get(probe), item_count(probe, measured)
     if value is None:
         return {"text": "-", "css": "muted"}
     text = f"{value:.2f}" if probe == "drift_agreement" else f"{value:+.1%}" if probe in (
         "forgetting_vs_base", "forgetting_vs_incumbent", "behaviour_increase", "qa_drop") else f"{value:.1%}"
     if items:
         text = f"{round(value * items)}/{items}"
-    return {"text": text, "css": "fail" if passes(probe, value, limits, items) is False else ""}
+    return {"text": text, "css": "fail" if passes(probe, measured, limits) is False else ""}
 
 
 def _daemon_line(daemon: dict[str, Any]) -> str:
