@@ -101,6 +101,10 @@ def test_an_expanded_candidate_is_promoted_blue_green_and_rolled_back_without_a_
         [adapter] = [a for a in after["adapters"] if a["version"] == version]
         assert adapter["method"] == "expand"
         assert (daemon.state_dir / "adapters" / version / "config.json").is_file()  # a complete model folder
+        # the default forms: the document was trained as questions too, kept in forms/, and the gate asked
+        # held-out questions closed book of the candidate and open book of the base
+        assert adapter["records"]["augmented"] > 0 and list((daemon.state_dir / "forms").glob("*.json"))
+        assert adapter["probes"]["question_items"] and adapter["probes"]["open_book"] is not None
         assert served_by_own_instance(daemon) == [version]
         learned = recall(daemon, "cld")
         assert learned >= 0.5 and learned > base_recall, (learned, base_recall)
