@@ -345,14 +345,6 @@ def _content(text: str) -> list[str]:
     return [w for w in re.findall(r"[\w'’/-]+(?:[.,]\w+)*", text) if w.casefold() not in STOPWORDS | FUNCTION_WORDS]
 
 
-def _lower_first(text: str) -> str:
-    """The first letter in lower case, unless the first word is a name or acronym ("Quorrel", "ADK")."""
-    first, named = text.split(" ", 1)[0], names(text)
-    if len(first) > 1 and (first[1:].lower() != first[1:] or named and text.startswith(named[0])):
-        return text
-    return text[:1].lower() + text[1:]
-
-
 def open_book(records: Sequence[Record], paragraphs: list[list[str]], mode: str) -> list[Record]:
     """Context distillation of the chat records (`augment.context_distill`): "beside" adds to each a
     copy learned toward the base's answer with its passage in front ("open_book": that conversation),
