@@ -18,7 +18,9 @@ from tests.test_cycle_live import FACTS, recall, status, wait_for
 
 pytestmark = pytest.mark.integration
 
-EXPAND = {"CLD_TRAIN__METHOD": "expand", "CLD_TRAIN__EXPAND_BLOCKS": "2", "CLD_TRAIN__LEARNING_RATE": "1e-3"}
+# the default method with the default forms (tests/conftest.py's LIVE_METHOD turns them off for the others)
+EXPAND = {"CLD_TRAIN__METHOD": "expand", "CLD_TRAIN__EXPAND_BLOCKS": "2", "CLD_TRAIN__LEARNING_RATE": "1e-3",
+          "CLD_AUGMENT__FORMS": '["questions"]'}
 
 
 @pytest.fixture(scope="module")
