@@ -12,7 +12,7 @@ SHELL   := /bin/bash
 CHROMIUM := /usr/bin/chromium
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 
-.PHONY: install run test test-unit bench bench-learning bench-lifelong clean
+.PHONY: install run test test-unit bench bench-learning bench-lifelong bench-recall clean
 
 install: $(VENV)/.installed-$(FLAVOUR)
 
@@ -55,6 +55,10 @@ test-unit: install $(CHROMIUM) $(SYSTEMD_ANALYZE)
 
 bench: install
 	$(BIN)/python bench/front_overhead.py
+
+# What recall adds to the weights and what it costs: latency, QA, general QA, overhead (~20 min on 2 cores).
+bench-recall: install
+	$(BIN)/python bench/recall.py
 
 # How much the served model learns and forgets: cld's cycle vs naive LoRA (about an hour on 2 cores).
 bench-learning: install

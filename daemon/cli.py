@@ -177,9 +177,14 @@ def query(
     base: Annotated[bool, typer.Option("--base", help="Ask the base model instead of the learned one.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = always the most likely answer.")] = 0.0,
+    recall: Annotated[bool, typer.Option("--recall/--no-recall", help="Let the daemon put passages of the documents "
+                                         "it holds in front of the question (--no-recall: the weights alone).")] = True,
 ) -> None:
-    """Ask the served model a question (a chat message) and stream its answer."""
+    """Ask the served model a question (a chat message), stream its answer and name the documents
+    it was given (recall)."""
     import openai
+
+    from daemon.recall.frame import HEADER as SOURCES_HEADER
 
     settings = _settings(config)
     serve = settings.serve
@@ -188,18 +193,32 @@ def query(
                            max_retries=0, timeout=serve.request_timeout_s)
     name = serve.base_name if base else serve.model_name
     try:
-        stream = client.chat.completions.create(
+        raw = client.chat.completions.with_raw_response.create(
             model=name, messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens, temperature=temperature, stream=True,
+            max_tokens=max_tokens, temperature=temperature, stream=True, extra_body={"recall": recall},
         )
-        for chunk in stream:
+        for chunk in raw.parse():
             if chunk.choices and chunk.choices[0].delta.content:
                 typer.echo(chunk.choices[0].delta.content, nl=False)
+        sources = raw.headers.get(SOURCES_HEADER)
     except openai.APIConnectionError:
         _fail(f"no daemon answers at {client.base_url}: start it with `cld run`", code=1)
     except openai.APIStatusError as error:
         _fail(f"the daemon refused: {error.message}", code=1)
     typer.echo()
+    if sources:
+        typer.echo(f"sources: {', '.join(source_names(sources))}")
+
+
+def source_names(header: str) -> list[str]:
+    """"notes.md#2; a%20b.txt#1" (the X-CLD-Sources header) as ["notes.md (part 2)", "a b.txt (part 1)"]."""
+    from urllib.parse import unquote
+
+    named = []
+    for item in header.split("; "):
+        name, _, part = item.rpartition("#")
+        named.append(f"{unquote(name)} (part {part})")
+    return named
 
 
 @app.command()

@@ -607,6 +607,33 @@ class ProbesSection(Section):
         return sorted(set(cuts))
 
 
+class RecallSection(Section):
+    enabled: bool = Field(
+        True, description="Answer from the documents cld holds: a request to the stable model name whose last user "
+        "turn is near a passage of an ingested document gets up to recall.k passages put in front of it (quoted, "
+        "with their sources, named in the X-CLD-Sources header and the body's cld_sources). A request can ask for the "
+        "weights alone with \"recall\": false. The base name and the probes never recall."
+    )
+    k: int = Field(3, ge=1, le=16, description="Most passages put in front of one request.")
+    min_similarity: float = Field(
+        0.35, ge=-1, le=1, description="Least cosine similarity (replay.embedder) of the request's last user turn "
+        "and a passage for the passage to be recalled: below it the request passes unchanged, so general questions "
+        "are not disturbed."
+    )
+    documents: Literal["all", "unlearned"] = Field(
+        "all", description="Which documents are recalled: all (pending, learned, refused or set aside) or unlearned "
+        "(only those the served weights have not learned yet)."
+    )
+    passage_tokens: int = Field(
+        256, ge=16, le=512, description="Longest recalled passage, in embedder tokens (documents are cut into these "
+        "as they are ingested)."
+    )
+    max_tokens: int = Field(
+        1024, ge=16, description="Most recalled text put in front of one request, in embedder tokens (about the model's "
+        "own); less when the request itself leaves less room in serve.max_model_len."
+    )
+
+
 class SecuritySection(Section):
     api_key: str = Field(
         "",
@@ -677,6 +704,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     augment: AugmentSection = Field(default_factory=AugmentSection)
     probes: ProbesSection = Field(default_factory=ProbesSection)
+    recall: RecallSection = Field(default_factory=RecallSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
     log: LogSection = Field(default_factory=LogSection)
 
@@ -701,6 +729,9 @@ class Settings(BaseSettings):
                 f"(or {ENV_PREFIX}SECURITY{ENV_DELIMITER}API_KEY, or security.api_key_file), "
                 f"or bind serve.host = '127.0.0.1'"
             )
+        if self.recall.max_tokens > self.serve.max_model_len // 2:
+            raise ValueError(f"recall.max_tokens ({self.recall.max_tokens}) must leave half of serve.max_model_len "
+                             f"({self.serve.max_model_len}) to the request and its answer")
         if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
             raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
         if self.serve.vllm_url and "method" not in self.train.model_fields_set:

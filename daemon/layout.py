@@ -29,6 +29,7 @@ LOGS_DIR = "logs"
 CYCLES_DIR = "cycles"
 JOBS_DIR = "jobs"
 TEACHER_DIR = "teacher"  # teacher/<document hash>.json: the questions and answers a teacher wrote about it
+RECALL_DIR = "recall"  # recall/<document hash>.npz: a document's passages and vectors, for recall (daemon.recall)
 FORMS_DIR = "forms"  # forms/<document hash>.json: what a document is trained as, kept for life (learning.forms)
 VERSION_RE = re.compile(r"^v(\d{4,})$")  # adapters/<version>: v0001, v0002, ...
 BASE_VERSION = "base"  # what rollback and the CLI call the base model
@@ -102,6 +103,10 @@ class StateDir:
     @property
     def forms(self) -> Path:
         return self.root / FORMS_DIR
+
+    @property
+    def recall(self) -> Path:
+        return self.root / RECALL_DIR
 
     def ensure(self) -> StateDir:
         for folder in (self.root, self.inbox, self.adapters, self.logs):

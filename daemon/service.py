@@ -41,6 +41,7 @@ from daemon.learning.cycle import Learner
 from daemon.learning.records import CycleRecord
 from daemon.learning.schedule import Schedule
 from daemon.observe import metrics, status
+from daemon.recall.recaller import Recaller, documents_of, open_index, template_tokens
 from replay.durable import atomic_write_json, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ FRONT_START_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 5  # an idle kept-alive client connection is closed after this long (uvicorn's default)
 CYCLE_START_WAIT_S = 0.5  # POST /api/cycles waits this long, so a cycle skipped at once says why
 KEEPER_EVERY_S = 10.0  # how often the promoted adapter is checked to be loaded in vLLM
+RECALL_SYNC_S = 2.0  # how often the recall index is brought in step with the journal (new documents are recallable)
+RECALL_STOP_TIMEOUT_S = 10.0  # a recall index pass under way gets this long to finish at shutdown
 FRONT_STOP_TIMEOUT_S = 10.0  # requests in flight get this long to finish at shutdown
 # While starting, systemd is asked for more time at each status tick, for at most this long beyond
 # serve.startup_timeout_s (preparing the base model comes first; its conversion takes ~20 s on CPU).
@@ -123,6 +126,11 @@ class Daemon:
         self.metrics = metrics.Metrics()  # /metrics; the state part is read from the state directory at scrape time
         self.metrics.watch(metrics.StateCollector(settings, lambda: self.supervisor.restarts if self.supervisor else 0))
         self.notifier = systemd.notifier()  # does nothing unless systemd started cld (Type=notify)
+        self.recaller = Recaller(settings.recall, open_index(state.recall, settings.replay.embedder,
+                                                             settings.recall.passage_tokens),
+                                 settings.serve.max_model_len, observe=self.metrics.recall_done)
+        self.metrics.watch(metrics.RecallCollector(self.recaller.index.view))
+        self.recall_keeper: asyncio.Task[None] | None = None
 
     @property
     def fleet(self) -> Fleet:
@@ -140,6 +148,8 @@ class Daemon:
         told = self._tell_systemd()
         try:
             self.watcher.start()
+            if self.settings.recall.enabled:
+                self.recall_keeper = asyncio.create_task(self._keep_recall(), name="recall-keeper")
             await self._start_model_server()
             if not self.stopping.is_set():
                 self.phase = "serving"
@@ -163,6 +173,8 @@ class Daemon:
         TimeoutStopSec is above their sum (the arithmetic is there)."""
         self.phase = "stopping"
         await asyncio.to_thread(self.watcher.stop)  # no new documents; a file half taken stays in the inbox
+        if self.recall_keeper is not None:  # its pass reads the journal, closed below
+            await asyncio.wait([self.recall_keeper], timeout=RECALL_STOP_TIMEOUT_S)
         server.should_exit = True  # no new requests; those in flight get FRONT_STOP_TIMEOUT_S
         await asyncio.wait([serving], timeout=FRONT_STOP_TIMEOUT_S)
         if self.schedule is not None:
@@ -230,6 +242,7 @@ class Daemon:
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
             client_timeout_s=self.settings.serve.client_timeout_s,
             limits=app.GenerationLimits(self.settings.serve.max_n, self.settings.serve.max_generated_tokens),
+            recaller=self.recaller,
         )
 
     async def _cycle(self) -> dict[str, Any]:
@@ -291,6 +304,7 @@ class Daemon:
             await asyncio.gather(preparing, return_exceptions=True)
             return
         model_dir = preparing.result()
+        self.recaller.specials = template_tokens(model_dir)  # recalled text must not spell them
         self.phase = "starting model server"
         self.supervisor = Supervisor(
             "vllm", vllm.server_command(model_dir, self.settings), vllm.server_env(self.settings, self.vllm_key),
@@ -327,6 +341,21 @@ class Daemon:
                       "`cld rollback %s` serves it again once its folder is back", adapter.version, error,
                       adapter.version)
             self.router.switch(None)
+
+    async def _keep_recall(self) -> None:
+        """Every RECALL_SYNC_S until the daemon stops: the recall index holds exactly the journal's
+        documents (a pass in a worker thread is let finish: it reads the journal)."""
+        while not self.stopping.is_set():
+            try:
+                added, dropped = await asyncio.to_thread(
+                    lambda: self.recaller.index.sync(documents_of(self.journal.every_document()), self.journal.text))
+                if added or dropped:
+                    log.info("recall: %d document(s) indexed, %d dropped (%d passages in all)", added, dropped,
+                             self.recaller.index.view()["passages"])
+            except Exception:  # the keeper must outlive any one failed pass
+                log.exception("updating the recall index failed; trying again in %.0f s", RECALL_SYNC_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), RECALL_SYNC_S)
 
     async def _keep_adapter(self) -> None:
         """Every KEEPER_EVERY_S: the adapter `cld` stands for must be loaded in vLLM. One that
@@ -378,6 +407,7 @@ class Daemon:
             "adapter_reloads": self.adapter_reloads,
             "merged_instances": self.merged.views() if self.merged else [],
             "ingest_error": self.watcher.error,
+            "recall": self.recaller.view(),
         }
 
     def _url(self) -> str:

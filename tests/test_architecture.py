@@ -1,6 +1,6 @@
 """The folders are the architecture: every import points down the layers, never up.
 
-    ground (config, layout, model, logs, systemd) < engine < ingestion < learning < observe < front
+    ground (config, layout, model, logs, systemd) < engine < ingestion, recall < learning < observe < front
     < entry points (service, cli)
 
 `replay/` sits below all of them and never imports `daemon/`. The orchestrator
@@ -17,7 +17,7 @@ LAYERS = {
     "replay": 0,
     "daemon": 1, "daemon.config": 1, "daemon.layout": 1, "daemon.model": 1, "daemon.logs": 1, "daemon.systemd": 1,
     "daemon.engine": 2,
-    "daemon.ingestion": 3,
+    "daemon.ingestion": 3, "daemon.recall": 3,
     "daemon.learning": 4,
     "daemon.observe": 5,
     "daemon.front": 6,

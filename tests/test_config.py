@@ -71,6 +71,8 @@ def test_unknown_section_is_named(tmp_path: Path) -> None:
         ('[serve]\nvllm_url = "localhost:8001"\n', "serve.vllm_url"),
         ("[serve]\nmax_loras = 1\n", "serve.max_loras"),
         ("[train]\nrank = 0\n", "train.rank"),
+        ('[recall]\ndocuments = "some"\n', "recall.documents"),
+        ("[recall]\nk = 0\n", "recall.k"),
     ],
 )
 def test_invalid_value_names_the_key_and_the_value(tmp_path: Path, text: str, key: str) -> None:
@@ -156,3 +158,8 @@ def test_reference_documents_every_key() -> None:
                 "serve.vllm_url", "watch.inbox", "replay.corpus", "train.rank", "security.api_key"):
         assert f"`{key}`" in table
     assert "| None |" not in table
+
+
+def test_recall_must_leave_the_request_its_room(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"recall.max_tokens \(3000\) must leave half of serve.max_model_len \(4096\)"):
+        load_settings(write(tmp_path, "[recall]\nmax_tokens = 3000\n"))

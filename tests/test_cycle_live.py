@@ -71,13 +71,14 @@ def learned(live_daemon: LiveDaemon, metrics_before: dict) -> Iterator[str]:
 
 
 def recall(daemon: LiveDaemon, model: str) -> float:
-    """Share of the facts' cloze probes that `model` completes through the front."""
+    """Share of the facts' cloze probes that `model` completes through the front, from its weights
+    alone (no document recalled in front of the prompt)."""
     client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
     probes = build_cloze(FACTS, limit=8)
     hits = 0
     for probe in probes:
         reply = client.completions.create(model=model, prompt=probe.prompt, max_tokens=24, temperature=0,
-                                          stop=["\n"])
+                                          stop=["\n"], extra_body={"recall": False})
         assert reply.model == model
         hits += cloze_passed(probe.expected, reply.choices[0].text)
     return hits / len(probes)

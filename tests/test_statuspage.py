@@ -157,3 +157,12 @@ def _pixels_near(image: Image.Image, colour: str, tolerance: int = 40) -> int:
     target = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
     return sum(count for count, rgb in image.getcolors(maxcolors=1 << 20) or []
                if all(abs(a - b) <= tolerance for a, b in zip(rgb, target)))
+
+
+def test_a_running_daemon_shows_what_recall_did(tmp_path: Path) -> None:
+    live = {"running": True, "pid": 1, "url": "http://127.0.0.1:8000", "phase": "serving",
+            "recall": {"enabled": True, "documents": 2, "passages": 7, "mean_ms": 12.5,
+                       "requests": {"recalled": 3, "passed": 1, "not_asked": 0, "off": 0, "failed": 0}}}
+    page = statuspage.render(status.collect(settings_for(tmp_path), daemon=live))
+    assert 'id="recall"' in page and "7 passages of 2 documents · 3 of 4 requests recalled (12.5 ms each)" in page
+    assert 'id="recall"' not in statuspage.render(status.collect(settings_for(tmp_path)))

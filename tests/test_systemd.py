@@ -217,7 +217,8 @@ def test_the_unit_runs_cld_as_a_notify_service_with_a_watchdog_and_a_long_enough
 
     vllm_stop_s = Supervisor.__init__.__kwdefaults__["stop_timeout_s"]  # type: ignore[index]
     learner_s = cycle.PROMOTE_FINISH_TIMEOUT_S + cycle.TRAINER_STOP_TIMEOUT_S + cycle.CANCEL_TIMEOUT_S
-    total_s = watch.STOP_TIMEOUT_S + service.FRONT_STOP_TIMEOUT_S + learner_s + replay_plan.STOP_TIMEOUT_S + vllm_stop_s
+    total_s = (watch.STOP_TIMEOUT_S + service.RECALL_STOP_TIMEOUT_S + service.FRONT_STOP_TIMEOUT_S + learner_s
+               + replay_plan.STOP_TIMEOUT_S + vllm_stop_s)
     assert int(settings["TimeoutStopSec"]) > total_s
     assert "MemoryDenyWriteExecute=" not in "\n".join(settings), "it breaks the JITs of torch and oneDNN"
 

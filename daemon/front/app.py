@@ -35,6 +35,8 @@ from daemon.ingestion.readers import Unreadable, UnsupportedType
 from daemon.layout import BASE_VERSION, is_version
 from daemon.observe import statuspage
 from daemon.observe.metrics import OTHER_MODEL, Metrics
+from daemon.recall import frame
+from daemon.recall.recaller import Recalled, Recaller
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,11 @@ def create_app(
     client_timeout_s: float = 30.0,
     limits: Optional[GenerationLimits] = None,
     metrics: Optional[Metrics] = None,
+    recaller: Optional[Recaller] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server (the
-    router's `endpoints` name the instances of merged-weight versions)."""
+    router's `endpoints` name the instances of merged-weight versions); `recaller` puts passages of
+    the documents cld holds in front of requests to the stable name (daemon.recall)."""
     # No /docs, /redoc or /openapi.json: they would describe the API to anyone, key or not.
     app = FastAPI(title="cld", openapi_url=None, docs_url=None, redoc_url=None)
     require_key = key_checker(api_key)
@@ -143,6 +147,7 @@ def create_app(
 
     async def proxy(request: Request) -> Response:
         payload = await _read_payload(request)
+        wants_recall = _recall_asked(payload)
         public = payload.get("model") or router.model_name
         served = router.resolve(public)
         request.scope[MODEL_LABEL] = public if served else OTHER_MODEL  # for RequestMetrics
@@ -154,6 +159,10 @@ def create_app(
         if not ready():  # e.g. vLLM restarting: the promoted adapter is not loaded yet
             raise ProxyError(openai_error(503, "the model server is starting; try again shortly",
                                           "service_unavailable", headers={"Retry-After": "5"}))
+        recalled = Recalled(payload)
+        if recaller is not None and wants_recall and public == router.model_name:
+            recalled = await recaller.apply(request.url.path, payload)
+            payload = recalled.payload
         payload["model"] = served
         router.begin(served)  # until the answer is complete, `served` must stay loaded
         try:
@@ -162,16 +171,21 @@ def create_app(
         except (ProxyError, ClientGone):
             router.end(served)
             raise
+        said = {frame.HEADER: frame.header(recalled.hits)} if recalled.hits else {}
         if payload.get("stream") and reply.status_code == 200:
             return StreamingResponse(
                 _rename_stream(reply, served, public, router),
-                media_type=reply.headers.get("content-type", "text/event-stream"),
+                media_type=reply.headers.get("content-type", "text/event-stream"), headers=said,
             )
         try:
             content = await reply.aread()
         finally:
             await _close(reply, router, served)
-        return _renamed_response(reply, content, served, public)
+        response = _renamed_response(reply, content, served, public)
+        if recalled.hits and reply.status_code == 200 and (response.media_type or "").startswith("application/json"):
+            response = Response(frame.with_sources(response.body, frame.sources(recalled.hits)),
+                                media_type=response.media_type, headers=said)
+        return response
 
     for path in PROXIED:
         app.add_api_route(path, proxy, methods=["POST"], dependencies=[Depends(require_key)],
@@ -359,6 +373,16 @@ async def _read_payload(request: Request) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ProxyError(openai_error(400, "request body must be a JSON object", "invalid_request_error"))
     return payload
+
+
+def _recall_asked(payload: dict[str, Any]) -> bool:
+    """Whether the request lets recall put documents in front of it (the extra body field
+    `recall`, true unless false); the field never reaches the model server."""
+    asked = payload.pop("recall", True)
+    if not isinstance(asked, bool):
+        raise ProxyError(openai_error(400, "recall must be true or false (false: answer from the model's weights "
+                                           "alone)", "invalid_request_error", param="recall"))
+    return asked
 
 
 async def _rename_stream(reply: httpx.Response, served: str, public: str, router: Router) -> AsyncIterator[bytes]:

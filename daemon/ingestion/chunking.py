@@ -61,6 +61,15 @@ def normalise_records(records: Iterable[Record]) -> list[Record]:
     return result
 
 
+def record_text(record: Record) -> str:
+    """A record's words as one text (a chat's turns one after another)."""
+    if "text" in record:
+        return record["text"]
+    if "prompt" in record:
+        return f"{record['prompt']}\n{record['completion']}"
+    return "\n".join(message["content"] for message in record.get("messages", []))
+
+
 def content_hash(records: list[Record]) -> str:
     """Identity of a document's content: equal normalised records, equal hash."""
     canonical = json.dumps(records, ensure_ascii=False, sort_keys=True, separators=(",", ":"))

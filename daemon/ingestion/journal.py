@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.ingestion.chunking import record_text
 from daemon.layout import StateDir
 from replay.durable import DamagedFile
 
@@ -235,6 +236,15 @@ class Journal:
         rows = self._query(f"SELECT {', '.join(DOCUMENT_KEYS)} FROM documents WHERE {where} ORDER BY id",
                            () if state == SET_ASIDE else (state,))
         return [dict(zip(DOCUMENT_KEYS, row)) for row in rows]
+
+    def every_document(self) -> list[dict[str, Any]]:
+        """Every document, whatever its state: id, hash, source, state (pending, ready or learned)."""
+        rows = self._query("SELECT id, hash, source, state FROM documents ORDER BY id")
+        return [dict(zip(("id", "hash", "source", "state"), row)) for row in rows]
+
+    def text(self, document_id: int) -> str:
+        """A document's words, its records one after another (KeyError when there is no such document)."""
+        return "\n\n".join(record_text(record) for record in self.records(document_id))
 
     def refused(self, document_ids: Iterable[int], why: str, max_attempts: int) -> list[dict[str, Any]]:
         """Count a refused cycle against these ready documents; those refused `max_attempts` times

@@ -25,10 +25,11 @@ from daemon import logs
 from daemon.config import Settings
 from daemon.engine.merged import Fleet, is_merged
 from daemon.engine.router import Adapter, Router
+from daemon.ingestion.chunking import record_text
 from daemon.layout import CYCLES_DIR, JOBS_DIR, REPLAY_DIR, StateDir, is_version
 from daemon.learning import adapters, forms, probes, replay_plan
 from daemon.learning.decide import Decision, decide, thresholds
-from daemon.learning.jobs import JobData, TrainJob, record_text
+from daemon.learning.jobs import JobData, TrainJob
 from daemon.learning.records import FAILED, PROMOTED, REJECTED, SKIPPED, CycleRecord, CycleStore
 from replay.durable import atomic_write_text, lock_held
 from replay.files import LOCK_FILE as REPLAY_LOCK_FILE

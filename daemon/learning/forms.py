@@ -30,8 +30,8 @@ import httpx
 
 from daemon.config import AugmentSection, ProbesSection
 from daemon.engine import vllm
+from daemon.ingestion.chunking import record_text
 from daemon.learning import augment, teacher
-from daemon.learning.jobs import record_text
 from daemon.learning.probes import QA, Question
 from replay.durable import atomic_write_text
 

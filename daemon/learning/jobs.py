@@ -33,15 +33,6 @@ def _check_record(record: Record) -> Record:
     raise ValueError("a record needs 'text', 'prompt' and 'completion', or a list of chat 'messages'")
 
 
-def record_text(record: Record) -> str:
-    """A record's words as one text (a chat's turns one after another)."""
-    if "text" in record:
-        return record["text"]
-    if "prompt" in record:
-        return f"{record['prompt']}\n{record['completion']}"
-    return "\n".join(message["content"] for message in record.get("messages", []))
-
-
 class JobData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -4,7 +4,7 @@ Owns the metric names (units in the names), their labels and the registry, which
 `Metrics` object (never prometheus_client's global one), so several apps can live in one process.
 Two kinds:
 - events, counted as they happen through a `Metrics` object: requests by public model name and
-  status code, request latency, swap latency;
+  status code, request latency, swap latency, recall outcomes and time;
 - state, read at scrape time from the state directory by `StateCollector`, so it is right after a
   restart: documents by state, cycles by outcome, the serving version and its probe values,
   training speed of the last run, adapter versions by state, replay passages; plus vLLM restarts,
@@ -35,6 +35,7 @@ from daemon.learning.records import FAILED, PROMOTED, REJECTED, RUNNING, SKIPPED
 OTHER_MODEL = "other"  # the request label of any model name that is not a public one
 CYCLE_OUTCOMES = (PROMOTED, REJECTED, SKIPPED, FAILED)
 REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+RECALL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 SWAP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # the probe values (relative changes and shares), not the counts of items some of them are shares of
 PROBES = [probe.name for probe in fields(ProbeResults) if probe.name not in {rule.items for rule in RULES}]
@@ -56,6 +57,19 @@ class Metrics:
             "cld_swap_seconds", "Time one change of the served adapter took (promotion or rollback): switch, drain "
             "of the requests in flight on the old adapter, unload.", buckets=SWAP_BUCKETS_S, registry=self.registry)
 
+        self.recalls = Counter(
+            "cld_recall_requests", "Requests to the stable name by what recall did: recalled (passages put in front), "
+            "passed (nothing near enough, or no room), not_asked (no text to recall for), off (recall.enabled = "
+            "false), failed (the embedder or index failed; the request went on without).", ["outcome"],
+            registry=self.registry)
+        self.recall_duration = Histogram(
+            "cld_recall_seconds", "Time recall added to a request (embedding its question, searching, framing).",
+            buckets=RECALL_BUCKETS_S, registry=self.registry)
+
+    def recall_done(self, outcome: str, seconds: float) -> None:
+        self.recalls.labels(outcome).inc()
+        self.recall_duration.observe(seconds)
+
     def request_done(self, model: str, code: int, started_s: float) -> None:
         """An inference request ended; `started_s` is its `time.perf_counter()` at arrival."""
         self.requests.labels(model, str(code)).inc()
@@ -69,6 +83,18 @@ class Metrics:
         its content type."""
         encode, content_type = choose_encoder(accept)  # type: ignore[arg-type]
         return encode(self.registry), content_type
+
+
+class RecallCollector(Collector):
+    """The size of the running daemon's recall index (`view` gives its documents and passages)."""
+
+    def __init__(self, view: Callable[[], dict[str, int]]):
+        self.view = view
+
+    def collect(self) -> Iterator[Metric]:
+        size = self.view()
+        yield GaugeMetricFamily("cld_recall_documents", "Documents in the recall index.", value=size["documents"])
+        yield GaugeMetricFamily("cld_recall_passages", "Passages in the recall index.", value=size["passages"])
 
 
 class StateCollector(Collector):

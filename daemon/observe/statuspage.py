@@ -20,7 +20,7 @@ import jinja2
 from markupsafe import Markup
 
 from daemon.learning.decide import RULE_OF, RULES, passes
-from daemon.observe.status import cycle_line, failed_reasons, item_count, replay_line, span
+from daemon.observe.status import cycle_line, failed_reasons, item_count, recall_line, replay_line, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
@@ -83,6 +83,9 @@ TEMPLATE = """<!doctype html>
  <div class="card" id="documents-quarantined">quarantined<b>{{ documents.quarantined }}</b>
   {{ documents.duplicates }} duplicates</div>
  <div class="card" id="replay">replay buffer<b>{{ replay.passages }} passages</b>{{ replay_line }}</div>
+ {%- if recall %}
+ <div class="card" id="recall">recall<b>{{ recall.requests.recalled }} recalled</b>{{ recall_line }}</div>
+ {%- endif %}
  <div class="card" id="cycle-now">cycle<b>{% if running %}{{ running.id }} {{ running.stage }}{% else %}idle{% endif %}</b>
   {% if running %}{{ running_line }}{% else %}{{ cycles|length }} recent{% endif %}</div>
 </div>
@@ -130,6 +133,7 @@ def render(status: dict[str, Any], now_s: float | None = None) -> str:
     return _page.render(
         refresh_s=REFRESH_S, model=status["model"], documents=status["documents"], replay=status["replay"],
         replay_line=replay_line(status["replay"]),
+        recall=status["daemon"].get("recall"), recall_line=recall_line(status["daemon"].get("recall") or {}),
         adapters=status["adapters"], cycles=cycles, running=running,
         running_line=cycle_line(running) if running else "", daemon_line=_daemon_line(status["daemon"]),
         now=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now_s)),
