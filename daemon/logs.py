@@ -53,11 +53,28 @@ def setup(settings: LogSection, stream: TextIO | None = None) -> logging.Handler
     return handler
 
 
+class OneLine(logging.Formatter):
+    """The text format, one line per record: line breaks and other control characters in the
+    message (a file name, a relayed line) are written escaped, so no value can forge a log line.
+    A traceback still follows on its own lines, each indented by Python."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escaped(super().formatMessage(record))
+
+
+CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7f] if code != 0x09}
+CONTROL.update({0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\x85"})
+
+
+def escaped(text: str) -> str:
+    return text.translate(CONTROL)
+
+
 def formatter(kind: str, under_journald: bool = False) -> logging.Formatter:
     if kind == "json":
         return JsonFormatter("{levelname}{name}{message}", style="{", rename_fields=JSON_FIELDS,
                              timestamp="time", json_ensure_ascii=False)  # time: ISO 8601, UTC
-    return logging.Formatter(JOURNAL_FORMAT if under_journald else TEXT_FORMAT)
+    return OneLine(JOURNAL_FORMAT if under_journald else TEXT_FORMAT)
 
 
 def journald_stream(stream: TextIO) -> bool:

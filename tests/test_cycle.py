@@ -4,6 +4,7 @@ whose measurements each test chooses: promote, reject, fail, roll back, recover 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -605,3 +606,13 @@ def test_a_cycle_learns_documents_refused_fewer_times_first_within_its_token_bud
     docs = [{"id": 1, "tokens": 500}, {"id": 2, "tokens": 10}]
     assert within_budget(docs, 100) == docs[:1], "a document over the budget is learned alone"
     assert within_budget(docs, 510) == docs
+
+
+def test_a_record_written_by_another_version_is_read_and_a_broken_one_left_out(tmp_path: Path) -> None:
+    store = CycleStore(tmp_path)
+    store.finish(store.begin("api"), "promoted", ["ok"])
+    (tmp_path / "000002.json").write_text(json.dumps({**asdict(store.all()[0]), "id": 2, "from_the_future": 1}))
+    (tmp_path / "000003.json").write_text(json.dumps({"trigger": "api"}))  # no id
+    (tmp_path / "000004.json").write_text(json.dumps({"id": "four", "trigger": "api"}))
+    assert [record.id for record in store.all()] == [1, 2]
+    assert store.begin("api").id == 5  # after every file: one it cannot read is not overwritten

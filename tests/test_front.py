@@ -232,6 +232,25 @@ async def test_one_request_cannot_ask_for_more_than_the_limits(fake: FakeVLLM, r
         assert within.status_code == 200
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"n": "40", **CHAT}, "n"),  # vLLM reads "40" as 40: found by the second adversarial test
+    ({"max_tokens": "5000", **CHAT}, "max_tokens"),
+    ({"n": 2.5, **CHAT}, "n"),
+    ({"n": True, **CHAT}, "n"),
+    ({"prompt": ["Hi"] * 40}, "prompt"),  # 40 prompts are 40 completions
+    ({"prompt": [[1, 2], [3, 4], [5, 6]], "n": 3}, "prompt"),  # 3 token-id prompts × n 3 = 9
+])
+async def test_a_request_cannot_pass_the_limits_in_another_form(fake: FakeVLLM, router: Router,
+                                                                 body: dict, param: str) -> None:
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    async with front(router, upstream_for(fake)) as client:
+        reply = await client.post(path, json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+        assert fake.requests == []
+        for within in ({"prompt": ["Hi"] * 8}, {"prompt": [1, 2, 3], "n": 8}, {"prompt": "Hi", "n": 8.0}):
+            assert (await client.post("/v1/completions", json=within)).status_code == 200, within
+
+
 async def test_a_client_that_goes_away_cancels_its_generation(router: Router) -> None:
     """A non-streaming request whose client disconnects stops waiting, and the upstream request
     is cancelled (its connection closed: vLLM then aborts the generation)."""

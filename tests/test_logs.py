@@ -100,3 +100,21 @@ def test_log_settings_come_from_the_file_and_the_environment(tmp_path: Path, mon
     monkeypatch.setenv("CLD_LOG__FORMAT", "xml")
     with pytest.raises(ConfigError, match="log.format"):
         load_settings(config)
+
+
+def test_a_value_with_line_breaks_cannot_forge_a_log_line(root_logger: logging.Logger, tmp_path: Path) -> None:
+    """A file named "notes\nERROR daemon.service: cld stopped.txt" in the inbox (the second
+    adversarial test) is logged on one line; a traceback still follows on lines of its own."""
+    out = tmp_path / "log.txt"
+    name = "notes\nERROR   daemon.service: cld stopped\r\x1b[2J.txt"
+    with open(out, "w") as stream:
+        logs.setup(LogSection(), stream)
+        logging.getLogger("daemon.ingestion.ingest").info("ingested %s: document", name)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("daemon.service").exception("failed on %s", name)
+    first, second, *trace = lines(out)
+    assert first.endswith(r"ingested notes\nERROR   daemon.service: cld stopped\r\x1b[2J.txt: document")
+    assert "failed on notes\\n" in second and trace[0] == "Traceback (most recent call last):"
+    assert trace[-1] == "ValueError: boom"

@@ -185,6 +185,27 @@ def test_ingest_paths_without_a_daemon_ingests_here(tmp_path: Path) -> None:
         ("a.md", "document"), ("c.bin", "unsupported type"), ("b.txt", "duplicate"), ("d.txt", "quarantined")]
 
 
+def test_ingest_of_a_folder_never_follows_a_link_in_it(tmp_path: Path) -> None:
+    """The second adversarial test: links in a folder given to `cld ingest` took a secret file and
+    state/vllm.key (mode 600) into processed/ (mode 644), to be learned and recited."""
+    settings = watcher_settings(tmp_path, stable_s=30)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the admin password is hunter2")
+    secret.chmod(0o600)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/notes.txt").write_text("Plain notes.")
+    (tmp_path / "docs/key.txt").symlink_to(secret)
+    (tmp_path / "docs/inner.txt").symlink_to(tmp_path / "docs/notes.txt")  # even one inside the folder
+    outcomes = ingest_paths(settings, [tmp_path / "docs"], wait_s=5)
+    refused = {o.source.name: o.refused for o in outcomes if o.refused}
+    assert set(refused) == {"key.txt", "inner.txt"} and "links inside a folder are not followed" in refused["key.txt"]
+    assert [o.source.name for o in outcomes if o.recorded] == ["notes.txt"]
+    state = settings.state.dir
+    assert not [p for p in state.rglob("*") if p.is_file() and "hunter2" in p.read_bytes().decode(errors="ignore")]
+    named = ingest_paths(settings, [tmp_path / "docs/key.txt"], wait_s=5)  # named on the command line: taken
+    assert named[0].recorded is not None and named[0].recorded.outcome == "document"
+
+
 def test_ingest_paths_with_a_running_watcher_waits_for_it(tmp_path: Path) -> None:
     settings = watcher_settings(tmp_path, stable_s=0.1)
     (tmp_path / "a.txt").write_text("Handed to the daemon.")

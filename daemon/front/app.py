@@ -202,13 +202,34 @@ class GenerationLimits:
     max_tokens: int = 4096
 
     def check(self, payload: dict[str, Any]) -> None:
+        """400 for a limited field that is not a whole number (vLLM would read "40" as 40) or is over
+        its limit, and for more choices (prompts × n) than serve.max_n."""
         for field, limit, setting in (("n", self.max_n, "serve.max_n"), ("best_of", self.max_n, "serve.max_n"),
                                       ("max_tokens", self.max_tokens, "serve.max_tokens"),
                                       ("max_completion_tokens", self.max_tokens, "serve.max_tokens")):
             value = payload.get(field)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+                raise ProxyError(openai_error(400, f"{field} must be a whole number (got {json.dumps(value)[:40]})",
+                                              "invalid_request_error", "invalid_type", field))
+            if value > limit:
                 raise ProxyError(openai_error(400, f"{field} = {value} is over this server's limit of {limit} "
                                                    f"({setting})", "invalid_request_error", "over_limit", field))
+        prompts = _prompt_count(payload.get("prompt"))
+        choices = prompts * int(payload.get("n") or 1)
+        if choices > self.max_n:
+            raise ProxyError(openai_error(400, f"{prompts} prompts × n = {choices} completions is over this server's "
+                                               f"limit of {self.max_n} (serve.max_n)", "invalid_request_error",
+                                          "over_limit", "prompt"))
+
+
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts a completions request holds: a list of texts or of token-id lists is several,
+    a text or one list of token ids is one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(item, (str, list)) for item in prompt):
+        return len(prompt)
+    return 1
 
 
 class ClientGone(Exception):

@@ -7,6 +7,7 @@ Owns the outcome report per file. Knows nothing of formats or of how a file is i
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ def ingest_paths(settings: Settings, paths: Iterable[Path], wait_s: float) -> li
     state = StateDir(settings.state.dir)
     files = list(_expand(paths))
     after = journal.last_input_id(state.journal)
-    handed = [_hand_in(settings.watch.inbox, path) for path in files]
+    handed = [_hand_in(settings.watch.inbox, path) if refused is None else Outcome(path, refused=refused)
+              for path, refused in files]
     names = [outcome.name for outcome in handed if outcome.name is not None]
     try:
         with open_ingester(settings) as ingester:
@@ -51,12 +53,20 @@ def ingest_paths(settings: Settings, paths: Iterable[Path], wait_s: float) -> li
     return [_settled(state.journal, outcome, after) for outcome in handed]
 
 
-def _expand(paths: Iterable[Path]) -> Iterator[Path]:
+def _expand(paths: Iterable[Path]) -> Iterator[tuple[Path, str | None]]:
+    """Each file to hand in, with why it is refused (None: it is not). A file named on the command
+    line is taken as named; inside a named folder links are not followed: a link could take a file
+    from anywhere (a key, another user's secret) into what the model learns."""
     for path in paths:
         if path.is_dir():
-            yield from (item for item in walk(path) if item.is_file())
+            for item in walk(path):
+                if item.is_symlink():
+                    yield item, (f"a symlink to {os.path.realpath(item)}: links inside a folder are not followed; "
+                                 "name the file itself")
+                elif item.is_file():
+                    yield item, None
         elif path.is_file():
-            yield path
+            yield path, None
         else:
             raise HandInError(f"{path}: no such file or folder")
 

@@ -8,14 +8,16 @@ and from what serves now, so there is one source of truth. Knows nothing of how 
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from daemon.learning.decide import Decision
 from replay.durable import atomic_write_json, read_json
 
+log = logging.getLogger(__name__)
 RUNNING, PROMOTED, REJECTED, FAILED, SKIPPED = "running", "promoted", "rejected", "failed", "skipped"
 
 
@@ -52,6 +54,20 @@ class CycleRecord:
         self.decision, self.reasons = decision.label, decision.reasons
         self.failed = [failure.to_dict() for failure in decision.failures]
 
+    @classmethod
+    def read(cls, data: Any, path: Path) -> Optional[CycleRecord]:
+        """A record from its file's JSON: keys another cld version wrote are left out; a file that is
+        not a record (no id or trigger, wrong types) is skipped, saying so."""
+        known = {name.name for name in fields(cls)}
+        try:
+            record = cls(**{key: value for key, value in data.items() if key in known})
+            if not isinstance(record.id, int) or not isinstance(record.state, str):
+                raise TypeError(f"id {record.id!r}, state {record.state!r}")
+            return record
+        except (TypeError, ValueError, AttributeError) as error:
+            log.warning("%s is not a cycle record this version can read (%s): left out", path, error)
+            return None
+
     def summary(self) -> dict[str, Any]:
         """The status's view of a cycle."""
         return {"id": self.id, "state": self.state, "stage": self.stage, "trigger": self.trigger,
@@ -70,12 +86,16 @@ class CycleStore:
     def all(self) -> list[CycleRecord]:
         if not self.folder.is_dir():
             return []
-        records = (read_json(path) for path in sorted(self.folder.glob("*.json")))
-        return [CycleRecord(**data) for data in records if data]
+        paths = sorted(self.folder.glob("*.json"))
+        read = (CycleRecord.read(data, path) for path, data in zip(paths, map(read_json, paths)) if data)
+        return [record for record in read if record is not None]
 
     def begin(self, trigger: str) -> CycleRecord:
-        existing = self.all()
-        record = CycleRecord(id=existing[-1].id + 1 if existing else 1, trigger=trigger)
+        """A new record, numbered after every file there (one this version cannot read is kept)."""
+        existing = [record.id for record in self.all()]
+        if self.folder.is_dir():
+            existing += [int(path.stem) for path in self.folder.glob("*.json") if path.stem.isdigit()]
+        record = CycleRecord(id=max(existing, default=0) + 1, trigger=trigger)
         self.save(record)
         return record
 
