@@ -120,3 +120,32 @@ def test_a_damaged_serving_json_names_the_file(settings: Settings) -> None:
     StateDir(settings.state.dir).serving.write_text("{not json")
     status = cld(settings, "status")
     assert status.returncode == 2 and "serving.json is damaged" in status.stderr and "Traceback" not in status.stderr
+
+
+def test_a_rebuild_keeps_the_first_of_two_identical_files_and_an_input_named_like_a_note(tmp_path: Path) -> None:
+    """The second adversarial test: the rebuild took the later of two identical files as the
+    original (it went by name), and skipped a quarantined input named notes.txt.reason."""
+    import time
+
+    from daemon.ingestion.rebuild import rebuild
+
+    made = make_settings(tmp_path)
+    made.watch.inbox.mkdir(parents=True, exist_ok=True)
+    with open_ingester(made) as ingester:
+        for name, data in (("zeta-original.txt", b"Zorblat has nine bridges."), ("alpha-copy.txt", b"Zorblat has "
+                           b"nine bridges."), ("notes.txt.reason", b""), ("plain.txt", b"")):
+            (made.watch.inbox / name).write_bytes(data)
+            ingester.ingest(made.watch.inbox / name)
+            time.sleep(0.01)  # taken in this order
+        before = journal.counts(StateDir(made.state.dir).journal)
+        [document] = ingester.journal.documents("pending") or ingester.journal.documents("ready")
+    assert document["source"] == "zeta-original.txt" and before["quarantined"] == 2
+
+    rebuilt = rebuild(made, learned=[])
+    assert (rebuilt.documents, rebuilt.duplicates, rebuilt.quarantined) == (1, 1, 2)
+    again = Journal(StateDir(made.state.dir).journal)
+    try:
+        [document] = again.documents("pending") or again.documents("ready")
+        assert document["source"] == "zeta-original.txt"
+    finally:
+        again.close()

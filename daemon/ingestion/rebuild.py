@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import Settings
+from daemon.ingestion.inbox import reason_path
 from daemon.ingestion.ingest import open_ingester
 from daemon.ingestion.watch import walk
 from daemon.layout import REASON_SUFFIX, StateDir
@@ -46,9 +47,8 @@ def rebuild(settings: Settings, learned: Iterable[tuple[str, list[str]]],
     outcomes: dict[str, int] = {"document": 0, "duplicate": 0, "quarantined": 0}
     with open_ingester(settings) as ingester:
         for folder in (state.processed, state.quarantine):
-            for path in sorted(walk(folder)) if folder.is_dir() else []:
-                if path.is_file() and not path.name.endswith(REASON_SUFFIX):
-                    outcomes[ingester.adopt(path, folder).outcome] += 1
+            for path in inputs(folder):
+                outcomes[ingester.adopt(path, folder).outcome] += 1
         ingester.chunk_pending()
         learned_count = sum(ingester.journal.mark_learned_by_hash(hashes, version) for version, hashes in learned)
         limit = settings.schedule.max_attempts
@@ -57,6 +57,18 @@ def rebuild(settings: Settings, learned: Iterable[tuple[str, list[str]]],
              outcomes["document"], outcomes["duplicate"], outcomes["quarantined"], learned_count, aside_count)
     return Rebuilt(aside, outcomes["document"], outcomes["duplicate"], outcomes["quarantined"], learned_count,
                    aside_count)
+
+
+def inputs(folder: Path) -> list[Path]:
+    """The input files in processed/ or quarantine/, in the order they were taken in (the move
+    there set their ctime), so of two identical files the first stays the document. `<name>.reason`
+    beside `<name>` is its note; a file whose own name ends in .reason is an input when it has a
+    note of its own."""
+    if not folder.is_dir():
+        return []
+    found = [path for path in walk(folder)
+             if path.is_file() and (not path.name.endswith(REASON_SUFFIX) or reason_path(path).is_file())]
+    return sorted(found, key=lambda path: (path.stat().st_ctime_ns, str(path)))
 
 
 def _set_aside(journal: Path) -> Path | None:
