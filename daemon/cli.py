@@ -151,6 +151,8 @@ def ingest(
         outcomes = ingest_paths(settings, paths, wait_s)
     except HandInError as error:
         _fail(str(error))
+    except OSError as error:  # the disk is full, the state directory is not writable, ...
+        _fail(f"nothing more was taken in: {error.strerror or error}", code=1)
     for outcome in outcomes:
         typer.echo(f"{outcome.source}: {_describe(outcome, settings.state.dir)}")
     if any(o.recorded is None or o.recorded.outcome == "quarantined" for o in outcomes):

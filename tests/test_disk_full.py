@@ -24,9 +24,18 @@ from tests.test_upload import client, inbox_files
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (skipped where this process may not mount one)."""
-    folder = tmp_path / "small"
+    yield from tmpfs(tmp_path / "small", "64k")
+
+
+@pytest.fixture
+def journal_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: room for a journal and its WAL, until it is filled."""
+    yield from tmpfs(tmp_path / "journal", "1m")
+
+
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
@@ -105,3 +114,39 @@ async def test_an_upload_that_does_not_fit_gets_507_and_leaves_nothing(tmp_path:
     assert reply.headers["content-type"] == "application/json"
     assert reply.json()["error"]["type"] == "insufficient_storage"
     assert all(not name.startswith(".") for name in inbox_files(inbox_parent)), "no partial file stays behind"
+
+
+def fill(folder: Path) -> Path:
+    """Fill the disk of `folder`; the file to delete to free it again."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"x" * 1024)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_under_the_journal_is_said_so_not_called_damage(tmp_path: Path, journal_disk: Path) -> None:
+    """The second adversarial test: with the disk full, `cld ingest` ended in an sqlite3 traceback,
+    and with a few KB free the journal was called damaged and `cld journal rebuild` advised."""
+    settings = make_settings(tmp_path)
+    settings.state.dir = journal_disk / "state"
+    settings.watch.inbox = tmp_path / "inbox"
+    settings.watch.inbox.mkdir()
+    with open_ingester(settings) as opened:
+        (settings.watch.inbox / "first.txt").write_text("Zorblat has nine bridges.")
+        opened.ingest(settings.watch.inbox / "first.txt")
+    filler = fill(journal_disk)
+    (settings.watch.inbox / "second.txt").write_text("The Quux river freezes in May. " * 40)
+    for _ in range(2):  # opening the journal, then writing to it, on a full disk
+        with pytest.raises(OSError) as raised:
+            with open_ingester(settings) as opened:
+                opened.ingest(settings.watch.inbox / "second.txt")
+        assert raised.value.errno == errno.ENOSPC and "damaged" not in str(raised.value), raised.value
+    filler.unlink()
+    with open_ingester(settings) as opened:
+        opened.ingest(settings.watch.inbox / "second.txt")
+        assert [(r.name, r.outcome) for r in opened.journal.inputs()] == [("first.txt", "document"),
+                                                                          ("second.txt", "document")]

@@ -21,7 +21,9 @@ Tables:
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -125,6 +127,7 @@ class Journal:
         the state directory holds files it must have recorded."""
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_not_emptied(path)
+        self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                   timeout=BUSY_TIMEOUT_MS / 1000)
         self.lock = threading.Lock()
@@ -137,6 +140,11 @@ class Journal:
             self.db.executescript(f"{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};")  # idempotent
         except sqlite3.DatabaseError as error:
             self.db.close()
+            if _disk_full(error, path):
+                raise _full(path) from None
+            if _primary(error) not in (None, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise OSError(errno.EIO, f"{path} cannot be opened ({error}); it is not known to be damaged: "
+                                         "check the disk and its permissions") from None
             raise DamagedJournal(f"{path} is damaged ({error}): {REBUILD_HINT}") from None
         except DamagedJournal:
             self.db.close()
@@ -147,20 +155,37 @@ class Journal:
             self.db.close()
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self.lock:
+        with self.lock, self._no_room_is_enospc():
             return self.db.execute(sql, params).fetchall()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or none of it."""
-        with self.lock:
+        with self.lock, self._no_room_is_enospc():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.OperationalError:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _no_room_is_enospc(self) -> Iterator[None]:
+        """SQLite's "database or disk is full" as the OSError (ENOSPC) every caller already handles:
+        nothing was written, and it works again once there is room."""
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            if _disk_full(error, self.path):
+                raise _full(self.path) from None
+            raise
 
     # input files ------------------------------------------------------------------------------
 
@@ -288,6 +313,32 @@ class Journal:
         with self._write() as db:
             db.executemany("UPDATE documents SET state = 'learned', version = ?, learned_at = ? "
                            "WHERE id = ? AND state = 'ready'", [(version, now, i) for i in document_ids])
+
+
+NO_ROOM_BYTES = 1 << 20  # an I/O error with less free than this is the disk being full (SQLite's -shm file)
+
+
+def _primary(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _disk_full(error: sqlite3.Error, path: Path) -> bool:
+    """SQLite's "database or disk is full", or an I/O error on a disk with (nearly) no room left."""
+    if _primary(error) == sqlite3.SQLITE_FULL or "disk is full" in str(error):
+        return True
+    if _primary(error) != sqlite3.SQLITE_IOERR:
+        return False
+    try:
+        found = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return found.f_bavail * found.f_frsize < NO_ROOM_BYTES
+
+
+def _full(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, f"the disk holding {path.parent} is full: nothing was recorded; free some space "
+                                 "and try again (the journal is intact)")
 
 
 def _check_not_emptied(path: Path) -> None:
