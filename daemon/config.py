@@ -34,8 +34,18 @@ ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# vLLM options cld sets itself: where it listens (loopback:serve.vllm_port only) and its key.
-VLLM_RESERVED_ARGS = ("--host", "--port", "--uds", "--api-key")
+# vLLM options cld sets itself, with the setting to use instead: where vLLM listens (loopback only) and its
+# key, which model it serves under which name and length; --config could set any of them from a file.
+VLLM_RESERVED_ARGS = {
+    "--host": "vLLM only listens on loopback: serve.host sets where the front listens",
+    "--port": "serve.vllm_port",
+    "--uds": "vLLM only listens on loopback",
+    "--api-key": "vLLM answers only cld, with a key of its own",
+    "--config": "a file could set any option: put them in serve.vllm_args",
+    "--model": "model.base",
+    "--served-model-name": "serve.base_name",
+    "--max-model-len": "serve.max_model_len",
+}
 MIN_PUBLIC_KEY_CHARS = 16  # an API key guarding a non-loopback bind is at least this long
 # Environment variables with the CLD_ prefix that are not settings.
 OTHER_VARIABLES = ("CLD_CONFIG",)
@@ -126,8 +136,9 @@ class ServeSection(Section):
         "serve.vllm_args do not apply to it (vLLM's --enforce-eager turns them off). GPUs always compile."
     )
     vllm_args: list[str] = Field(
-        default_factory=list, description="Extra command-line arguments for the vLLM server (not --host or "
-        "--port: vLLM listens on loopback only, at serve.vllm_port)."
+        default_factory=list, description="Extra command-line arguments for the vLLM server. Options cld sets itself "
+        "are refused, in any form vLLM's parser accepts (--host, --port, --uds, --api-key, --model, "
+        "--served-model-name, --max-model-len, --config): vLLM listens on loopback only, at serve.vllm_port."
     )
     max_n: int = Field(
         8, ge=1, description="Most completions one request may ask for (n, best_of); more get 400, so that one "
@@ -151,13 +162,10 @@ class ServeSection(Section):
 
     @field_validator("vllm_args")
     @classmethod
-    def _loopback_only(cls, value: list[str]) -> list[str]:
-        reserved = [f"{arg} ({_reserved_option(arg)})" if _reserved_option(arg) != arg.split("=", 1)[0] else arg
-                    for arg in value if _reserved_option(arg)]
+    def _not_reserved(cls, value: list[str]) -> list[str]:
+        reserved = [(arg, option) for arg in value if (option := _reserved_option(arg))]
         if reserved:
-            raise ValueError(f"serve.vllm_args may not set {', '.join(reserved)}: vLLM only listens on loopback, "
-                             "with a key only cld knows (set serve.vllm_port for its port, serve.host and "
-                             "serve.port for the front)")
+            raise ValueError(reserved_args_message(reserved))
         return value
 
     @field_validator("vllm_url")
@@ -212,9 +220,10 @@ class IngestSection(Section):
         "uploads to POST /api/documents are refused.",
     )
     max_document_tokens: int = Field(
-        200_000, ge=100, description="Longest document accepted, in tokens (counted while reading as characters / "
-        "4, so extraction stops early); longer documents are quarantined. A small PDF can expand to millions of "
-        "tokens."
+        200_000, ge=100, description="Longest document accepted, in tokens as training will see them: counted by "
+        "the base model's tokenizer, chat roles and the template's markers included (while reading, extraction "
+        "stops early at 4 characters a token). Longer documents are quarantined, or set aside with the reason when "
+        "they came before the base model was prepared. A small PDF can expand to millions of tokens."
     )
     max_pdf_pages: int = Field(2000, ge=1, description="Most pages of a PDF; longer PDFs are quarantined.")
     extract_timeout_s: float = Field(
@@ -794,12 +803,23 @@ def load_settings(path: Path | None = None) -> Settings:
 
 
 def _reserved_option(arg: str) -> str | None:
-    """The reserved vLLM option `arg` sets, abbreviations included (argparse takes any unambiguous
-    prefix of an option, so `--ho=0.0.0.0` means `--host`); None for any other argument."""
-    name = arg.split("=", 1)[0]
+    """The reserved vLLM option `arg` sets, in the forms vLLM's parser takes: any unambiguous prefix
+    (`--ho=0.0.0.0` means `--host`) and underscores for dashes (`--api_k`); None for any other
+    argument. A quick first check: the daemon also asks vLLM's own parser before vLLM starts
+    (`daemon.engine.vllm.reserved_settings`)."""
+    name = arg.split("=", 1)[0].replace("_", "-")
     if not name.startswith("--") or len(name) < 3:
         return None
     return next((option for option in VLLM_RESERVED_ARGS if option.startswith(name)), None)
+
+
+def reserved_args_message(reserved: list[tuple[str, str]]) -> str:
+    """Why serve.vllm_args may not hold these (argument, reserved option) pairs; an empty argument
+    stands for all of them (vLLM's parser said an option was set, not by which)."""
+    named = [option if not arg else arg if arg.split("=", 1)[0] == option else f"{arg} ({option})"
+             for arg, option in reserved]
+    reasons = sorted({f"{option}: {VLLM_RESERVED_ARGS[option]}" for _, option in reserved})
+    return f"serve.vllm_args may not set {', '.join(named)} ({'; '.join(reasons)})"
 
 
 def check_environment(environ: Mapping[str, str]) -> None:

@@ -296,6 +296,8 @@ class Daemon:
             raise StartupError("vLLM is not installed: run `make install` (FLAVOUR=cpu or gpu) or set serve.vllm_url")
         if problem := gpu_shares_problem(self.settings, vllm.is_cpu_build()):
             raise StartupError(problem)
+        if problem := await vllm.check_args(serve.vllm_args):  # in every form vLLM's own parser accepts
+            raise StartupError(problem)
         self.phase = "preparing model"
         preparing = asyncio.create_task(_prepare_in_subprocess(self.settings.model.base, self.state))
         await _first(preparing, self.stopping.wait())

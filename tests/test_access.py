@@ -4,6 +4,8 @@ the limit get 413 even when chunked; uploaded file names cannot leave the inbox.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -187,16 +189,46 @@ def test_cld_run_on_a_public_address_without_a_key_exits_before_anything_starts(
 
 @pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "80"], ["--uds", "/tmp/v"],
                                   ["--enforce-eager", "--port=80"], ["--ho=0.0.0.0"], ["--hos", "0.0.0.0"],
-                                  ["--por=80"], ["--ud", "/tmp/v"], ["--api-key", "mine"], ["--api-k=mine"]])
-def test_vllm_args_that_would_move_vllm_off_loopback_are_refused(tmp_path: Path, args: list[str]) -> None:
-    with pytest.raises(ConfigError, match=r"serve.vllm_args: serve.vllm_args may not set --(ho|po|ud|api).*loopback"):
+                                  ["--por=80"], ["--ud", "/tmp/v"], ["--api-key", "mine"], ["--api-k=mine"],
+                                  ["--api_key", "x"], ["--api_k=x"], ["--config", "x.yaml"], ["--config=x.yaml"],
+                                  ["--served_model_name", "x"], ["--max-model-len=99"], ["--model", "other"]])
+def test_vllm_args_that_set_what_cld_sets_are_refused(tmp_path: Path, args: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"serve.vllm_args: serve.vllm_args may not set --(ho|po|ud|api|con|ser|max|mod)"):
         load_settings(write_config(tmp_path, f"vllm_args = {args!r}\n".replace("'", '"')))
 
 
 def test_abbreviations_are_named_with_the_option_they_mean(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"may not set --ho=0.0.0.0 \(--host\)"):
+    with pytest.raises(ConfigError, match=r"may not set --ho=0.0.0.0 \(--host\) \(--host: vLLM only listens on loopback"):
         load_settings(write_config(tmp_path, 'vllm_args = ["--ho=0.0.0.0"]\n'))
+    with pytest.raises(ConfigError, match=r"may not set --api_k=x \(--api-key\)"):
+        load_settings(write_config(tmp_path, 'vllm_args = ["--api_k=x"]\n'))
     assert load_settings(write_config(tmp_path, 'vllm_args = ["--enforce-eager", "--max-num-seqs=8"]\n'))
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--enforce-eager", "--max-num-seqs=8"], None),
+    (["--api_key", "x"], "may not set --api-key"),
+    (["--enforce-eager", "--api-k=x"], "may not set --api-key"),
+    (["--config", "YAML"], "may not set --config"),
+    (["--config=YAML"], "may not set --config"),
+    (["somewhere/else"], "may not set --model"),  # vLLM's positional model
+    (["--served_model_name", "cld"], "may not set --served-model-name"),
+    (["--no-such-option"], "vLLM refuses serve.vllm_args: .*unrecognized arguments: --no-such-option"),
+])
+def test_vllm_args_are_read_by_vllms_own_parser(tmp_path: Path, args: list[str], problem: str | None) -> None:
+    """The daemon asks vLLM's own parser before vLLM starts: a config file whose YAML sets the key or a
+    socket, underscores, a positional model — whatever form the parser takes — and its own errors."""
+    pytest.importorskip("vllm")
+    yaml = tmp_path / "vllm.yaml"
+    yaml.write_text("api-key: sekrit\nuds: /tmp/vllm.sock\n")
+    found = vllm.reserved_settings([arg.replace("YAML", str(yaml)) for arg in args])
+    assert found is None if problem is None else re.search(problem, found or ""), found
+
+
+def test_the_daemon_checks_vllm_args_in_a_process_of_its_own() -> None:
+    pytest.importorskip("vllm")
+    assert asyncio.run(vllm.check_args([])) is None  # nothing to ask: no process
+    assert "may not set --api-key" in asyncio.run(vllm.check_args(["--enforce-eager", "--api_key=x"]))
 
 
 def test_vllm_always_listens_on_loopback(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from daemon.ingestion import chunking
 from daemon.ingestion.chunking import (
+    MESSAGE_TOKENS,
     Chunker,
     content_hash,
     load_tokenizer,
@@ -107,7 +108,12 @@ def test_long_texts_are_tokenized_in_blocks_with_the_same_result(tokenizer, monk
 def test_instruction_records_are_one_chunk_each_with_their_tokens_counted(tokenizer) -> None:
     chat = {"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}
     pair = {"prompt": "a b c", "completion": "d"}
-    assert list(Chunker(tokenizer, 4, 1).chunks([chat, pair])) == [(3, chat), (4, pair)]
+    # chat: contents 3 + roles 2 + the template's markers around 2 messages; pair: 4 + its end of sequence
+    assert Chunker(tokenizer, 4, 1).cut([chat, pair]) == ([(3 + 2 + 2 * MESSAGE_TOKENS, chat), (4 + 1, pair)],
+                                                           15 + 5)
+    text = {"text": words(30)}  # windows of 10 overlapping by 3: more tokens in chunks than in the text
+    chunks, tokens = Chunker(tokenizer, 10, 3).cut([text])
+    assert tokens == 30 and sum(count for count, _ in chunks) > 30
 
 
 def test_overlap_must_be_below_the_chunk_size(tokenizer) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.ingestion import journal
+from daemon.ingestion.chunking import Chunker, load_tokenizer
 from daemon.ingestion.ingest import open_ingester
 from daemon.ingestion.readers import ReadLimits, Unreadable, read_pdf
 from daemon.layout import StateDir
@@ -67,3 +68,44 @@ def test_an_extraction_over_its_time_limit_is_stopped() -> None:
 def test_a_normal_pdf_within_the_limits_reads_whole(tmp_path: Path) -> None:
     recorded = ingest_one(tmp_path, "notes.pdf", pdf_bytes("Release 4.2 is out.", "Zorblat got faster."))
     assert recorded.outcome == "document"
+
+
+# ---- counted as the trainer will see it (issue 35 #5) --------------------------------------------------------
+
+SPACED_RARE = "☃ " * 25_000  # 50,000 characters (12,500 "tokens" at 4 a token), 25,000 tokens: 2 characters each
+
+
+def test_text_is_bounded_by_its_tokens_not_an_estimate_from_its_characters(tmp_path: Path) -> None:
+    recorded = ingest_one(tmp_path, "rare.txt", SPACED_RARE.encode(), "max_document_tokens = 20000\n")
+    assert recorded.outcome == "quarantined"
+    assert recorded.reason == ("too long: 25,000 tokens (counted by the base model's tokenizer, as training will see "
+                               "them) is over ingest.max_document_tokens = 20,000")
+    assert ingest_one(tmp_path / "fits", "rare.txt", SPACED_RARE.encode(), "max_document_tokens = 30000\n").outcome \
+        == "document"
+
+
+@pytest.mark.parametrize("name, line, count", [
+    ("roles.jsonl", '{"messages": [{"role": "%s", "content": "hi"}]}' % ("x " * 100_000), 1),  # a role of 200 KB
+    ("empty.jsonl", '{"messages": [%s]}' % ", ".join(['{"role": "user", "content": ""}'] * 30_000), 1),
+    ("many.jsonl", '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}', 10_000),
+])
+def test_chat_records_count_their_roles_and_each_message(tmp_path: Path, name: str, line: str, count: int) -> None:
+    """The trainer renders every message with its role in the chat template: a role of megabytes or
+    thousands of empty messages are that many tokens, not the 1 or 0 their contents are."""
+    recorded = ingest_one(tmp_path, name, "\n".join([line] * count).encode(), "max_document_tokens = 20000\n")
+    assert recorded.outcome == "quarantined" and recorded.reason.startswith("too long")
+
+
+def test_a_document_taken_before_the_tokenizer_is_set_aside_once_counted_over(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, "max_document_tokens = 20000\n")
+    settings.watch.inbox.mkdir(parents=True, exist_ok=True)
+    counted: list = []
+    with open_ingester(settings, chunker=lambda: counted[0] if counted else None) as ingester:
+        (settings.watch.inbox / "rare.txt").write_text(SPACED_RARE)
+        recorded = ingester.ingest(settings.watch.inbox / "rare.txt")
+        assert recorded.outcome == "document" and ingester.journal.pending() == [recorded.document_id]
+        counted.append(Chunker(load_tokenizer(Path(settings.model.base)), 16, 4))
+        assert ingester.chunk_pending() == 1
+        [aside] = ingester.journal.documents(journal.SET_ASIDE)
+        assert aside["id"] == recorded.document_id and aside["set_aside"].startswith("too long: ")
+        assert ingester.journal.documents("ready") == [], "it is never trained"

@@ -7,16 +7,21 @@ process supervision (`daemon.engine.supervisor`) or of which adapter is promoted
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
+import json
 import os
 import secrets
 import sys
+import warnings
 from pathlib import Path
 
 import httpx
 
-from daemon.config import Settings
+from daemon.config import VLLM_RESERVED_ARGS, Settings, reserved_args_message
 from daemon.model import linear_modules
 
 LOOPBACK = "127.0.0.1"
@@ -62,6 +67,47 @@ def server_command(model_dir: Path, settings: Settings, *, port: int | None = No
         share = serve.gpu_memory_utilization if lora else serve.merged_gpu_memory_utilization
         argv += ["--gpu-memory-utilization", str(share)]
     return argv + list(serve.vllm_args)
+
+
+def reserved_settings(args: list[str]) -> str | None:
+    """What is wrong with `args` (serve.vllm_args) as vLLM's own parser reads them: a reserved option
+    set in any form it accepts (abbreviated, with underscores, from a --config file), or the parser's
+    own error; None when they are fine. Imports vLLM (~6 s, ~570 MB): the daemon calls it in a
+    short-lived process (`check_args`)."""
+    with warnings.catch_warnings():  # vLLM's and torch's deprecation notes on import are not the user's
+        warnings.simplefilter("ignore")
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        try:
+            from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        except ImportError:  # older vLLM kept it here
+            from vllm.entrypoints.openai.cli_args import make_arg_parser
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm"))
+    if "--config" in args:  # read by the parser before it parses: the file could set anything, now or later
+        return reserved_args_message([("--config", "--config")])
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            plain, given = (vars(parser.parse_args(["--model", "m", *extra])) for extra in ([], args))
+    except SystemExit:
+        lines = errors.getvalue().strip().splitlines()
+        return f"vLLM refuses serve.vllm_args: {lines[-1] if lines else 'its parser failed'}"
+    dests = {option[2:].replace("-", "_"): option for option in VLLM_RESERVED_ARGS} | {"model_tag": "--model"}
+    changed = [("", option) for dest, option in dests.items() if given.get(dest) != plain.get(dest)]
+    return reserved_args_message(changed) if changed else None
+
+
+async def check_args(args: list[str]) -> str | None:
+    """`reserved_settings(args)`, asked in a process of its own so that vLLM's modules do not stay in
+    the daemon's memory; nothing to ask for no arguments."""
+    if not args:
+        return None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.engine.vllm", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        return f"serve.vllm_args could not be checked with vLLM's parser (exit code {process.returncode})"
+    return json.loads(out.decode().strip().splitlines()[-1])
 
 
 def new_key() -> str:
@@ -190,3 +236,7 @@ class VLLMClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+if __name__ == "__main__":  # check_args: the last line printed is the problem as JSON (null when none)
+    print(json.dumps(reserved_settings(sys.argv[1:])))

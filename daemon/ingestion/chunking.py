@@ -85,6 +85,10 @@ def load_tokenizer(model_dir: Path) -> Any:
     return Tokenizer.from_file(str(path))
 
 
+# The tokens a chat template puts around each message, beyond its role and content (an estimate).
+MESSAGE_TOKENS = 5
+
+
 class Chunker:
     """Cuts records into (tokens, record) chunks with a `tokenizers.Tokenizer`."""
 
@@ -95,19 +99,31 @@ class Chunker:
         self.size = chunk_tokens
         self.step = chunk_tokens - overlap_tokens
 
-    def chunks(self, records: Iterable[Record]) -> Iterator[tuple[int, Record]]:
+    def chunks(self, records: Iterable[Record]) -> list[tuple[int, Record]]:
+        return self.cut(records)[0]
+
+    def cut(self, records: Iterable[Record]) -> tuple[list[tuple[int, Record]], int]:
+        """The chunks of a document's records, and how many tokens the document has (each counted
+        once: a text's windows overlap by the chunk overlap)."""
+        chunks: list[tuple[int, Record]] = []
+        counted = [0]
         for record in records:
             if "text" in record:
-                yield from self.windows(record["text"])
+                chunks += self.windows(record["text"], counted)
             else:
-                yield self._count(record), record
+                chunks.append((self._count(record), record))
+                counted[0] += chunks[-1][0]
+        return chunks, counted[0]
 
-    def windows(self, text: str) -> Iterator[tuple[int, Record]]:
+    def windows(self, text: str, counted: list[int] | None = None) -> Iterator[tuple[int, Record]]:
         """Windows of `size` tokens, each starting `step` tokens after the one before; the last
-        one may be shorter, and is left out when the window before already holds all of it."""
+        one may be shorter, and is left out when the window before already holds all of it. The
+        text's tokens are added to `counted[0]`."""
         spans: list[tuple[int, int]] = []  # the tokens not yet passed by a window's start
         emitted = False
         for block in self._spans(text):
+            if counted is not None:
+                counted[0] += len(block)
             spans += block
             first = 0
             while len(spans) - first >= self.size:
@@ -124,9 +140,15 @@ class Chunker:
             yield [(start + first, start + last) for first, last in offsets if last > first]
 
     def _count(self, record: Record) -> int:
-        texts = [m["content"] for m in record["messages"]] if "messages" in record \
-            else [record["prompt"], record["completion"]]
-        return sum(len(e.ids) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+        """The tokens the trainer sees for an instruction record: its texts, and for chat its roles
+        and the template's markers around each message (MESSAGE_TOKENS, an estimate: ChatML and
+        Llama 3 put 3-5 around each), so a million empty messages or a role of megabytes count."""
+        if "messages" in record:
+            texts = [text for message in record["messages"] for text in (message["role"], message["content"])]
+            markers = MESSAGE_TOKENS * len(record["messages"])
+        else:
+            texts, markers = [record["prompt"], record["completion"]], 1  # the completion's end-of-sequence
+        return markers + sum(len(e.ids) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
 
 
 def _text(text: str, first: tuple[int, int], last: tuple[int, int]) -> Record:

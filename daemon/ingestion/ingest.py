@@ -34,10 +34,10 @@ from pathlib import Path
 
 from daemon import model
 from daemon.config import Settings
-from daemon.ingestion.chunking import Chunker, content_hash, load_tokenizer, normalise_records
+from daemon.ingestion.chunking import MESSAGE_TOKENS, Chunker, content_hash, load_tokenizer, normalise_records
 from daemon.ingestion.inbox import free_path, reason_path
-from daemon.ingestion.journal import Input, Journal, Recorded
-from daemon.ingestion.readers import ReadLimits, Record, Unreadable, get_reader
+from daemon.ingestion.journal import Chunks, Input, Journal, Recorded
+from daemon.ingestion.readers import CHARS_PER_TOKEN, ReadLimits, Record, Unreadable, get_reader, too_many_tokens
 from daemon.layout import StateDir
 from replay.durable import atomic_write_text, exclusive_lock, move_durably
 
@@ -77,6 +77,8 @@ class Ingester:
             return unfinished
         try:
             records = self._read(path, item)
+            digest = content_hash(records)
+            chunks = self._chunks(records, digest)
         except FileNotFoundError:
             return None
         except Unreadable as error:
@@ -84,7 +86,7 @@ class Ingester:
         except Exception as error:  # a reader's bug must not stop ingestion: the file waits in quarantine
             log.exception("reading %s failed", name)
             return self._quarantine(item, f"could not be read: {type(error).__name__}: {error}"[:500])
-        return self._accept(item, records)
+        return self._accept(item, records, digest, chunks)
 
     def recover(self) -> int:
         """Finish the moves a crash interrupted (inputs committed, files not moved yet)."""
@@ -112,7 +114,12 @@ class Ingester:
         if chunker is None:
             return 0
         for document_id in pending:
-            self.journal.set_chunks(document_id, chunker.chunks(self.journal.records(document_id)))
+            chunks, tokens = chunker.cut(self.journal.records(document_id))
+            self.journal.set_chunks(document_id, chunks)
+            if tokens > self.limits.max_tokens:  # taken before a tokenizer could count it: never trained
+                reason = too_many_tokens(tokens, self.limits.max_tokens)
+                self.journal.set_aside(document_id, reason)
+                log.warning("document %d set aside: %s", document_id, reason)
         return len(pending)
 
     def adopt(self, stored: Path, folder: Path) -> Recorded:
@@ -126,12 +133,11 @@ class Ingester:
         else:
             try:
                 records = self._read(stored, item)
+                digest = content_hash(records)
+                chunks = self._chunks(records, digest)
             except Unreadable as error:  # it was taken once; now it is not: keep it where it is, say why
                 recorded = self.journal.quarantine(item, stored_as, f"{error.reason} (found in processed/)")
             else:
-                digest = content_hash(records)
-                chunker = None if self.journal.knows(digest) else self.chunker()
-                chunks = list(chunker.chunks(records)) if chunker else None
                 recorded = self.journal.accept(item, stored_as, digest, records, chunks)
         self.journal.mark_moved([recorded.id])
         return recorded
@@ -167,10 +173,17 @@ class Ingester:
             raise Unreadable("empty: the file holds no text")
         return records
 
-    def _accept(self, item: Input, records: list[Record]) -> Recorded:
-        digest = content_hash(records)
+    def _chunks(self, records: list[Record], digest: str) -> Chunks | None:
+        """A new document's chunks, when the tokenizer is there (None for a duplicate, or before
+        it: `chunk_pending` then counts); Unreadable when what would be trained is over the bound."""
         chunker = None if self.journal.knows(digest) else self.chunker()
-        chunks = list(chunker.chunks(records)) if chunker else None
+        if chunker is None:
+            return None
+        chunks, tokens = chunker.cut(records)
+        self.limits.check_tokens(tokens)
+        return chunks
+
+    def _accept(self, item: Input, records: list[Record], digest: str, chunks: Chunks | None) -> Recorded:
         target = free_path(self.state.processed, item.name)
         recorded = self.journal.accept(item, self._relative(target), digest, records, chunks, self.moved)
         self.moved = []
@@ -236,9 +249,12 @@ def _link_reason(path: Path, inbox: Path) -> str:
 
 
 def _chars(record: Record) -> int:
-    """Characters of text in a normalised record (text, prompt and completion, or messages)."""
+    """Characters of text in a normalised record (text, prompt and completion, or messages with
+    their roles and the template's markers around each: what training will see), before a
+    tokenizer counts its tokens."""
     if "messages" in record:
-        return sum(len(message["content"]) for message in record["messages"])
+        return sum(len(message["role"]) + len(message["content"]) + MESSAGE_TOKENS * CHARS_PER_TOKEN
+                   for message in record["messages"])
     return sum(len(value) for value in record.values() if isinstance(value, str))
 
 

@@ -290,6 +290,11 @@ class Journal:
         ids = [doc["id"] for doc in self.documents("ready") if doc["hash"] in wanted]
         return self.refused(ids, why, max_attempts)
 
+    def set_aside(self, document_id: int, why: str) -> None:
+        """Keep a ready document out of every cycle, saying why, until `retry` puts it back."""
+        with self._write() as db:
+            db.execute("UPDATE documents SET set_aside = ? WHERE id = ? AND state = 'ready'", (why, document_id))
+
     def retry(self, document_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
         """Put set-aside documents (these, or all) back into the next cycle, their count restarted."""
         chosen = [doc for doc in self.documents(SET_ASIDE) if document_ids is None or doc["id"] in set(document_ids)]

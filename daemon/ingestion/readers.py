@@ -46,6 +46,16 @@ class ReadLimits:
             raise Unreadable(f"too long: about {chars // CHARS_PER_TOKEN:,} tokens of text is over "
                              f"ingest.max_document_tokens = {self.max_tokens:,}")
 
+    def check_tokens(self, tokens: int) -> None:
+        """The bound on what the trainer will see, counted with the base model's tokenizer."""
+        if tokens > self.max_tokens:
+            raise Unreadable(too_many_tokens(tokens, self.max_tokens))
+
+
+def too_many_tokens(tokens: int, max_tokens: int) -> str:
+    return (f"too long: {tokens:,} tokens (counted by the base model's tokenizer, as training will see them) is over "
+            f"ingest.max_document_tokens = {max_tokens:,}")
+
 
 NO_LIMITS = ReadLimits()
 Reader = Callable[[bytes, ReadLimits], list[Record]]
