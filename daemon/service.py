@@ -37,7 +37,7 @@ from daemon.ingestion import inbox, watch
 from daemon.ingestion.journal import Journal
 from daemon.layout import JOURNAL_FILE, StateDir
 from daemon.learning import replay_plan
-from daemon.learning.cycle import Learner
+from daemon.learning.cycle import CannotServe, Learner
 from daemon.learning.records import CycleRecord
 from daemon.learning.schedule import Schedule
 from daemon.observe import metrics, status
@@ -247,7 +247,7 @@ class Daemon:
 
     async def _cycle(self) -> dict[str, Any]:
         if self.learner is None:
-            raise app.NotReady("learning starts once the model server is ready")
+            raise app.Unavailable("learning starts once the model server is ready")
         running = self.learner.request("api")
         record = running
         if running is None and self.learner.task is not None:  # a new cycle: it may end at once (skipped)
@@ -260,8 +260,11 @@ class Daemon:
 
     async def _rollback(self, version: str | None) -> dict[str, Any]:
         if self.learner is None:
-            raise app.NotReady("the model server is not ready")
-        adapter = await self.learner.rollback(version)
+            raise app.Unavailable("the model server is not ready")
+        try:
+            adapter = await self.learner.rollback(version)
+        except CannotServe as error:
+            raise app.Unavailable(str(error)) from None
         return {"serving": adapter.version if adapter else None}
 
     async def _retry(self, document_ids: list[int] | None) -> dict[str, Any]:

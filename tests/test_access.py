@@ -10,12 +10,14 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from daemon.config import ConfigError, load_settings
 from daemon.engine import vllm
+from daemon.learning.cycle import CannotServe
 from daemon.ingestion.journal import Input, Journal
 from daemon.layout import StateDir
 from daemon.service import Daemon
@@ -131,6 +133,21 @@ async def test_rollback_takes_version_names_only(tmp_path: Path, version: str) -
         reply = await front.post("/api/rollback", json={"version": version})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_version", reply.text
     assert not (tmp_path / "state" / "serving.json").exists()
+
+
+async def test_a_version_that_cannot_be_served_is_503_with_the_reason(tmp_path: Path) -> None:
+    """It was 500 "cld failed: RuntimeError" (vLLM refusing an adapter, an instance that did not start)."""
+    settings = load_settings(write_config(tmp_path))
+    daemon = Daemon(settings, StateDir(settings.state.dir).ensure())
+
+    async def rollback(version: str | None) -> None:
+        raise CannotServe(f"{version} could not be served, v0002 still serves: its instance exited")
+
+    daemon.learner = SimpleNamespace(rollback=rollback)  # type: ignore[assignment]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon._app()), base_url="http://front") as front:
+        reply = await front.post("/api/rollback", json={"version": "v0001"})
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["message"] == "v0001 could not be served, v0002 still serves: its instance exited"
 
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"])

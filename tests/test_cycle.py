@@ -3,6 +3,7 @@ whose measurements each test chooses: promote, reject, fail, roll back, recover 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +16,7 @@ from daemon.config import Settings
 from daemon.engine.router import Router
 from daemon.layout import StateDir
 from daemon.learning.adapters import adapters_view
-from daemon.learning.cycle import Learner, retention_probes
+from daemon.learning.cycle import CannotServe, Learner, retention_probes
 from daemon.learning.probes import build_cloze
 from daemon.learning.records import RUNNING, CycleRecord, CycleStore
 from replay import build
@@ -406,6 +407,67 @@ async def test_rollback_to_the_base_and_back(state: StateDir, tiny: Path) -> Non
         with pytest.raises(ValueError, match="is not an adapter version"):
             await learner.rollback(hostile)
     assert Router("cld", "cld-base", state.serving).current == adapter, "nothing hostile was served"
+
+
+class SlowProbes(FakeVLLM):
+    """Probing a candidate waits until `go` is set, so a rollback can arrive mid-probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go, self.probing = asyncio.Event(), asyncio.Event()
+        self.broken: set[str] = set()  # versions whose adapter vLLM refuses
+
+    async def token_nll(self, model: str, text: str | list[int]) -> list[float]:
+        if model not in ("cld-base", *self.served_before):
+            self.probing.set()
+            await self.go.wait()
+        return await super().token_nll(model, text)
+
+    async def load_lora(self, name: str, path: Path) -> None:
+        if path.name in self.broken:
+            raise RuntimeError(f"vLLM refused adapter {name} from {path}: no")
+        await super().load_lora(name, path)
+
+    served_before: tuple[str, ...] = ()
+
+
+async def test_a_rollback_during_a_cycle_stops_the_cycle_and_serves_the_version(state: StateDir, tiny: Path) -> None:
+    """The candidate was built on the version rolled back from and would undo the rollback if
+    promoted; a merged one also holds the instance slot the rolled-back version needs (it was 500
+    "cld failed: RuntimeError"). The cycle stops, its candidate is unloaded, its documents wait."""
+    vllm, journal = SlowProbes(), FakeJournal()
+    vllm.go.set()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    assert (await learner.run_cycle("api")).state == "promoted"
+    await learner.rollback(None)
+    assert (await learner.rollback("v0001")).version == "v0001"  # v0001 serves; its name is new
+    vllm.served_before, vllm.go, vllm.probing = (learner.router.current.served_name,), asyncio.Event(), asyncio.Event()
+    journal.add(MORE)
+    learner.request("api")
+    await asyncio.wait_for(vllm.probing.wait(), 60)
+    candidate = next(name for name in vllm.loaded if "v0002" in name)
+    adapter = await learner.rollback(None)
+    assert adapter is None and learner.router.current is None and learner.task.done()
+    record = learner.cycles.all()[-1]
+    assert record.state == "failed" and record.error == "cancelled: rolled back to the base while it ran"
+    assert candidate in vllm.unloaded and vllm.loaded == {}, "the candidate and the old version are unloaded"
+    assert journal.docs[2]["state"] == "ready" and journal.docs[2]["attempts"] == 0, "its document waits, not refused"
+    assert not (state.adapters / "v0002").exists() or record.version == "v0002"
+
+
+async def test_a_version_vllm_cannot_load_leaves_what_serves(state: StateDir, tiny: Path) -> None:
+    vllm, journal = SlowProbes(), FakeJournal()
+    vllm.go.set()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    assert (await learner.run_cycle("api")).state == "promoted"
+    served = learner.router.current
+    vllm.broken.add("v0001")
+    await learner.rollback(None)
+    with pytest.raises(CannotServe, match=r"v0001 could not be served, the base still serves: vLLM refused adapter"):
+        await learner.rollback("v0001")
+    assert learner.router.current is None and served is not None
 
 
 async def served_by_another_method(state: StateDir, tiny: Path, vllm: FakeVLLM) -> tuple[Learner, FakeJournal]:

@@ -48,8 +48,9 @@ MAX_BODY_BYTES = 32_000_000  # serve.max_request_mb's default
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart headers around an uploaded file
 
 
-class NotReady(RuntimeError):
-    """An admin action that needs the model server before it is ready (answered with 503)."""
+class Unavailable(RuntimeError):
+    """An admin action the model server cannot do now: before it is ready, or a version it could
+    not start serving (answered with 503 and the reason)."""
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,8 @@ async def _close(reply: httpx.Response, router: Router, served: str) -> None:
 
 def _admin_routes(app: FastAPI, admin: Admin, require_key: Callable[[Request], Awaitable[None]],
                   require_admin: Callable[[Request], Awaitable[None]]) -> None:
-    @app.exception_handler(NotReady)
-    async def _not_ready(request: Request, error: NotReady) -> JSONResponse:
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, error: Unavailable) -> JSONResponse:
         return openai_error(503, str(error), "service_unavailable")
 
     @app.post("/api/cycles", status_code=202, dependencies=[Depends(require_admin)])

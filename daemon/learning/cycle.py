@@ -56,6 +56,10 @@ class Skip(Exception):
     """Nothing to learn now (no new documents, replay buffer not built); not a failure."""
 
 
+class CannotServe(RuntimeError):
+    """A version asked for could not be loaded; what served before still serves."""
+
+
 class Learner:
     """Runs cycles one at a time and owns every change of the served adapter."""
 
@@ -72,6 +76,7 @@ class Learner:
         self.memo = probes.ProbeMemo(client)  # probe answers: each model is asked each probe once
         self.forms = forms.Library(settings.augment, settings.probes, state.forms, state.teacher, self._whole_text)
         self.rolling_back: set[str] = set()  # versions a rollback is loading
+        self.cancelled_because = "the daemon is stopping"  # what a cancelled cycle's record says
 
     # ---- the cycle ------------------------------------------------------------------------------
 
@@ -99,12 +104,12 @@ class Learner:
             except Skip as why:
                 return self.cycles.finish(record, SKIPPED, [str(why)])
             except asyncio.CancelledError:
-                self.cycles.finish(record, FAILED, error="cancelled: the daemon is stopping")
+                self.cycles.finish(record, FAILED, error=f"cancelled: {self.cancelled_because}")
+                await self._unload_candidate(served)
                 raise
             except Exception as error:  # noqa: BLE001 - any failure leaves serving as it was
                 log.exception("cycle %d failed at stage %s", record.id, record.stage)
-                if served and self.router.current and self.router.current.served_name != served:
-                    await self._unload_quietly(served)
+                await self._unload_candidate(served)
                 return self.cycles.finish(record, FAILED, error=f"{record.stage}: {error}")
             finally:
                 self.current = None
@@ -328,6 +333,11 @@ class Learner:
 
     # ---- serving changes ------------------------------------------------------------------------
 
+    async def _unload_candidate(self, served: str | None) -> None:
+        """Unload a cycle's candidate unless it was promoted meanwhile (its merged instance stops)."""
+        if served and not (self.router.current and self.router.current.served_name == served):
+            await self._unload_quietly(served)
+
     async def swap(self, adapter: Adapter | None) -> None:
         """Serve `adapter` (loaded already; None = the base) under the stable name; drain and
         unload the previous one."""
@@ -343,6 +353,7 @@ class Learner:
     async def rollback(self, version: str | None) -> Adapter | None:
         """Serve `version` again (None = the base model)."""
         if version is None:
+            await self._stop_cycle_for(None)
             await self.swap(None)
             return None
         if not is_version(version):
@@ -353,19 +364,41 @@ class Learner:
         adapters.check_version(folder, self.settings.train.vllm_max_lora_rank)
         self.rolling_back.add(version)  # not pruned by a cycle ending meanwhile
         try:
-            adapter = Adapter(version, await self.load(folder, version), folder)
+            await self._stop_cycle_for(version)
+            try:
+                served = await self.load(folder, version)
+            except RuntimeError as error:  # vLLM refused the adapter, or the version's instance did not start
+                raise CannotServe(f"{version} could not be served, {self._serving_words()} still serves: "
+                                  f"{error}") from error
+            adapter = Adapter(version, served, folder)
             await self.swap(adapter)
         finally:
             self.rolling_back.discard(version)
         return adapter
 
-    async def stop(self) -> None:
-        """Cancel a running cycle, journaled as failed "cancelled: the daemon is stopping"; the
-        trainer gets SIGTERM (then SIGKILL) and no staging folder stays. A promotion under way
-        finishes first (up to PROMOTE_FINISH_TIMEOUT_S), so serving.json and the journal agree."""
+    async def _stop_cycle_for(self, version: str | None) -> None:
+        """A rollback stops a running cycle: its candidate was built on, and would be judged against,
+        the version rolled back from (promoted, it would undo the rollback), and a merged-weight
+        candidate holds the instance slot the rolled-back version needs. Its documents wait for the
+        next cycle, their attempts not counted."""
+        if self.task is None or self.task.done():
+            return
+        running = self.current.id if self.current else None
+        log.warning("rolling back to %s: stopping cycle %s, whose candidate was built on %s", version or "the base",
+                    running, self._serving_words())
+        await self.stop(f"rolled back to {version or 'the base'} while it ran")
+
+    def _serving_words(self) -> str:
+        return self.router.current.version if self.router.current else "the base"
+
+    async def stop(self, why: str = "the daemon is stopping") -> None:
+        """Cancel a running cycle, journaled as failed "cancelled: `why`"; the trainer gets SIGTERM
+        (then SIGKILL), a loaded candidate is unloaded and no staging folder stays. A promotion
+        under way finishes first (up to PROMOTE_FINISH_TIMEOUT_S), so serving.json and the journal agree."""
         task, trainer = self.task, self.trainer
         if task is None or task.done():
             return
+        self.cancelled_because = why
         if self.current is not None and self.current.stage == "promote":
             await asyncio.wait([task], timeout=PROMOTE_FINISH_TIMEOUT_S)
         task.cancel()
