@@ -17,9 +17,9 @@ import pytest
 
 from daemon.config import ConfigError, load_settings
 from daemon.engine import vllm
-from daemon.learning.cycle import CannotServe
 from daemon.ingestion.journal import Input, Journal
 from daemon.layout import StateDir
+from daemon.learning.cycle import CannotServe
 from daemon.service import Daemon
 from tests.conftest import REPO, free_port
 
