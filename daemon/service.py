@@ -28,8 +28,8 @@ import uvicorn
 from daemon import model, systemd
 from daemon.config import MIN_GPU_SHARE, Settings, base_gpu_share_left
 from daemon.engine import vllm
-from daemon.engine.merged import Fleet, MergedServers, is_merged
-from daemon.engine.router import Router
+from daemon.engine.merged import Fleet, Instance, MergedServers, is_merged
+from daemon.engine.router import Adapter, Router
 from daemon.engine.supervisor import State as SupervisorState
 from daemon.engine.supervisor import Supervisor
 from daemon.front import app, slowclients
@@ -49,6 +49,9 @@ FRONT_START_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 5  # an idle kept-alive client connection is closed after this long (uvicorn's default)
 CYCLE_START_WAIT_S = 0.5  # POST /api/cycles waits this long, so a cycle skipped at once says why
 KEEPER_EVERY_S = 10.0  # how often the promoted adapter is checked to be loaded in vLLM
+# A served merged-weight version whose instance exits this many times in a row, each soon after its
+# start, cannot be served: the base serves instead (as for a LoRA version that cannot be loaded).
+MERGED_FALLBACK_FAILURES = 3
 RECALL_SYNC_S = 2.0  # how often the recall index is brought in step with the journal (new documents are recallable)
 RECALL_STOP_TIMEOUT_S = 10.0  # a recall index pass under way gets this long to finish at shutdown
 FRONT_STOP_TIMEOUT_S = 10.0  # requests in flight get this long to finish at shutdown
@@ -121,10 +124,13 @@ class Daemon:
         self.schedule: Schedule | None = None
         self.stopping = asyncio.Event()
         self.adapter_reloads = 0  # times the promoted adapter had vanished from vLLM
+        self.fallbacks = 0  # times a version that could not be served left the base serving
+        self.fallback: dict[str, Any] | None = None  # the last of them: version, reason, at
         self.phase = "starting"
         self.started_at = time.time()
         self.metrics = metrics.Metrics()  # /metrics; the state part is read from the state directory at scrape time
         self.metrics.watch(metrics.StateCollector(settings, lambda: self.supervisor.restarts if self.supervisor else 0))
+        self.metrics.watch(metrics.HealthCollector(self._degraded, lambda: self.fallbacks))
         self.notifier = systemd.notifier()  # does nothing unless systemd started cld (Type=notify)
         self.recaller = Recaller(settings.recall, open_index(state.recall, settings.replay.embedder,
                                                              settings.recall.passage_tokens),
@@ -215,8 +221,9 @@ class Daemon:
         if self.stopping.is_set() or self.phase != "serving":
             return PHASE_STATUS.get("stopping" if self.stopping.is_set() else self.phase, self.phase)
         current = self.router.current
-        return status_line(current.version if current else None, self.learner.current if self.learner else None,
+        line = status_line(current.version if current else None, self.learner.current if self.learner else None,
                            replay_plan.progress_line(replay_plan.building(self.settings)))
+        return f"{why}; {line}" if (why := self._unhealthy_reason()) else line
 
     def _start_learning(self) -> None:
         model_dir = model.prepared(self.settings.model.base, self.state)
@@ -236,6 +243,7 @@ class Daemon:
     def _app(self) -> Any:
         return app.create_app(
             self.router, self.upstream, healthy=self._healthy, status=self._status,
+            unhealthy_reason=lambda: self._unhealthy_reason() or "degraded: vLLM does not answer its health check",
             api_key=self.settings.security.api_key, admin_key=self.settings.security.admin_key, ready=self._ready,
             admin=app.Admin(self._cycle, self._adapters, self._rollback, self._retry),
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
@@ -342,10 +350,18 @@ class Daemon:
             else:
                 await self.vllm.load_lora(adapter.served_name, adapter.path)
         except (RuntimeError, httpx.HTTPError) as error:
-            log.error("could not load the promoted adapter %s (%s): serving the base model; "
-                      "`cld rollback %s` serves it again once its folder is back", adapter.version, error,
-                      adapter.version)
-            self.router.switch(None)
+            await self._fall_back(adapter, f"it could not be loaded: {error}")
+
+    async def _fall_back(self, adapter: Adapter, why: str) -> None:
+        """Serve the base instead of `adapter`, which cannot be served; say so in the log, status
+        (daemon.fallback) and metrics (cld_serving_fallbacks_total)."""
+        log.error("%s cannot be served (%s): serving the base model; `cld rollback %s` serves it again once it "
+                  "can", adapter.version, why, adapter.version)
+        self.router.switch(None)
+        self.fallback = {"version": adapter.version, "reason": why, "at": time.time()}
+        self.fallbacks += 1
+        if self.merged is not None and adapter.served_name in self.merged.instances:
+            await self.merged.stop(adapter.served_name)  # no restarts of what cannot serve
 
     async def _keep_recall(self) -> None:
         """Every RECALL_SYNC_S until the daemon stops: the recall index holds exactly the journal's
@@ -376,6 +392,17 @@ class Daemon:
         adapter = self.router.current
         if adapter is None or not self._ready() or (self.learner and self.learner.swap_lock.locked()):
             return
+        instance = self._served_instance()
+        if instance is not None:  # a merged-weight version: its own instance, which its supervisor restarts
+            supervisor = instance.supervisor
+            if supervisor.state is not SupervisorState.READY:
+                if not is_merged(instance.folder):
+                    await self._fall_back(adapter, f"its folder {instance.folder} is gone and its instance "
+                                                   f"{supervisor.state.value}")
+                elif supervisor.failures >= MERGED_FALLBACK_FAILURES:
+                    await self._fall_back(adapter, f"its instance exited {supervisor.failures} times in a row "
+                                                   "without serving")
+            return
         try:
             served = await self.fleet.served()
         except (httpx.HTTPError, ValueError, KeyError) as error:
@@ -392,8 +419,29 @@ class Daemon:
         supervisor = self.supervisor
         return self.phase == "serving" and (supervisor is None or supervisor.state is SupervisorState.READY)
 
+    def _served_instance(self) -> Instance | None:
+        """The vLLM instance of the served merged-weight version (None: the base instance serves)."""
+        current = self.router.current
+        return self.merged.instances.get(current.served_name) if current and self.merged else None
+
+    def _unhealthy_reason(self) -> str | None:
+        """Why `cld` cannot be answered now (None: it can, as far as the daemon knows)."""
+        if self.stopping.is_set() or self.phase != "serving":
+            return f"cld is {PHASE_STATUS.get('stopping' if self.stopping.is_set() else self.phase, self.phase)}"
+        checks = [("the base vLLM instance", self.supervisor)]
+        if (instance := self._served_instance()) is not None:
+            checks.append((f"the vLLM instance of {instance.folder.name}", instance.supervisor))
+        for name, supervisor in checks:
+            if supervisor is not None and supervisor.state is not SupervisorState.READY:
+                return f"degraded: {name} is {supervisor.state.value} ({supervisor.restarts} restarts)"
+        return None
+
+    def _degraded(self) -> str | None:
+        """Why `cld` cannot be answered while the daemon serves (None while starting or stopping too)."""
+        return self._unhealthy_reason() if self.phase == "serving" and not self.stopping.is_set() else None
+
     async def _healthy(self) -> bool:
-        return self._ready() and await self.vllm.healthy()
+        return self._unhealthy_reason() is None and await self.vllm.healthy()
 
     async def _status(self) -> dict[str, Any]:
         return status.collect(self.settings, daemon=self._record())
@@ -410,6 +458,8 @@ class Daemon:
             "vllm_url": self.vllm_url,
             "vllm_restarts": supervisor.restarts if supervisor else 0,
             "adapter_reloads": self.adapter_reloads,
+            "degraded": self._degraded(),
+            "fallback": self.fallback,
             "merged_instances": self.merged.views() if self.merged else [],
             "ingest_error": self.watcher.error,
             "recall": self.recaller.view(),

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 
 from daemon import service
 from daemon.config import load_settings
+from daemon.engine.merged import Instance
 from daemon.engine.router import Adapter, Router
 from daemon.engine.supervisor import State
 from daemon.layout import StateDir
@@ -117,3 +119,82 @@ def test_generation_limit_follows_the_context_length_unless_set(tmp_path: Path) 
     assert load_settings(config).serve.max_generated_tokens == 8192
     config.write_text("[serve]\nmax_model_len = 8192\nmax_tokens = 512\n")
     assert load_settings(config).serve.max_generated_tokens == 512
+
+
+# ---- a served merged-weight version's own instance (issue 35 #2) ----------------------------------------------
+
+class FakeInstanceSupervisor:
+    def __init__(self) -> None:
+        self.state, self.restarts, self.failures, self.stopped = State.READY, 0, 0, False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+class FakeClient:
+    async def aclose(self) -> None:
+        pass
+
+
+def serve_merged(daemon: Daemon) -> Instance:
+    """v0002, a merged-weight version, served by an instance of its own."""
+    folder = daemon.state.adapters / "v0002"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    instance = Instance("cld-v0002-def", folder, 1, FakeInstanceSupervisor(), FakeClient())  # type: ignore[arg-type]
+    assert daemon.merged is not None
+    daemon.merged.instances[instance.served_name] = instance
+    daemon.router.switch(Adapter("v0002", instance.served_name, folder))
+    return instance
+
+
+async def ahealth(daemon: Daemon) -> tuple[int, str]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon._app()), base_url="http://f") as front:
+        reply = await front.get("/health")
+    return reply.status_code, reply.json().get("error", {}).get("message", reply.json().get("status"))
+
+
+async def test_a_crashed_merged_instance_is_degraded_health_not_ok(daemon: Daemon) -> None:
+    """It was ~50 s of 503 for every request under a /health of 200."""
+    instance = serve_merged(daemon)
+    assert await ahealth(daemon) == (200, "ok")
+    instance.supervisor.state, instance.supervisor.restarts, instance.supervisor.failures = State.BACKOFF, 1, 1
+    assert await ahealth(daemon) == (503, "degraded: the vLLM instance of v0002 is backoff (1 restarts)")
+    assert daemon._status_line().startswith("degraded: the vLLM instance of v0002 is backoff")
+    assert daemon._record()["degraded"] and b"cld_degraded 1.0" in daemon.metrics.expose()[0]
+    assert "degraded: the vLLM instance of v0002 is backoff (1 restarts): requests to cld get 503" in status_text(daemon)
+    await keep_for(daemon, 0.1)
+    assert daemon.router.current is not None and daemon.router.current.version == "v0002", "it restarts: no fallback"
+    instance.supervisor.state = State.READY
+    assert await ahealth(daemon) == (200, "ok") and b"cld_degraded 0.0" in daemon.metrics.expose()[0]
+
+
+@pytest.mark.parametrize("cause", ["folder deleted", "exits at every start"])
+async def test_a_merged_version_that_cannot_be_restarted_falls_back_to_the_base(daemon: Daemon, cause: str) -> None:
+    """It was 503 for as long as watched (150 s+) while /health, status and metrics said v0003 served."""
+    import shutil
+
+    instance = serve_merged(daemon)
+    instance.supervisor.state, instance.supervisor.restarts = State.BACKOFF, 3
+    if cause == "folder deleted":
+        shutil.rmtree(instance.folder)
+    else:
+        instance.supervisor.failures = service.MERGED_FALLBACK_FAILURES
+    await keep_for(daemon, 0.1)
+    assert daemon.router.current is None and Router("cld", "cld-base", daemon.state.serving).current is None
+    assert instance.supervisor.stopped and daemon.merged is not None and not daemon.merged.instances
+    assert await ahealth(daemon) == (200, "ok"), "the base serves"
+    record = daemon._record()
+    assert record["fallback"]["version"] == "v0002" and record["degraded"] is None
+    assert ("folder" in record["fallback"]["reason"]) == (cause == "folder deleted")
+    assert b"cld_serving_fallbacks_total 1.0" in daemon.metrics.expose()[0]
+    text = status_text(daemon)
+    assert "v0002 could not be served" in text and "cld rollback v0002" in text
+
+
+def status_text(daemon: Daemon) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=240, color_system="standard", force_terminal=True)
+    console.print(status.render(status.collect(daemon.settings, daemon=daemon._record())))
+    return console.export_text(styles=False)

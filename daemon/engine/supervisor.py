@@ -66,6 +66,7 @@ class Supervisor:
         self.unhealthy_restarts_after = unhealthy_restarts_after  # failed checks in a row before a restart
         self.state = State.STOPPED
         self.restarts = 0
+        self.failures = 0  # exits in a row, each within stable_s of its start
         self.process: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -98,14 +99,13 @@ class Supervisor:
         self.state = State.STOPPED
 
     async def _keep_running(self) -> None:
-        failures = 0
         while not self._stopping.is_set():
             started = time.monotonic()
             code = await self._run_once()
             if self._stopping.is_set():
                 return
-            failures = 0 if time.monotonic() - started > self.stable_s else failures + 1
-            delay = backoff_delay(failures, *self.backoff_s)
+            self.failures = 0 if time.monotonic() - started > self.stable_s else self.failures + 1
+            delay = backoff_delay(self.failures, *self.backoff_s)
             log.error("%s exited with code %s; restarting in %.0f s", self.name, code, delay)
             self.state = State.BACKOFF
             self.restarts += 1

@@ -77,6 +77,7 @@ def create_app(
     *,
     healthy: HealthSource,
     status: StatusSource,
+    unhealthy_reason: Optional[Callable[[], Optional[str]]] = None,
     api_key: str = "",
     admin_key: str = "",
     ready: Callable[[], bool] = lambda: True,
@@ -130,7 +131,8 @@ def create_app(
     async def health() -> Response:
         if await healthy():
             return JSONResponse({"status": "ok"})
-        return openai_error(503, "the model server is not ready", "service_unavailable")
+        why = unhealthy_reason() if unhealthy_reason is not None else None
+        return openai_error(503, why or "the model server is not ready", "service_unavailable")
 
     @app.get("/api/status", dependencies=[Depends(require_key)])
     async def api_status() -> dict[str, Any]:

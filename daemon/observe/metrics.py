@@ -121,6 +121,22 @@ class StateCollector(Collector):
                                   "exited, since the daemon started.", value=self.restarts())
 
 
+class HealthCollector(Collector):
+    """What the running daemon knows of its own health: `degraded` gives why `cld` cannot be answered
+    while it serves (None: it can), `fallbacks` how often the base had to serve instead of a version."""
+
+    def __init__(self, degraded: Callable[[], str | None], fallbacks: Callable[[], int]):
+        self.degraded, self.fallbacks = degraded, fallbacks
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("cld_degraded", "1 while the daemon serves but requests to the stable name cannot be "
+                                "answered (a vLLM instance restarting or down; /health is 503), else 0.",
+                                value=1 if self.degraded() else 0)
+        yield CounterMetricFamily("cld_serving_fallbacks", "Times the base model had to serve instead of the version "
+                                  "chosen, because that version could not be served (its folder gone, its instance "
+                                  "exiting at every start), since the daemon started.", value=self.fallbacks())
+
+
 def _documents(counts: dict[str, int]) -> Metric:
     family = GaugeMetricFamily("cld_documents", "Documents by state: ingested (unique), pending (not learned yet), "
                                "ready (chunked, waiting for a cycle), learned, set_aside (refused in schedule.max_attempts "

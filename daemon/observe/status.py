@@ -107,6 +107,11 @@ def render(status: dict[str, Any], now_s: float | None = None) -> Group:
                                         "too many cycles (`cld retry --list` says why)", style="bold yellow"))
     if daemon.get("ingest_error"):
         facts.add_row("intake", Text(f"failing: {daemon['ingest_error']}", style="bold red"))
+    if daemon.get("degraded"):
+        facts.add_row("health", Text(f"{daemon['degraded']}: requests to {model['served_name']} get 503",
+                                     style="bold red"))
+    if daemon.get("fallback"):
+        facts.add_row("fallback", Text(fallback_line(daemon["fallback"]), style="bold yellow"))
     facts.add_row("replay", replay_line(status["replay"]))
     if daemon.get("recall"):
         facts.add_row("recall", recall_line(daemon["recall"]))
@@ -115,6 +120,13 @@ def render(status: dict[str, Any], now_s: float | None = None) -> Group:
     if running:
         facts.add_row("now", Text(f"cycle {running[-1]['id']} {cycle_line(running[-1])}", style="yellow"))
     return Group(facts, _cycles_table(status, now_s or time.time()))
+
+
+def fallback_line(fallback: dict[str, Any]) -> str:
+    """The last time the base had to serve instead of a version that could not be served."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(fallback["at"]))
+    return (f"{fallback['version']} could not be served ({fallback['reason']}); the base serves since {when} "
+            f"(`cld rollback {fallback['version']}` once it can)")
 
 
 def _daemon_line(daemon: dict[str, Any], now_s: float) -> Text:

@@ -20,7 +20,7 @@ import jinja2
 from markupsafe import Markup
 
 from daemon.learning.decide import RULE_OF, RULES, passes
-from daemon.observe.status import cycle_line, failed_reasons, item_count, recall_line, replay_line, span
+from daemon.observe.status import cycle_line, failed_reasons, fallback_line, item_count, recall_line, replay_line, span
 
 REFRESH_S = 30
 RECENT_CYCLES = 12
@@ -201,6 +201,8 @@ def _daemon_line(daemon: dict[str, Any]) -> str:
     if not daemon.get("running"):
         return "daemon not running"
     failing = f"; intake failing: {daemon['ingest_error']}" if daemon.get("ingest_error") else ""
+    failing += f"; {daemon['degraded']}" if daemon.get("degraded") else ""
+    failing += f"; {fallback_line(daemon['fallback'])}" if daemon.get("fallback") else ""
     return (f"daemon {daemon.get('phase', '?')} (pid {daemon.get('pid')}), model server {daemon.get('vllm', '?')}, "
             f"{daemon.get('vllm_restarts', 0)} restarts{failing}")
 
