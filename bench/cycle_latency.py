@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.engine.merged import spare_daemon_ports
+from daemon.service import spare_port
 
 REPO = Path(__file__).resolve().parent.parent
 FACTS = " ".join(
@@ -76,11 +76,11 @@ MORE_FACTS = " ".join(
 
 
 def start(folder: Path, method: str) -> tuple[subprocess.Popen, str]:
-    port, vllm_port = spare_daemon_ports()
+    port = spare_port()
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     (folder / "config.toml").write_text(
-        f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}'
+        f'[state]\ndir = "state"\n[serve]\nport = {port}\n{base}'
         "[replay]\nsynthetic_documents = 24\nrehearsal_prompts = 24\nrehearsal_held_out = 6\n"
         "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n"
         f'[train]\nmethod = "{method}"\n' + ("learning_rate = 1e-3\n" if method == "expand" else "") +

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/front_overhead.py [--rounds 6] [--streams 16] [--tokens 64]
 
-Starts `cld run` on free ports in a temporary state directory (reusing ./var/model when it is
+Starts `cld run` on a free port in a temporary state directory (vLLM on its socket there) (reusing ./var/model when it is
 already prepared), then alternates direct-vLLM and through-the-front runs so that both see the
 same machine load:
 - latency: sequential 1-token completions; p50 of each path and the median paired difference;
@@ -28,18 +28,19 @@ from pathlib import Path
 import httpx
 import machine  # beside this file
 
-from daemon.engine.merged import spare_daemon_ports
+from daemon.engine import vllm
+from daemon.service import spare_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
-    port, vllm_port = spare_daemon_ports()
+    port = spare_port()
     prepared = REPO / "var" / "model"
     base = f'[model]\nbase = "{prepared}"\n' if (prepared / "config.json").is_file() else ""
     config = folder / "config.toml"
     # A one-document replay build, finished before measuring, so it does not load vLLM meanwhile.
-    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {vllm_port}\n{base}'
+    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\n{base}'
                       '[replay]\nsynthetic_documents = 1\nrehearsal_prompts = 2\nrehearsal_held_out = 1\n'
                       '[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n')
     log = open(folder / "daemon.log", "wb")
@@ -52,26 +53,26 @@ def start_daemon(folder: Path) -> tuple[subprocess.Popen, str, str]:
         try:
             healthy = httpx.get(f"{front}/health", timeout=2).status_code == 200
             if healthy and httpx.get(f"{front}/api/status", timeout=5).json()["replay"]["source"]:
-                return process, front, f"http://127.0.0.1:{vllm_port}"
+                return process, front, vllm.socket_address(vllm.sockets_dir(folder / "state") / vllm.BASE_SOCKET)
         except httpx.HTTPError:
             pass
         time.sleep(1)
     sys.exit("cld run did not become healthy")
 
 
-async def one_token(client: httpx.AsyncClient, url: str, model: str) -> float:
+async def one_token(client: httpx.AsyncClient, model: str) -> float:
     started = time.perf_counter()
-    reply = await client.post(f"{url}/v1/completions",
+    reply = await client.post("/v1/completions",
                               json={"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
     reply.raise_for_status()
     return (time.perf_counter() - started) * 1000
 
 
-async def latency(client: httpx.AsyncClient, direct: str, front: str, requests: int) -> dict[str, float]:
+async def latency(direct: httpx.AsyncClient, front: httpx.AsyncClient, requests: int) -> dict[str, float]:
     direct_ms, front_ms = [], []
     for _ in range(requests):
-        direct_ms.append(await one_token(client, direct, "cld-base"))
-        front_ms.append(await one_token(client, front, "cld"))
+        direct_ms.append(await one_token(direct, "cld-base"))
+        front_ms.append(await one_token(front, "cld"))
     return {
         "direct_p50_ms": statistics.median(direct_ms),
         "front_p50_ms": statistics.median(front_ms),
@@ -79,12 +80,12 @@ async def latency(client: httpx.AsyncClient, direct: str, front: str, requests: 
     }
 
 
-async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> int:
+async def stream_tokens(client: httpx.AsyncClient, model: str, tokens: int) -> int:
     body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
             "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     generated = 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
         reply.raise_for_status()
         async for line in reply.aiter_lines():
             if line.startswith("data: {"):
@@ -94,27 +95,28 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, tokens:
     return generated
 
 
-async def throughput(client: httpx.AsyncClient, url: str, model: str, streams: int, tokens: int) -> float:
+async def throughput(client: httpx.AsyncClient, model: str, streams: int, tokens: int) -> float:
     started = time.perf_counter()
-    counts = await asyncio.gather(*(stream_tokens(client, url, model, tokens) for _ in range(streams)))
+    counts = await asyncio.gather(*(stream_tokens(client, model, tokens) for _ in range(streams)))
     if sum(counts) != streams * tokens:
         raise RuntimeError(f"expected {streams * tokens} tokens, got {sum(counts)}")
     return sum(counts) / (time.perf_counter() - started)
 
 
-async def measure(direct: str, front: str, vllm_key: str, args: argparse.Namespace) -> dict[str, object]:
+async def measure(direct_address: str, front_url: str, vllm_key: str, args: argparse.Namespace) -> dict[str, object]:
     limits = httpx.Limits(max_connections=args.streams * 2)
-    # vLLM answers only with the key cld gave it; the front (no API key set) ignores the header.
-    async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": f"Bearer {vllm_key}"}) as client:
-        await throughput(client, direct, "cld-base", 4, 8)  # warm-up
-        lat = await latency(client, direct, front, args.requests)
+    # vLLM (on its socket) answers only with the key cld gave it; the front has no API key set.
+    async with vllm.async_client(direct_address, httpx.Timeout(600), vllm_key, limits) as direct, \
+            httpx.AsyncClient(base_url=front_url, timeout=600, limits=limits) as front:
+        await throughput(direct, "cld-base", 4, 8)  # warm-up
+        lat = await latency(direct, front, args.requests)
         direct_tps, front_tps = [], []
         for round_ in range(args.rounds):  # ABBA order, so drift in machine load favours neither path
             for path in (("direct", "front") if round_ % 2 == 0 else ("front", "direct")):
                 if path == "direct":
-                    direct_tps.append(await throughput(client, direct, "cld-base", args.streams, args.tokens))
+                    direct_tps.append(await throughput(direct, "cld-base", args.streams, args.tokens))
                 else:
-                    front_tps.append(await throughput(client, front, "cld", args.streams, args.tokens))
+                    front_tps.append(await throughput(front, "cld", args.streams, args.tokens))
     ratio = statistics.mean(front_tps) / statistics.mean(direct_tps)
     return {**lat, "direct_tok_s": statistics.mean(direct_tps), "front_tok_s": statistics.mean(front_tps),
             "throughput_ratio": ratio, "direct_runs": direct_tps, "front_runs": front_tps}

@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
@@ -95,7 +96,7 @@ def cycles(state: Path) -> list[dict[str, Any]]:
 async def probe_twice(state: Path, cycle_id: int, times: int = 2) -> list[dict[str, Any]]:
     """Cycle `cycle_id`'s candidate, incumbent and base probed again `times` times, as the cycle did."""
     from daemon.config import load_settings
-    from daemon.engine.merged import Fleet, MergedServers, spare_daemon_ports
+    from daemon.engine.merged import Fleet, MergedServers
     from daemon.engine.router import Adapter, Router
     from daemon.ingestion.journal import Journal
     from daemon.layout import JOURNAL_FILE, StateDir
@@ -112,12 +113,9 @@ async def probe_twice(state: Path, cycle_id: int, times: int = 2) -> list[dict[s
     key = os.urandom(16).hex()
     names = {role: f"{role}-{record.version}" for role, folder in folders.items() if folder}
 
-    def servers(port: int) -> MergedServers:  # instances on port + 1 and + 2
-        return MergedServers(settings.model_copy(update={"serve": settings.serve.model_copy(
-            update={"vllm_port": port})}), state, key, {})
-
-    # the base alone, the incumbent and the candidate beside each other, on ports no daemon uses
-    base, versions = (servers(port) for port in spare_daemon_ports())
+    # the base alone, the incumbent and the candidate beside each other, their sockets in a folder of their own
+    own = Path(tempfile.mkdtemp(prefix="cld-gate-noise-"))
+    base, versions = (MergedServers(settings, own / name, key, {}) for name in ("base", "versions"))
     try:
         served = Fleet((await base.start(names["base"], folders["base"])).client, versions)
         for role in ("incumbent", "candidate"):
@@ -141,6 +139,7 @@ async def probe_twice(state: Path, cycle_id: int, times: int = 2) -> list[dict[s
     finally:
         await versions.stop_all()
         await base.stop_all()
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def same_items(a: Items, b: Items) -> dict[str, float]:

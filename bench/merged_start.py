@@ -37,18 +37,18 @@ import machine  # noqa: E402  (beside this file)
 from daemon import model  # noqa: E402
 from daemon.config import Settings  # noqa: E402
 from daemon.engine import vllm  # noqa: E402
-from daemon.engine.merged import spare_daemon_ports  # noqa: E402
 from daemon.layout import StateDir  # noqa: E402
 
 START_LIMIT_S = 1800
 
 
 class Server:
-    def __init__(self, model_dir: Path, settings: Settings, port: int, log: Path, lora: bool):
-        command = vllm.server_command(model_dir, settings, port=port, served_name="m", lora=lora)
+    def __init__(self, model_dir: Path, settings: Settings, socket: Path, log: Path, lora: bool):
+        socket.unlink(missing_ok=True)
+        command = vllm.server_command(model_dir, settings, socket, served_name="m", lora=lora)
         env = vllm.server_env(settings, "", merged=not lora)
         env.pop("VLLM_API_KEY")
-        self.url = f"http://{vllm.LOOPBACK}:{port}"
+        self.url = vllm.socket_address(socket)
         self.started = time.monotonic()
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -59,7 +59,9 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"vLLM exited with {self.process.returncode} (its log is in the bench folder)")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                with vllm.client(self.url, 2) as client:
+                    healthy = client.get("/health").status_code == 200
+                if healthy:
                     return time.monotonic() - self.started
             except httpx.HTTPError:
                 pass
@@ -77,7 +79,7 @@ class Server:
 
 async def tokens_per_s(url: str, concurrent: int, rounds: int = 3) -> float:
     body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True, "temperature": 0.8}
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with vllm.async_client(url, httpx.Timeout(600)) as client:
         async def one() -> int:
             reply = await client.post("/v1/completions", json=body)
             reply.raise_for_status()
@@ -103,10 +105,10 @@ class Clients:
     def _run(self) -> None:
         body = {"model": "m", "messages": [{"role": "user", "content": "Who signed the Velmora Accord?"}],
                 "max_tokens": 12, "temperature": 0, "stream": True}
-        with httpx.Client(timeout=300) as client:
+        with vllm.client(self.url, 300) as client:
             while not self.stopping.is_set():
                 try:
-                    with client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as reply:
+                    with client.stream("POST", "/v1/chat/completions", json=body) as reply:
                         "".join(reply.iter_text())
                     self.done += reply.status_code == 200
                     self.failed += reply.status_code != 200
@@ -120,17 +122,17 @@ class Clients:
             thread.join(300)
 
 
-def measure(model_dir: Path, settings: Settings, ports: tuple[int, int], folder: Path, tag: str,
-            clients: int, pause_s: float) -> dict[str, float]:
-    base_port, merged_port = ports
-    merged = Server(model_dir, settings, merged_port, folder / f"{tag}-alone.log", lora=False)
+def measure(model_dir: Path, settings: Settings, folder: Path, tag: str, clients: int,
+            pause_s: float) -> dict[str, float]:
+    base_socket, merged_socket = folder / "base.sock", folder / "merged.sock"
+    merged = Server(model_dir, settings, merged_socket, folder / f"{tag}-alone.log", lora=False)
     try:
         row = {"alone_s": merged.wait()}
         row["batch_tok_s"] = asyncio.run(tokens_per_s(merged.url, 16))
         row["stream_tok_s"] = asyncio.run(tokens_per_s(merged.url, 1))
     finally:
         merged.stop()
-    base = Server(model_dir, settings, base_port, folder / f"{tag}-base.log", lora=True)
+    base = Server(model_dir, settings, base_socket, folder / f"{tag}-base.log", lora=True)
     try:
         base.wait()
     except RuntimeError:
@@ -138,7 +140,7 @@ def measure(model_dir: Path, settings: Settings, ports: tuple[int, int], folder:
         raise
     load = Clients(base.url, clients, pause_s)
     time.sleep(10)
-    merged = Server(model_dir, settings, merged_port, folder / f"{tag}-beside.log", lora=False)
+    merged = Server(model_dir, settings, merged_socket, folder / f"{tag}-beside.log", lora=False)
     try:
         row["beside_s"] = merged.wait()
     finally:
@@ -163,14 +165,12 @@ def main() -> int:
     os.chdir(folder)  # Settings() then reads no config.toml: the shipped defaults
     settings = Settings()
     model_dir = model.prepare(settings.model.base, StateDir(folder / "state"))
-    port, vllm_port = spare_daemon_ports()
     rows: dict[str, list[dict[str, float]]] = {"compiled": [], "uncompiled": []}
     for round_ in range(args.rounds):
         order = ["compiled", "uncompiled"] if round_ % 2 == 0 else ["uncompiled", "compiled"]
         for tag in order:
             settings.serve.merged_compile = tag == "compiled"
-            rows[tag].append(measure(model_dir, settings, (port, vllm_port + 1), folder, f"{tag}-{round_}",
-                                     args.clients, args.pause_s))
+            rows[tag].append(measure(model_dir, settings, folder, f"{tag}-{round_}", args.clients, args.pause_s))
     print(f"\n{machine.describe()}, "
           f"{args.rounds} round(s), {args.clients} clients pausing {args.pause_s:g} s; logs in {folder}\n")
     print("| merged instance | start, alone | start beside a serving instance | 16 concurrent × 64 tokens "

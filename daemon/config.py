@@ -34,12 +34,12 @@ ENV_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = "config.toml"
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# vLLM options cld sets itself, with the setting to use instead: where vLLM listens (loopback only) and its
+# vLLM options cld sets itself, with the setting to use instead: where vLLM listens (a socket only cld reaches) and its
 # key, which model it serves under which name and length; --config could set any of them from a file.
 VLLM_RESERVED_ARGS = {
-    "--host": "vLLM only listens on loopback: serve.host sets where the front listens",
-    "--port": "serve.vllm_port",
-    "--uds": "vLLM only listens on loopback",
+    "--host": "vLLM listens only on its socket in the state directory: serve.host sets where the front listens",
+    "--port": "vLLM listens only on its socket in the state directory: serve.port sets the front's port",
+    "--uds": "vLLM listens only on the socket cld gives it",
     "--api-key": "vLLM answers only cld, with a key of its own",
     "--config": "a file could set any option: put them in serve.vllm_args",
     "--model": "model.base",
@@ -100,11 +100,14 @@ class ServeSection(Section):
         description="Stable model name clients use: the promoted adapter, or the base when none is. "
         "`<model_name>-base` always means the base model.",
     )
-    vllm_port: int = Field(8001, ge=1, le=65535, description="Loopback port of the vLLM server cld starts.")
+    vllm_port: int = Field(8001, ge=1, le=65535, description="Not used any more: the vLLM servers cld starts listen "
+                           "on UNIX sockets in <state.dir>/run/ (mode 700), which no other local user can reach, "
+                           "not on a TCP port. Kept so that configs setting it still load.")
     vllm_url: str = Field(
         "",
-        description="URL of an external vLLM server (e.g. a multi-GPU deployment) started with "
-        "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True. Empty = cld starts its own.",
+        description="Address of an external vLLM server (e.g. a multi-GPU deployment) started with "
+        "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: http(s)://host:port, or unix:/path for one "
+        "listening on a UNIX socket (--uds). Empty = cld starts its own.",
     )
     vllm_api_key: str = Field(
         "", description="Bearer key of the external vLLM server (serve.vllm_url), if it was started with "
@@ -138,7 +141,7 @@ class ServeSection(Section):
     vllm_args: list[str] = Field(
         default_factory=list, description="Extra command-line arguments for the vLLM server. Options cld sets itself "
         "are refused, in any form vLLM's parser accepts (--host, --port, --uds, --api-key, --model, "
-        "--served-model-name, --max-model-len, --config): vLLM listens on loopback only, at serve.vllm_port."
+        "--served-model-name, --max-model-len, --config): vLLM listens only on a socket cld gives it."
     )
     max_n: int = Field(
         8, ge=1, description="Most completions one request may ask for (n, best_of); more get 400, so that one "
@@ -171,6 +174,10 @@ class ServeSection(Section):
     @field_validator("vllm_url")
     @classmethod
     def _url(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:").startswith("/"):
+                raise ValueError("a socket is named by its absolute path: unix:/path/to/vllm.sock")
+            return value
         return http_url(value, "to start our own vLLM")
 
     @property
@@ -741,8 +748,6 @@ class Settings(BaseSettings):
         if self.recall.max_tokens > self.serve.max_model_len // 2:
             raise ValueError(f"recall.max_tokens ({self.recall.max_tokens}) must leave half of serve.max_model_len "
                              f"({self.serve.max_model_len}) to the request and its answer")
-        if not self.serve.vllm_url and self.serve.vllm_port == self.serve.port:
-            raise ValueError(f"serve.vllm_port and serve.port are both {self.serve.port}: choose two ports")
         if self.serve.vllm_url and "method" not in self.train.model_fields_set:
             self.train.method = "lora"
         if self.train.method != "lora" and self.serve.vllm_url:

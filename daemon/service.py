@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -103,14 +104,12 @@ class Daemon:
         self.settings = settings
         self.state = state
         serve = settings.serve
-        self.vllm_url = serve.vllm_url or f"http://{vllm.LOOPBACK}:{serve.vllm_port}"
-        self.vllm_key = serve.vllm_api_key if serve.vllm_url else vllm.new_key()  # our own vLLM answers cld only
-        self.upstream = httpx.AsyncClient(
-            base_url=self.vllm_url,
-            timeout=httpx.Timeout(serve.request_timeout_s, connect=5),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            headers=vllm.auth_headers(self.vllm_key),
-        )
+        # our own vLLM listens on a socket only this user reaches, and answers only cld (its key)
+        self.vllm_socket = None if serve.vllm_url else vllm.sockets_dir(state.root) / vllm.BASE_SOCKET
+        self.vllm_url = serve.vllm_url or vllm.socket_address(self.vllm_socket)
+        self.vllm_key = serve.vllm_api_key if serve.vllm_url else vllm.new_key()
+        self.upstream = vllm.async_client(self.vllm_url, httpx.Timeout(serve.request_timeout_s, connect=5),
+                                          self.vllm_key, httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self.vllm = vllm.VLLMClient(self.vllm_url, self.upstream)
         self.router = Router(serve.model_name, serve.base_name, state.serving)
         # merged-weight versions (train.method other than lora) get vLLM instances of their own
@@ -319,9 +318,11 @@ class Daemon:
         model_dir = preparing.result()
         self.recaller.specials = template_tokens(model_dir)  # recalled text must not spell them
         self.phase = "starting model server"
+        assert self.vllm_socket is not None  # no serve.vllm_url: ours
         self.supervisor = Supervisor(
-            "vllm", vllm.server_command(model_dir, self.settings), vllm.server_env(self.settings, self.vllm_key),
-            self.vllm.healthy, on_ready=self._restore_adapter, pid_file=self.state.vllm_pid,
+            "vllm", vllm.server_command(model_dir, self.settings, self.vllm_socket),
+            vllm.server_env(self.settings, self.vllm_key), self.vllm.healthy, on_ready=self._restore_adapter,
+            pid_file=self.state.vllm_pid, socket=self.vllm_socket,
         )
         atomic_write_text(self.state.vllm_key, self.vllm_key)  # mode 600: for cld's tools, as the state dir is
         self.supervisor.start()
@@ -469,6 +470,33 @@ class Daemon:
         serve = self.settings.serve
         host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
         return f"http://{host}:{serve.port}"
+
+
+def spare_port(taken: frozenset[int] = frozenset(), low: int = 20000, high: int | None = None) -> int:
+    """A serve.port for a daemon a test or benchmark starts: free on loopback, none of `taken`, and
+    below the kernel's ephemeral range `high` (where it picks client sockets' local ports, so none
+    can take it before the daemon binds it)."""
+    if high is None:
+        try:
+            high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            high = 32768
+        low = min(low, max(1024, high - 10000))
+    for port in random.sample(range(low, high), min(2000, high - low)):
+        if port not in taken and _bindable(port):
+            return port
+    raise RuntimeError(f"no free loopback port between {low} and {high}")
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on the loopback `port` now (bound as servers bind: SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def gpu_shares_problem(settings: Settings, cpu: bool) -> str | None:

@@ -41,13 +41,22 @@ class GeneratorUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class GeneratorSpec:
-    """Where the base model answers: an OpenAI-compatible server and the model's name there."""
+    """Where the base model answers: an OpenAI-compatible server (`base_url` an http(s) URL, or
+    unix:/path for one on a UNIX socket) and the model's name there."""
 
     base_url: str
     model: str
     api_key: str = ""
     concurrency: int = 16
     timeout_s: float = 300.0
+
+    def client(self, connections: int = 1) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=connections)
+        if self.base_url.startswith("unix:"):
+            transport = httpx.HTTPTransport(uds=self.base_url.removeprefix("unix:"), limits=limits)
+            return httpx.Client(base_url="http://model", transport=transport, headers=headers, timeout=self.timeout_s)
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,6 @@ Generate = Callable[[Sequence[Ask]], list[str | None]]
 def endpoint(spec: GeneratorSpec, chat: bool) -> Generate:
     """A Generate that asks `spec`'s server, `spec.concurrency` requests at a time."""
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
 
     def one(client: httpx.Client, ask: Ask) -> str | None:
         body = {"model": spec.model, "temperature": ask.temperature, "top_p": TOP_P if ask.temperature else 1.0,
@@ -81,9 +89,7 @@ def endpoint(spec: GeneratorSpec, chat: bool) -> Generate:
         return choice["message"]["content"] if chat else choice["text"]
 
     def generate(asks: Sequence[Ask]) -> list[str | None]:
-        limits = httpx.Limits(max_connections=spec.concurrency)
-        with httpx.Client(base_url=spec.base_url, headers=headers, timeout=spec.timeout_s, limits=limits) as client, \
-                ThreadPoolExecutor(spec.concurrency) as pool:
+        with spec.client(spec.concurrency) as client, ThreadPoolExecutor(spec.concurrency) as pool:
             return list(pool.map(lambda ask: one(client, ask), asks))
 
     return generate
@@ -92,9 +98,9 @@ def endpoint(spec: GeneratorSpec, chat: bool) -> Generate:
 def supports_chat(spec: GeneratorSpec) -> bool:
     """True when the server answers chat requests for the model (it has a chat template)."""
     body = {"model": spec.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     try:
-        reply = httpx.post(f"{spec.base_url}/v1/chat/completions", json=body, headers=headers, timeout=spec.timeout_s)
+        with spec.client() as client:
+            reply = client.post("/v1/chat/completions", json=body)
     except httpx.HTTPError as error:
         raise GeneratorUnavailable(f"no model server answers at {spec.base_url} ({error})") from None
     if reply.status_code in (401, 403, 404):

@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemon.engine.merged import SLOTS, spare_vllm_port
+from daemon.engine import vllm
+from daemon.service import spare_port
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("CLD_TEST_START_TIMEOUT_S", "600"))
@@ -26,11 +27,10 @@ _HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A free loopback port never handed out before in this session (a config with serve.port =
-    serve.vllm_port is refused), below the kernel's ephemeral range and with the next two free as
-    well: as serve.vllm_port, those are the merged instances' (daemon.engine.merged)."""
-    port = spare_vllm_port(frozenset(_HANDED_OUT))
-    _HANDED_OUT.update(range(port, port + SLOTS + 1))
+    """A free loopback port never handed out before in this session, below the kernel's ephemeral
+    range (for a daemon's front: its vLLM instances listen on UNIX sockets)."""
+    port = spare_port(frozenset(_HANDED_OUT))
+    _HANDED_OUT.add(port)
     return port
 
 
@@ -40,7 +40,6 @@ class LiveDaemon:
     config_path: Path
     state_dir: Path
     port: int
-    vllm_port: int
     log_path: Path
 
     @property
@@ -49,7 +48,12 @@ class LiveDaemon:
 
     @property
     def vllm_url(self) -> str:
-        return f"http://127.0.0.1:{self.vllm_port}"
+        """The address of the daemon's vLLM: unix:PATH of its socket."""
+        return vllm.socket_address(vllm.sockets_dir(self.state_dir) / vllm.BASE_SOCKET)
+
+    def vllm_client(self, key: bool = True) -> httpx.Client:
+        """A client of the daemon's vLLM, through its socket (with its key, or none)."""
+        return vllm.client(self.vllm_url, 30, self.vllm_key if key else "")
 
     @property
     def vllm_key(self) -> str:
@@ -67,7 +71,7 @@ class LiveDaemon:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Path:
+def write_config(folder: Path, port: int, extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(textwrap.dedent(f"""\
@@ -76,7 +80,6 @@ def write_config(folder: Path, port: int, vllm_port: int, extra: str = "") -> Pa
 
         [serve]
         port = {port}
-        vllm_port = {vllm_port}
 
         # Small enough for a 2-core CI machine: the replay buffer builds in about two minutes.
         [replay]
@@ -112,15 +115,15 @@ LIVE_METHOD = {"CLD_TRAIN__METHOD": "lora", "CLD_AUGMENT__FORMS": "[]"}
 
 def start_daemon(folder: Path, extra_config: str = "", env: dict[str, str] | None = None) -> LiveDaemon:
     """`cld run` on a new state folder; `env` adds settings (CLD_SECTION__KEY) to what the config says."""
-    port, vllm_port = free_port(), free_port()
-    config = write_config(folder, port, vllm_port, extra_config)
+    port = free_port()
+    config = write_config(folder, port, extra_config)
     log_path = folder / "daemon.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **LIVE_METHOD, **(env or {})},
         )
-    daemon = LiveDaemon(process, config, folder / "state", port, vllm_port, log_path)
+    daemon = LiveDaemon(process, config, folder / "state", port, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -5,6 +5,7 @@ the limit get 413 even when chunked; uploaded file names cannot leave the inbox.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def test_vllm_args_that_set_what_cld_sets_are_refused(tmp_path: Path, args: list
 
 
 def test_abbreviations_are_named_with_the_option_they_mean(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"may not set --ho=0.0.0.0 \(--host\) \(--host: vLLM only listens on loopback"):
+    with pytest.raises(ConfigError, match=r"may not set --ho=0.0.0.0 \(--host\) \(--host: vLLM listens only on its socket"):
         load_settings(write_config(tmp_path, 'vllm_args = ["--ho=0.0.0.0"]\n'))
     with pytest.raises(ConfigError, match=r"may not set --api_k=x \(--api-key\)"):
         load_settings(write_config(tmp_path, 'vllm_args = ["--api_k=x"]\n'))
@@ -248,14 +249,27 @@ def test_the_daemon_checks_vllm_args_in_a_process_of_its_own() -> None:
     assert "may not set --api-key" in asyncio.run(vllm.check_args(["--enforce-eager", "--api_key=x"]))
 
 
-def test_vllm_always_listens_on_loopback(tmp_path: Path) -> None:
+def test_vllm_listens_only_on_a_socket_in_a_folder_of_cld_s_user(tmp_path: Path) -> None:
     config = write_config(tmp_path, 'host = "0.0.0.0"\nvllm_args = ["--enforce-eager"]\n'
                                     f'[security]\napi_key = "{KEY}"\n')
     settings = load_settings(config)
-    argv = vllm.server_command(tmp_path, settings)
-    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv.count("--host") == 1
-    assert argv[argv.index("--port") + 1] == str(settings.serve.vllm_port) and argv.count("--port") == 1
+    daemon = Daemon(settings, StateDir(settings.state.dir).ensure())
+    assert daemon.vllm_socket == (tmp_path / "state" / "run" / "vllm.sock").resolve()
+    assert daemon.vllm_socket.parent.stat().st_mode & 0o777 == 0o700
+    argv = vllm.server_command(tmp_path, settings, daemon.vllm_socket)
+    assert argv[argv.index("--uds") + 1] == str(daemon.vllm_socket) and argv.count("--uds") == 1
+    assert "--host" not in argv and "--port" not in argv
     assert argv[-1] == "--enforce-eager"
+
+
+def test_a_state_directory_too_deep_for_a_socket_gets_a_private_folder(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    folder = vllm.sockets_dir(deep)
+    assert len(str(folder / "vllm-2.sock")) <= vllm.MAX_SOCKET_PATH and folder.stat().st_uid == os.getuid()
+    assert folder.stat().st_mode & 0o777 == 0o700 and vllm.sockets_dir(deep) == folder, "the same each start"
+    folder.chmod(0o755)  # loosened by someone: tightened again
+    assert vllm.sockets_dir(deep) == folder and folder.stat().st_mode & 0o777 == 0o700
+    folder.rmdir()
 
 
 # ---- request size limits -------------------------------------------------------------------------------

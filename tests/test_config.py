@@ -141,9 +141,19 @@ def test_a_short_key_is_fine_on_loopback(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, '[security]\napi_key = "k"\n')).security.api_key == "k"
 
 
-def test_same_port_for_front_and_vllm_refuses(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="both 8000"):
-        load_settings(write(tmp_path, "[serve]\nvllm_port = 8000\n"))
+def test_an_old_config_setting_the_vllm_port_still_loads(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "[serve]\nvllm_port = 8000\n")).serve.vllm_port == 8000  # not used
+
+
+@pytest.mark.parametrize(("url", "error"), [("unix:/run/vllm.sock", None), ("unix:vllm.sock", "absolute path"),
+                                            ("http://gpu:8000/", None), ("gpu:8000", "http://")])
+def test_an_external_vllm_is_a_url_or_a_socket(tmp_path: Path, url: str, error: str | None) -> None:
+    config = write(tmp_path, f'[serve]\nvllm_url = "{url}"\n')
+    if error is None:
+        assert load_settings(config).serve.vllm_url == url.rstrip("/")
+    else:
+        with pytest.raises(ConfigError, match=f"serve.vllm_url.*{error}"):
+            load_settings(config)
 
 
 @pytest.mark.parametrize(("rank", "served"), [(1, 1), (4, 8), (16, 16), (17, 32), (300, 320)])

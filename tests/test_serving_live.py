@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -101,20 +106,35 @@ def test_sigterm_and_sigkill_leave_no_process_behind(live_daemon: LiveDaemon, tm
 
 
 def test_vllm_answers_no_one_but_cld(live_daemon: LiveDaemon) -> None:
-    """Any local user can reach vLLM's loopback port: without the key it lists, loads and unloads nothing."""
+    """vLLM listens on a UNIX socket in a folder only cld's user can enter, on no TCP port; even
+    through the socket, without the key it lists, loads and unloads nothing."""
     attempts = [("GET", "/v1/models", None),
                 ("POST", "/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "/tmp"}),
                 ("POST", "/v1/unload_lora_adapter", {"lora_name": "cld-base"}),
                 ("POST", "/v1/chat/completions", {"model": "cld-base", "messages": QUESTION, "max_tokens": 1})]
-    for method, path, body in attempts:
-        for headers in ({}, {"Authorization": "Bearer guess"}):
-            reply = httpx.request(method, f"{live_daemon.vllm_url}{path}", json=body, headers=headers, timeout=30)
-            assert reply.status_code == 401, (path, reply.text)
+    with live_daemon.vllm_client(key=False) as unkeyed:
+        for method, path, body in attempts:
+            for headers in ({}, {"Authorization": "Bearer guess"}):
+                reply = unkeyed.request(method, path, json=body, headers=headers)
+                assert reply.status_code == 401, (path, reply.text)
     key_file = live_daemon.state_dir / "vllm.key"
     assert key_file.stat().st_mode & 0o077 == 0, "the key file is for cld's user only"
-    authorised = httpx.get(f"{live_daemon.vllm_url}/v1/models", timeout=30,
-                           headers={"Authorization": f"Bearer {live_daemon.vllm_key}"})
-    assert authorised.status_code == 200
+    with live_daemon.vllm_client() as keyed:
+        assert keyed.get("/v1/models").status_code == 200
+    socket_path = Path(live_daemon.vllm_url.removeprefix("unix:"))
+    assert stat.S_ISSOCK(socket_path.stat().st_mode) and socket_path.parent.stat().st_mode & 0o077 == 0
+    leader = psutil.Process(int((live_daemon.state_dir / "vllm.pid").read_text().split()[0]))
+    # the process serving HTTP on the socket listens on no TCP port (vLLM's engine worker keeps the
+    # loopback ports of torch.distributed's gloo, which serve no HTTP route)
+    tree = [leader, *leader.children(recursive=True)]
+    [http_server] = [p for p in tree if any(c.laddr == str(socket_path) for c in p.net_connections("unix"))]
+    assert not [c for c in http_server.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    if os.getuid() == 0:  # as another user (nobody): the folder refuses, whatever the key
+        probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX)\n"
+                 "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\nsys.exit(0)")
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        other = subprocess.run([python, "-c", probe, str(socket_path)], user=65534, group=65534, timeout=60)
+        assert other.returncode == 13, "another local user reached vLLM's socket"
     leader = int((live_daemon.state_dir / "vllm.pid").read_text().split()[0])
     for process in [psutil.Process(leader), *psutil.Process(leader).children(recursive=True)]:
         assert live_daemon.vllm_key not in " ".join(process.cmdline()), "other users can read a command line"

@@ -30,13 +30,13 @@ def test_status_at_a_glance(tmp_path: Path) -> None:
     write_history(settings)
     daemon = {"running": True, "pid": 4242, "url": "http://127.0.0.1:8000", "phase": "serving",
               "started_at": time.time() - 7300, "vllm": "ready", "vllm_restarts": 1,
-              "merged_instances": [{"version": "v0008", "served_name": "cld-v0008-abcdef", "port": 8002,
+              "merged_instances": [{"version": "v0008", "served_name": "cld-v0008-abcdef", "slot": 2,
                                     "state": "starting", "restarts": 0}]}
     console = Console(record=True, width=240, color_system="standard", force_terminal=True)
     console.print(status.render(status.collect(settings, daemon=daemon)))
     text = console.export_text(styles=False, clear=False)
     assert ("running (pid 4242, up 2 h) at http://127.0.0.1:8000 · serving · model server ready, 1 restart · "
-            "v0008 on its own server (port 8002, starting)") in text
+            "v0008 on its own server (slot 2, starting)") in text
     assert f"cld = {SERVING}" in text
     assert "7 ingested · 4 pending (3 ready) · 3 learned · 1 quarantined · 1 duplicates" in text
     assert "cycle 7 running v0006: train step 3/40" in text

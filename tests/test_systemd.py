@@ -229,7 +229,7 @@ def test_the_unit_runs_cld_as_a_notify_service_with_a_watchdog_and_a_long_enough
 def test_cld_run_notifies_systemd(live_daemon: LiveDaemon, tmp_path: Path, listener: Listener) -> None:
     """A second daemon on the shared vLLM (external mode), started as systemd would start it."""
     port = free_port()
-    config = write_config(tmp_path, port, free_port())
+    config = write_config(tmp_path, port)
     config.write_text(config.read_text().replace("[serve]\n", f'[serve]\nvllm_url = "{live_daemon.vllm_url}"\n', 1))
     env = {**os.environ, "NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "2000000",
            "CLD_SERVE__VLLM_API_KEY": live_daemon.vllm_key}

@@ -31,10 +31,12 @@ sys.path[:0] = [str(REPO)]
 import measure  # noqa: E402  (beside this file)
 
 from daemon.config import load_settings  # noqa: E402
-from daemon.engine.merged import is_merged, spare_daemon_ports  # noqa: E402
-from daemon.engine.vllm import VLLMClient, auth_headers  # noqa: E402
+from daemon.engine import vllm as vllm_engine  # noqa: E402
+from daemon.engine.merged import is_merged  # noqa: E402
+from daemon.engine.vllm import VLLMClient  # noqa: E402
 from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
+from daemon.service import spare_port  # noqa: E402
 
 WORKDIR = REPO / "var" / "bench-learning"
 DRIFT_PROMPTS = REPO / "daemon" / "learning" / "data" / "drift_prompts.txt"
@@ -54,14 +56,14 @@ class Daemon:
         overrides = dict(item.split("=", 1) for item in settings)
         self.folder, self.state = folder, state
         seed_replay(state / "replay")
-        self.port, self.vllm_port = spare_daemon_ports()
+        self.port = spare_port()
         self.config = folder / "config.toml"  # model.base unset: the embedded model, as shipped (and as the seed's)
-        self.config.write_text(f'[state]\ndir = "{state}"\n[serve]\nport = {self.port}\nvllm_port = {self.vllm_port}\n'
+        self.config.write_text(f'[state]\ndir = "{state}"\n[serve]\nport = {self.port}\n'
                                "[schedule]\ninterval_s = 0\nmin_new_tokens = 0\n")
         self.env = {**os.environ, **{f"CLD_{k.replace('.', '__').upper()}": v for k, v in overrides.items()}}
         self.settings = load_settings(self.config) if not overrides else _settings_with(self.config, self.env)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.vllm_url = f"http://127.0.0.1:{self.vllm_port}"
+        self.vllm_url = vllm_engine.socket_address(vllm_engine.sockets_dir(state) / vllm_engine.BASE_SOCKET)
         self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
@@ -125,11 +127,11 @@ class Daemon:
         self.wait(lambda s: s["replay"]["source"] and not s["replay"]["building"] and s["daemon"].get("vllm") == "ready",
                   START_TIMEOUT_S, "vLLM and the replay buffer", progress=lambda s: s["replay"]["building"])
 
-    def vllm(self, url: str = "") -> VLLMClient:
-        """A client of the daemon's own vLLM (or of another instance it started, at `url`), with
-        the key cld gave it."""
-        key, url = (self.state / "vllm.key").read_text(), url or self.vllm_url
-        return VLLMClient(url, httpx.AsyncClient(base_url=url, timeout=600, headers=auth_headers(key)))
+    def vllm(self, address: str = "") -> VLLMClient:
+        """A client of the daemon's own vLLM (or of another instance it started, at `address`: its
+        socket), with the key cld gave it."""
+        key, address = (self.state / "vllm.key").read_text(), address or self.vllm_url
+        return VLLMClient(address, vllm_engine.async_client(address, httpx.Timeout(600), key))
 
 
 def seed_replay(replay: Path, seed: Path = REPLAY_SEED) -> list[str]:
@@ -208,7 +210,7 @@ class Bench:
         instance = next((i for i in instances if i["version"] == folder.name), None)
         if instance is None:
             raise RuntimeError(f"no vLLM instance serves the merged version {folder.name} ({instances})")
-        client = self.daemon.vllm(f"http://127.0.0.1:{instance['port']}")
+        client = self.daemon.vllm(instance["address"])
         try:
             yield client, instance["served_name"]
         finally:

@@ -3,11 +3,10 @@
 A version trained with `train.method` mora, expand or full is a complete model folder, not a LoRA
 the base instance can load, so it is served by a vLLM instance of its own under the name its cycle
 gave it (such as `cld-v0007-3fa2c1`). At most two run (blue-green): the version `cld` serves and a
-candidate being probed, on whichever of serve.vllm_port + 1 and + 2 is free (not ours, and no
-other program's: a port in use would make the instance exit at start). A candidate starts,
-is probed there, and on promotion the router points the stable name at it; the old instance is
-stopped once its requests have drained (`daemon.learning.cycle.Learner.swap`). `cld-base` stays on
-the base instance.
+candidate being probed, each on a slot's UNIX socket (`run/vllm-1.sock`, `run/vllm-2.sock` beside
+the base instance's). A candidate starts, is probed there, and on promotion the router points the
+stable name at it; the old instance is stopped once its requests have drained
+(`daemon.learning.cycle.Learner.swap`). `cld-base` stays on the base instance.
 
 Owns those processes (a Supervisor each, so a crash restarts it), the HTTP clients that reach them
 (registered in the router's `endpoints`, which the front proxies through) and `Fleet`: one client
@@ -19,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +42,14 @@ def is_merged(folder: Path) -> bool:
 class Instance:
     served_name: str
     folder: Path
-    port: int
+    slot: int
     supervisor: Supervisor
     client: vllm.VLLMClient
 
     def view(self) -> dict[str, Any]:
-        return {"served_name": self.served_name, "version": self.folder.name, "port": self.port,
-                "state": self.supervisor.state.value, "restarts": self.supervisor.restarts}
+        return {"served_name": self.served_name, "version": self.folder.name, "slot": self.slot,
+                "address": self.client.base_url, "state": self.supervisor.state.value,
+                "restarts": self.supervisor.restarts}
 
 
 class MergedServers:
@@ -61,9 +59,8 @@ class MergedServers:
         self.instances: dict[str, Instance] = {}
         self._lock = asyncio.Lock()
 
-    @property
-    def ports(self) -> list[int]:
-        return [self.settings.serve.vllm_port + 1 + k for k in range(SLOTS)]
+    def socket(self, slot: int) -> Path:
+        return vllm.sockets_dir(self.state_root) / f"vllm-{slot}.sock"
 
     async def start(self, served_name: str, folder: Path) -> Instance:
         """Start an instance serving `folder` as `served_name` and wait until it answers; the
@@ -71,32 +68,26 @@ class MergedServers:
         async with self._lock:
             if served_name in self.instances:
                 return self.instances[served_name]
-            used = {instance.port for instance in self.instances.values()}
-            ours = [port for port in self.ports if port not in used]
-            if not ours:
+            used = {instance.slot for instance in self.instances.values()}
+            free = [slot for slot in range(1, SLOTS + 1) if slot not in used]
+            if not free:
                 running = ", ".join(sorted(self.instances))
                 raise RuntimeError(f"{SLOTS} merged-weight vLLM instances run already ({running}): the served "
                                    "version and a candidate")
-            free = [port for port in ours if bindable(port)]
-            if not free:
-                raise RuntimeError(f"port {', '.join(map(str, ours))} (serve.vllm_port + 1 or + 2, for merged-weight "
-                                   "instances) is in use by another program: choose another serve.vllm_port")
-            port = free[0]
-            serve = self.settings.serve
-            url = f"http://{vllm.LOOPBACK}:{port}"
-            http = httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(serve.request_timeout_s, connect=5),
-                                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                                     headers=vllm.auth_headers(self.key))
-            client = vllm.VLLMClient(url, http)
+            slot, serve = free[0], self.settings.serve
+            socket = self.socket(slot)
+            http = vllm.async_client(vllm.socket_address(socket), httpx.Timeout(serve.request_timeout_s, connect=5),
+                                     self.key, httpx.Limits(max_connections=256, max_keepalive_connections=64))
+            client = vllm.VLLMClient(vllm.socket_address(socket), http)
             supervisor = Supervisor(
                 f"vllm:{folder.name}",
-                vllm.server_command(folder, self.settings, port=port, served_name=served_name, lora=False),
+                vllm.server_command(folder, self.settings, socket, served_name=served_name, lora=False),
                 vllm.server_env(self.settings, self.key, merged=True), client.healthy,
-                pid_file=self.state_root / f"vllm-{port}.pid",
+                pid_file=self.state_root / f"vllm-{slot}.pid", socket=socket,
             )
-            instance = Instance(served_name, folder, port, supervisor, client)
+            instance = Instance(served_name, folder, slot, supervisor, client)
             self.instances[served_name] = instance
-        log.info("starting a vLLM instance for %s (%s) on port %d", folder.name, served_name, port)
+        log.info("starting a vLLM instance for %s (%s) on slot %d", folder.name, served_name, slot)
         supervisor.start()
         try:
             await _ready(supervisor, serve.startup_timeout_s, folder.name)
@@ -104,7 +95,7 @@ class MergedServers:
             await self.stop(served_name)
             raise
         self.endpoints[served_name] = http
-        log.info("%s is served by its own vLLM instance on port %d", served_name, port)
+        log.info("%s is served by its own vLLM instance on slot %d", served_name, slot)
         return instance
 
     async def stop(self, served_name: str) -> None:
@@ -115,7 +106,8 @@ class MergedServers:
             return
         await instance.supervisor.stop()
         await instance.client.aclose()
-        (self.state_root / f"vllm-{instance.port}.pid").unlink(missing_ok=True)
+        (self.state_root / f"vllm-{instance.slot}.pid").unlink(missing_ok=True)
+        self.socket(instance.slot).unlink(missing_ok=True)
         log.info("stopped the vLLM instance of %s", served_name)
 
     async def stop_all(self) -> None:
@@ -124,44 +116,6 @@ class MergedServers:
 
     def views(self) -> list[dict[str, Any]]:
         return [instance.view() for instance in self.instances.values()]
-
-
-def bindable(port: int) -> bool:
-    """Whether a server could listen on the loopback `port` now (bound as vLLM binds: SO_REUSEADDR)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((vllm.LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def spare_vllm_port(taken: frozenset[int] = frozenset(), low: int = 20000, high: int | None = None) -> int:
-    """A serve.vllm_port in [low, high) whose merged instances' ports (+ 1, + 2) are free too and none
-    of `taken`; `high` defaults to the start of the kernel's ephemeral range (where it picks client
-    sockets' local ports, so none can take one of them while the daemon runs). For tests and
-    benchmarks that start daemons."""
-    if high is None:
-        try:
-            high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            high = 32768
-        low = min(low, max(1024, high - 10000))
-    starts = range(low, high - SLOTS)
-    for port in random.sample(starts, min(2000, len(starts))):
-        span = range(port, port + SLOTS + 1)
-        if not taken.intersection(span) and all(bindable(p) for p in span):
-            return port
-    raise RuntimeError(f"no {SLOTS + 1} free loopback ports in a row between {low} and {high}")
-
-
-def spare_daemon_ports() -> tuple[int, int]:
-    """serve.port and serve.vllm_port for a daemon a benchmark starts: both below the kernel's
-    ephemeral range (no client socket can take one before the daemon binds it), the vLLM port with
-    its merged instances' ports free, and the front's port none of those."""
-    port = spare_vllm_port()
-    return port, spare_vllm_port(frozenset(range(port, port + SLOTS + 1)))
 
 
 async def _ready(supervisor: Supervisor, timeout_s: float, version: str) -> None:

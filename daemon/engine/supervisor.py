@@ -45,6 +45,7 @@ class Supervisor:
         *,
         on_ready: ReadyHook | None = None,
         pid_file: Path | None = None,
+        socket: Path | None = None,
         poll_s: float = 0.5,
         backoff_s: tuple[float, float] = (1.0, 60.0),
         stable_s: float = 120.0,
@@ -58,6 +59,7 @@ class Supervisor:
         self.healthy = healthy
         self.on_ready = on_ready
         self.pid_file = pid_file
+        self.socket = socket  # the UNIX socket the child listens on: a dead one's file is removed before a start
         self.poll_s = poll_s
         self.backoff_s = backoff_s
         self.stable_s = stable_s
@@ -114,6 +116,8 @@ class Supervisor:
     async def _run_once(self) -> int:
         self.state = State.STARTING
         self._ready.clear()
+        if self.socket is not None:  # left by a child that died: binding it again would fail
+            self.socket.unlink(missing_ok=True)
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "daemon.engine.reaper", "--", *self.argv,
             env=self.env,

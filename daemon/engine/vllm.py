@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
 import json
 import os
 import secrets
+import stat
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,8 +27,12 @@ import httpx
 from daemon.config import VLLM_RESERVED_ARGS, Settings, reserved_args_message
 from daemon.model import linear_modules
 
-LOOPBACK = "127.0.0.1"
 SAMPLE_TIMEOUT_S = 600.0  # a teacher writing several samples on a busy CPU
+SOCKET_SCHEME = "unix:"  # an address "unix:/path/vllm.sock" is a vLLM listening on a UNIX socket
+SOCKET_HOST_URL = "http://vllm"  # the host requests over a socket name (vLLM does not read it)
+SOCKETS_DIR = "run"  # in the state directory, mode 700: vLLM's sockets
+BASE_SOCKET = "vllm.sock"
+MAX_SOCKET_PATH = 100  # bytes; a UNIX socket's path must fit sockaddr_un (108 on Linux)
 
 
 def is_cpu_build() -> bool:
@@ -37,18 +44,57 @@ def is_cpu_build() -> bool:
     return True
 
 
-def server_command(model_dir: Path, settings: Settings, *, port: int | None = None, served_name: str | None = None,
+def sockets_dir(state_root: Path) -> Path:
+    """The folder of vLLM's sockets, mode 700, so that no other local user can reach any route of
+    vLLM, keyed or not: `run/` in the state directory, or, when that path is too long for a
+    socket, a folder of this user's own in the temporary directory (named after the state
+    directory, refused if another user could have made it)."""
+    folder = state_root.resolve() / SOCKETS_DIR
+    if len(os.fsencode(folder / "vllm-0.sock")) > MAX_SOCKET_PATH:
+        digest = hashlib.sha256(os.fsencode(state_root.resolve())).hexdigest()[:12]
+        folder = Path(tempfile.gettempdir()) / f"cld-{os.getuid()}-{digest}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise RuntimeError(f"{folder} (for vLLM's sockets) is not a folder of this user's: remove it")
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def socket_address(socket: Path) -> str:
+    return f"{SOCKET_SCHEME}{socket}"
+
+
+def async_client(address: str, timeout: httpx.Timeout, key: str = "",
+                 limits: httpx.Limits | None = None) -> httpx.AsyncClient:
+    """An HTTP client for vLLM at `address`: an http(s) URL, or unix:PATH for a socket."""
+    limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    if address.startswith(SOCKET_SCHEME):
+        transport = httpx.AsyncHTTPTransport(uds=address.removeprefix(SOCKET_SCHEME), limits=limits)
+        return httpx.AsyncClient(base_url=SOCKET_HOST_URL, transport=transport, timeout=timeout,
+                                 headers=auth_headers(key))
+    return httpx.AsyncClient(base_url=address, timeout=timeout, limits=limits, headers=auth_headers(key))
+
+
+def client(address: str, timeout: float | httpx.Timeout, key: str = "") -> httpx.Client:
+    """`async_client`'s blocking twin (for tools and benchmarks)."""
+    if address.startswith(SOCKET_SCHEME):
+        transport = httpx.HTTPTransport(uds=address.removeprefix(SOCKET_SCHEME))
+        return httpx.Client(base_url=SOCKET_HOST_URL, transport=transport, timeout=timeout, headers=auth_headers(key))
+    return httpx.Client(base_url=address, timeout=timeout, headers=auth_headers(key))
+
+
+def server_command(model_dir: Path, settings: Settings, socket: Path, *, served_name: str | None = None,
                    lora: bool = True) -> list[str]:
-    """The argv that starts vLLM's OpenAI server for `model_dir` on loopback: the base instance
-    (serve.vllm_port, the base name, LoRA enabled), or with `port`, `served_name` and no LoRA an
-    instance serving one merged-weight version (`daemon.engine.merged`)."""
+    """The argv that starts vLLM's OpenAI server for `model_dir` on the UNIX socket `socket` (no
+    TCP port): the base instance (the base name, LoRA enabled), or with `served_name` and no LoRA
+    an instance serving one merged-weight version (`daemon.engine.merged`)."""
     serve = settings.serve
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
         "--served-model-name", served_name or serve.base_name,
-        "--host", LOOPBACK,
-        "--port", str(port or serve.vllm_port),
+        "--uds", str(socket),
         "--max-model-len", str(serve.max_model_len),
         "--disable-uvicorn-access-log",
     ]
@@ -147,10 +193,9 @@ def vllm_installed() -> bool:
 class VLLMClient:
     """Async client for the vLLM server's own endpoints (the front proxies the OpenAI ones)."""
 
-    def __init__(self, base_url: str, http: httpx.AsyncClient | None = None, key: str = ""):
-        self.base_url = base_url.rstrip("/")
-        self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(30, connect=2),
-                                              headers=auth_headers(key))
+    def __init__(self, address: str, http: httpx.AsyncClient | None = None, key: str = ""):
+        self.base_url = address.rstrip("/")  # an http(s) URL, or unix:PATH
+        self.http = http or async_client(self.base_url, httpx.Timeout(30, connect=2), key)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
         try:

@@ -30,7 +30,16 @@ from daemon.ingestion import journal
 from daemon.layout import CYCLES_DIR, StateDir
 from daemon.learning import replay_plan
 from daemon.learning.decide import RULES, ProbeResults
-from daemon.learning.records import FAILED, PROMOTED, REJECTED, RUNNING, SKIPPED, CycleRecord, CycleStore, adapter_states
+from daemon.learning.records import (
+    FAILED,
+    PROMOTED,
+    REJECTED,
+    RUNNING,
+    SKIPPED,
+    CycleRecord,
+    CycleStore,
+    adapter_states,
+)
 
 OTHER_MODEL = "other"  # the request label of any model name that is not a public one
 CYCLE_OUTCOMES = (PROMOTED, REJECTED, SKIPPED, FAILED)

@@ -135,7 +135,7 @@ def _daemon_line(daemon: dict[str, Any], now_s: float) -> Text:
     up = f", up {span(now_s - daemon['started_at'])}" if daemon.get("started_at") else ""
     phase = daemon.get("phase", "?")
     restarts = daemon.get("vllm_restarts", 0)
-    own = "".join(f" · {i['version']} on its own server (port {i['port']}, {i['state']})"
+    own = "".join(f" · {i['version']} on its own server (slot {i['slot']}, {i['state']})"
                   for i in daemon.get("merged_instances") or [])
     return Text.assemble(f"running (pid {daemon['pid']}{up}) at {daemon['url']} · ",
                          (phase, "bold green" if phase == "serving" else "bold yellow"),

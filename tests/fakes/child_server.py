@@ -1,6 +1,6 @@
 """A stand-in for the vLLM server in supervisor tests.
 
-    python child_server.py PORT PIDS_FILE [--ready-after S] [--exit-after S]
+    python child_server.py PORT|SOCKET PIDS_FILE [--ready-after S] [--exit-after S]
 
 Answers GET /health with 200 once `--ready-after` seconds have passed, spawns a grandchild that
 sleeps (as vLLM spawns its engine core), appends "<pid> <grandchild pid>" to PIDS_FILE, and
@@ -9,6 +9,7 @@ exits with code 3 after `--exit-after` seconds when given.
 
 import argparse
 import http.server
+import socketserver
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("port", type=int)
+    parser.add_argument("address", help="a loopback port, or the path of a UNIX socket (as vLLM's --uds)")
     parser.add_argument("pids_file")
     parser.add_argument("--ready-after", type=float, default=0.0)
     parser.add_argument("--exit-after", type=float, default=None)
@@ -36,8 +37,11 @@ def main() -> None:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    print(f"child listening on {args.port}", flush=True)
+    if args.address.isdigit():
+        server: socketserver.BaseServer = http.server.ThreadingHTTPServer(("127.0.0.1", int(args.address)), Handler)
+    else:
+        server = socketserver.ThreadingUnixStreamServer(args.address, Handler)
+    print(f"child listening on {args.address}", flush=True)
     if args.exit_after is not None:
         threading.Timer(args.exit_after, lambda: __import__("os")._exit(3)).start()
     server.serve_forever()
