@@ -292,3 +292,18 @@ def test_status_and_cld_query_say_it_in_words() -> None:
     assert recall_line(shown) == "412 passages of 9 documents · 30 of 41 requests recalled (14.2 ms each)"
     assert recall_line({"enabled": False}) == "off (recall.enabled = false)"
     assert source_names("pr%C3%A9k%20notes.md#3; a%23b.txt#1") == ["prék notes.md (part 3)", "a#b.txt (part 1)"]
+
+
+def test_with_nothing_indexed_no_question_is_embedded(tmp_path: Path) -> None:
+    """A daemon that holds no document yet spends no embedding (nor the embedder's 450 MB) per request."""
+    index = index_in(tmp_path / "recall")
+
+    def never(text: str) -> np.ndarray:
+        raise AssertionError("embedded with nothing to find")
+
+    index.encode = never  # type: ignore[method-assign]
+    recaller = Recaller(RecallSection(), index, 4096)
+    assert recaller.find("Who signed the Velmora Accord?") == []
+    index.sync(DOCS, TEXTS.__getitem__)
+    del index.encode  # the real one again
+    assert recaller.find("Who signed the Velmora Accord, and when?")

@@ -64,7 +64,10 @@ class Recaller:
                           Recalled(frame.with_recall(path, payload, frame.framed(taken, self.specials)), taken))
 
     def find(self, text: str) -> list[Hit]:
-        """The passages nearest to `text` (recall.k, of the documents recall.documents names)."""
+        """The passages nearest to `text` (recall.k, of the documents recall.documents names); with
+        none indexed, nothing is embedded (nor the embedder loaded)."""
+        if not self.index.view()["passages"]:
+            return []
         return self.index.search(self.index.encode(text), self.settings.k, self.settings.documents == "unlearned")
 
     def view(self) -> dict[str, Any]:
