@@ -156,6 +156,12 @@ class ServeSection(Section):
         "than this inside a request body (408); slower connections are closed, so idle or trickling clients "
         "cannot hold connections open."
     )
+    min_body_kb_s: float = Field(
+        10.0, ge=0, description="Slowest average rate a request body may arrive at, in kB/s (1000 bytes), after "
+        "serve.client_timeout_s of grace: the whole body must be in within serve.client_timeout_s + its size / "
+        "this rate, else 408, so that a client trickling a byte at a time cannot hold a connection for hours. "
+        "0 = no total deadline (only serve.client_timeout_s between parts)."
+    )
     startup_timeout_s: float = Field(900, gt=0, description="How long vLLM may take to answer /health at start.")
     request_timeout_s: float = Field(600, gt=0, description="Longest a proxied request may take.")
     max_request_mb: float = Field(

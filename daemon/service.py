@@ -248,6 +248,7 @@ class Daemon:
             uploads=inbox.Uploads(self.watcher.inbox, self.settings.ingest.max_file_bytes),
             max_body_bytes=self.settings.serve.max_request_bytes, metrics=self.metrics,
             client_timeout_s=self.settings.serve.client_timeout_s,
+            min_body_rate=self.settings.serve.min_body_kb_s * 1000,
             limits=app.GenerationLimits(self.settings.serve.max_n, self.settings.serve.max_generated_tokens),
             recaller=self.recaller,
         )

@@ -25,8 +25,8 @@ TIMEOUT_S = 0.5
 async def front(tmp_path: Path) -> AsyncIterator[int]:
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\nvllm_port = {free_port()}\n'
-                      f"client_timeout_s = {TIMEOUT_S}\n")
+    config.write_text(f'[state]\ndir = "state"\n[serve]\nport = {port}\n'
+                      f"client_timeout_s = {TIMEOUT_S}\nmin_body_kb_s = 0.1\n")  # 100 bytes a second
     settings = load_settings(config)
     daemon = Daemon(settings, StateDir(settings.state.dir).ensure())
     daemon.phase = "serving"  # ready as far as the front knows (no vLLM here: /health says 503)
@@ -80,6 +80,30 @@ async def test_a_stalled_body_gets_408(front: int) -> None:
     await writer.drain()
     answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
     assert answer.startswith(b"HTTP/1.1 408")
+    writer.close()
+    await asyncio.sleep(0)
+
+
+async def test_a_body_trickled_under_the_stall_limit_gets_408_by_its_total_deadline(front: int) -> None:
+    """A byte every 0.3 s never stalls 0.5 s (serve.client_timeout_s), so it held the connection for
+    as long as the client liked; it must keep 100 bytes a second on average (serve.min_body_kb_s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", front)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
+    await writer.drain()
+
+    async def trickle() -> None:
+        for _ in range(60):  # 18 s, if nothing stopped it
+            await asyncio.sleep(0.3)
+            writer.write(b" ")
+            await writer.drain()
+
+    trickling = asyncio.create_task(trickle())
+    started = asyncio.get_running_loop().time()
+    answer = await asyncio.wait_for(reader.read(4096), 5)
+    assert answer.startswith(b"HTTP/1.1 408") and b"too slowly" in answer and b"serve.min_body_kb_s" in answer
+    assert asyncio.get_running_loop().time() - started < 2
+    trickling.cancel()
     writer.close()
     await asyncio.sleep(0)
 

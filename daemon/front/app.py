@@ -85,6 +85,7 @@ def create_app(
     uploads: Optional[Uploads] = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     client_timeout_s: float = 30.0,
+    min_body_rate: float = 0.0,
     limits: Optional[GenerationLimits] = None,
     metrics: Optional[Metrics] = None,
     recaller: Optional[Recaller] = None,
@@ -96,7 +97,7 @@ def create_app(
     app = FastAPI(title="cld", openapi_url=None, docs_url=None, redoc_url=None)
     require_key = key_checker(api_key)
     require_admin = key_checker(admin_key) if admin_key else require_key
-    _limit_bodies(app, max_body_bytes, uploads, client_timeout_s)
+    _limit_bodies(app, max_body_bytes, uploads, client_timeout_s, min_body_rate)
     metrics = metrics or Metrics()
     app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -337,14 +338,15 @@ def _upload_error(error: Exception) -> ProxyError:
     return ProxyError(openai_error(status, str(error), "invalid_request_error", param="file"))
 
 
-def _limit_bodies(app: FastAPI, max_body_bytes: int, uploads: Optional[Uploads], idle_timeout_s: float) -> None:
+def _limit_bodies(app: FastAPI, max_body_bytes: int, uploads: Optional[Uploads], idle_timeout_s: float,
+                  min_body_rate: float) -> None:
     """413 for bodies over the limit, announced or chunked (an upload may be a file of
-    ingest.max_file_mb plus its multipart headers); 408 for a body that stalls."""
+    ingest.max_file_mb plus its multipart headers); 408 for a body that stalls or trickles."""
     paths = {}
     if uploads is not None:
         paths["/api/documents"] = Limit(uploads.max_bytes + UPLOAD_OVERHEAD_BYTES, str(uploads.too_large()))
     default = Limit(max_body_bytes, f"request body over {max_body_bytes / 1e6:g} MB (serve.max_request_mb)")
-    app.add_middleware(BodyLimit, default=default, paths=paths, idle_timeout_s=idle_timeout_s)
+    app.add_middleware(BodyLimit, default=default, paths=paths, idle_timeout_s=idle_timeout_s, min_rate=min_body_rate)
 
 
 # ---- observability: /metrics, /status and request metrics (daemon.observe.metrics, daemon.observe.statuspage) ------
