@@ -22,7 +22,8 @@ from daemon.config import LogSection
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)-7s %(name)s: %(message)s"
 JSON_FIELDS = {"levelname": "level", "name": "logger"}
-QUIET_LOGGERS = ("httpx",)  # one line per request is noise
+# One line per internal HTTP request, and the scheduler's bookkeeping every interval: shown at DEBUG only.
+QUIET_LOGGERS = ("httpx", "apscheduler")
 
 # The cycle record of the learning cycle running in this task (set by the cycle; None outside one).
 current_cycle: ContextVar[Any] = ContextVar("cld_current_cycle", default=None)
@@ -49,7 +50,7 @@ def setup(settings: LogSection, stream: TextIO | None = None) -> logging.Handler
     root.addHandler(handler)
     root.setLevel(settings.level)
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     return handler
 
 

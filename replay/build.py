@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from replay import corpus, files, index, synth
+from replay import corpus, files, index, seed, synth
 from replay.durable import atomic_write_json, atomic_write_jsonl, read_json
 from replay.embed import Embedder, load_embedder
 from replay.job import BuildJob
@@ -104,6 +104,7 @@ def run(job: BuildJob, stop: threading.Event | None = None, progress: bool = Fal
     """Bring the buffer up to date; return its manifest. Raises BuildError, Stopped, BuildLocked."""
     stop = stop or threading.Event()
     with files.build_lock(job.folder), _progress_cleared(job.folder):
+        seed.plant(job)  # the embedded model's own text, shipped: nothing to ask it
         if job.generator is not None and _rehearsal_stale(job):
             try:
                 make_rehearsal(job, job.generator, stop)
@@ -367,6 +368,7 @@ def make_rehearsal(job: BuildJob, generator: synth.GeneratorSpec, stop: threadin
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per question asked of the model is noise
     job = BuildJob.from_json(Path(argv[0]).read_text())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

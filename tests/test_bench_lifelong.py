@@ -83,27 +83,6 @@ def test_targets_are_read_off_the_last_cycle() -> None:
     assert "| this document, QA closed book / base open book | 30% / 40% (75%) | share ≥ 70 % |" in text
 
 
-def test_a_new_benchmark_state_gets_the_embedded_models_replay_text_and_keeps_what_it_has(tmp_path) -> None:
-    from daemon.model import EMBEDDED_NAME
-    from replay import build
-    from replay.job import BuildJob
-
-    harness = sys.modules["harness"]  # loaded by lifelong.py
-    fresh, started = tmp_path / "fresh", tmp_path / "started"
-    started.mkdir()
-    (started / "rehearsal.json").write_text("{}")
-    assert harness.seed_replay(fresh) == ["rehearsal.json", "synthetic/corpus.jsonl", "synthetic/meta.json"]
-    assert harness.seed_replay(started) == ["synthetic/corpus.jsonl", "synthetic/meta.json"]
-    assert (started / "rehearsal.json").read_text() == "{}" and harness.seed_replay(fresh) == []
-    job = BuildJob(folder=fresh, model_id=EMBEDDED_NAME)
-    assert build._synthetic_ready(job) and build._rehearsal_stale(job) is None  # the build writes neither again
-    assert not build._synthetic_ready(BuildJob(folder=fresh, model_id="another-model"))
-    corpus = [json.loads(line) for line in (fresh / "synthetic" / "corpus.jsonl").read_text().split("\n") if line]
-    assert len(corpus) >= 0.9 * job.synthetic_documents and all(doc["text"].strip() for doc in corpus)
-    rehearsal = json.loads((fresh / "rehearsal.json").read_text())
-    assert rehearsal["model_id"] == EMBEDDED_NAME
-
-
 def test_the_benchmark_waits_for_a_slow_replay_build_while_it_moves_and_not_when_it_stalls(tmp_path, monkeypatch) -> None:
     harness = sys.modules["harness"]
     daemon = harness.Daemon(tmp_path, tmp_path / "state", [])

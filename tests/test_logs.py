@@ -76,6 +76,7 @@ def test_text_lines_have_a_time_except_under_journald(root_logger: logging.Logge
         logging.getLogger("daemon.front.app").info("hello")
         logging.getLogger("daemon.front.app").debug("not at INFO")
         logging.getLogger("httpx").info("one line per request")
+        logging.getLogger("apscheduler.executors.default").info("Running job ...")
         info = os.fstat(stream.fileno())
         monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
         logs.setup(LogSection(), stream)
@@ -118,3 +119,12 @@ def test_a_value_with_line_breaks_cannot_forge_a_log_line(root_logger: logging.L
     assert first.endswith(r"ingested notes\nERROR   daemon.service: cld stopped\r\x1b[2J.txt: document")
     assert "failed on notes\\n" in second and trace[0] == "Traceback (most recent call last):"
     assert trace[-1] == "ValueError: boom"
+
+
+def test_internal_requests_and_the_scheduler_show_at_debug(root_logger: logging.Logger, tmp_path: Path) -> None:
+    out = tmp_path / "log.txt"
+    with open(out, "w") as stream:
+        logs.setup(LogSection(level="DEBUG"), stream)
+        logging.getLogger("httpx").info("one line per request")
+        logging.getLogger("apscheduler.executors.default").info("Running job ...")
+    assert [line.split(": ", 1)[1] for line in lines(out)] == ["one line per request", "Running job ..."]

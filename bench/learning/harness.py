@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +39,6 @@ from daemon.service import spare_port  # noqa: E402
 
 WORKDIR = REPO / "var" / "bench-learning"
 DRIFT_PROMPTS = REPO / "daemon" / "learning" / "data" / "drift_prompts.txt"
-REPLAY_SEED = HERE / "replay_seed"  # the embedded model's synthetic corpus and rehearsal pairs, written once
 HELD_OUT_PASSAGES = 64
 START_TIMEOUT_S = 3600  # without progress (the base writing its corpus: about an hour on 2 cores)
 CYCLE_TIMEOUT_S = 3600
@@ -55,7 +53,6 @@ class Daemon:
     def __init__(self, folder: Path, state: Path, settings: list[str]):
         overrides = dict(item.split("=", 1) for item in settings)
         self.folder, self.state = folder, state
-        seed_replay(state / "replay")
         self.port = spare_port()
         self.config = folder / "config.toml"  # model.base unset: the embedded model, as shipped (and as the seed's)
         self.config.write_text(f'[state]\ndir = "{state}"\n[serve]\nport = {self.port}\n'
@@ -132,22 +129,6 @@ class Daemon:
         socket), with the key cld gave it."""
         key, address = (self.state / "vllm.key").read_text(), address or self.vllm_url
         return VLLMClient(address, vllm_engine.async_client(address, httpx.Timeout(600), key))
-
-
-def seed_replay(replay: Path, seed: Path = REPLAY_SEED) -> list[str]:
-    """Give a new state's replay buffer the text the embedded model wrote for it once (its synthetic
-    corpus and its rehearsal answers, kept in `seed`), so a benchmark run embeds it in a minute instead
-    of having the base write it again for most of an hour on 2 cores. The build takes them only for
-    the base model that wrote them (`model_id`; another base writes its own); files already there are
-    kept. The paths copied."""
-    copied = []
-    for path in sorted(p for p in seed.rglob("*") if p.is_file()):
-        target = replay / path.relative_to(seed)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-            copied.append(str(path.relative_to(seed)))
-    return copied
 
 
 def _settings_with(config: Path, env: dict[str, str]) -> Any:

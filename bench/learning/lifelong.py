@@ -70,7 +70,7 @@ def prepare(args: argparse.Namespace) -> tuple[Daemon, dict[str, Any]]:
     folder = RUNS / time.strftime("%Y%m%d-%H%M%S")
     (folder / "state").mkdir(parents=True)
     shared = WORKDIR / "state" / "replay"
-    if (shared / "manifest.json").is_file():  # already embedded (else the saved corpus is, harness.seed_replay)
+    if (shared / "manifest.json").is_file():  # already embedded (else the build embeds the shipped text, replay.seed)
         shutil.copytree(shared, folder / "state" / "replay", ignore=shutil.ignore_patterns("*.lock", "job.json"))
     results = {"overrides": args.set, "handed_in": [], "steps": [], "facts": [], "naive": [],
                "naive_only": args.naive_only, "documents": str(args.documents.resolve()) if args.documents else None}
