@@ -219,6 +219,7 @@ def _embed_pending(store: PassageStore, embedder: Embedder, stop: threading.Even
     store.set_meta("dim", embedder.dim)
     store.trim_vectors(embedder.dim)
     total, started, last_log = store.count(), time.monotonic(), time.monotonic()
+    files.report_progress(store.folder, "embedding passages", store.embedded, total)  # the stage before is over
     with tqdm(total=total, initial=store.embedded, unit="passage", desc="embedding", disable=not progress) as bar:
         while rows := store.pending(store.embedded, EMBED_BATCH):
             ids, texts = zip(*rows)
@@ -304,6 +305,8 @@ def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
              job.generator.model, "chat" if chat else "completions",
              f", going on from {len(so_far.documents)} written earlier" if so_far.asked else "")
 
+    files.report_progress(job.folder, "synthesizing the corpus", len(so_far.documents), job.synthetic_documents)
+
     def checkpoint(state: synth.CorpusSoFar) -> None:
         atomic_write_json(folder / files.SYNTHETIC_PARTIAL_FILE,
                           {"model_id": job.model_id, "chat": chat, "seed": job.seed,
@@ -354,6 +357,7 @@ def make_rehearsal(job: BuildJob, generator: synth.GeneratorSpec, stop: threadin
     pairs: list[dict[str, Any]] = []
     if chat:
         log.info("asking the base model %d chat prompts for behaviour rehearsal", job.rehearsal_prompts)
+        files.report_progress(job.folder, "asking rehearsal prompts", 0, job.rehearsal_prompts)
         pairs = synth.rehearsal_pairs(synth.endpoint(generator, chat=True), job.rehearsal_prompts,
                                       job.rehearsal_held_out, job.seed, stop=stop,
                                       progress=_reporter(job, "asking rehearsal prompts"))

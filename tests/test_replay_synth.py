@@ -211,3 +211,27 @@ def test_the_daemon_builds_a_synthetic_replay_buffer_in_the_background(live_daem
     assert len(lines) == 3 and all(0 < float(line.split()[0]) <= 1.0001 for line in lines)
     again = live_daemon.cld("replay", "build")
     assert again.returncode == 0 and "source: synthetic" in again.stdout, again.stderr
+
+
+def test_each_stage_of_a_build_says_so_as_it_starts(tmp_path, monkeypatch) -> None:
+    """`cld status` showed "asking rehearsal prompts 120/120" for minutes after the synthesis had begun."""
+    from replay import build, files
+    from replay.job import BuildJob
+
+    seen: list[tuple[str, int, int]] = []
+
+    def first_batch_not_back_yet(*args, **kwargs):  # what the progress file says while the first batch is asked
+        found = json.loads((tmp_path / files.PROGRESS_FILE).read_text())
+        seen.append((found["stage"], found["done"], found["total"]))
+        return []
+
+    monkeypatch.setattr(synth, "supports_chat", lambda spec: True)
+    monkeypatch.setattr(synth, "rehearsal_pairs", lambda *a, **k: [{"prompt": "p", "answer": "a", "held_out": False}])
+    monkeypatch.setattr(synth, "synthesize_corpus", first_batch_not_back_yet)
+    job = BuildJob(folder=tmp_path, model_id="m", generator=GeneratorSpec("http://127.0.0.1:9", "m"),
+                   synthetic_documents=100, rehearsal_prompts=30, rehearsal_held_out=5)
+    build.make_rehearsal(job, job.generator, threading.Event())
+    files.report_progress(tmp_path, "asking rehearsal prompts", 30, 30)  # the rehearsal's last word
+    with pytest.raises(build.BuildError):
+        build.make_synthetic_corpus(job, threading.Event())
+    assert seen == [("synthesizing the corpus", 0, 100)]
