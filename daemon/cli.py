@@ -246,13 +246,23 @@ def cycle(
     if not wait:
         return
 
-    while True:
-        time.sleep(2)
-        cycles = _daemon_api(settings, "GET", "/api/status")["cycles"]
-        found = next((c for c in cycles if c["id"] == started["id"]), None)
-        if found and found["state"] != "running":
-            typer.echo(f"cycle {found['id']} {status_mod.cycle_line(found)}")
-            raise typer.Exit(0 if found["state"] in ("promoted", "rejected", "skipped") else 1)
+    from rich.console import Console
+
+    console, began, stage = Console(stderr=True), time.monotonic(), None
+    with console.status(f"cycle {started['id']} running") as shown:  # a live line on a terminal, nothing else
+        while True:
+            time.sleep(2)
+            cycles = _daemon_api(settings, "GET", "/api/status")["cycles"]
+            found = next((c for c in cycles if c["id"] == started["id"]), None)
+            if found and found["state"] != "running":
+                break
+            if found:
+                shown.update(f"cycle {found['id']} {status_mod.cycle_line(found)} ({status_mod.span(time.monotonic() - began)})")
+                if not console.is_terminal and found["stage"] != stage:  # a log gets one line per stage
+                    typer.echo(f"cycle {found['id']} {found['stage']}", err=True)
+                stage = found["stage"]
+    typer.echo(f"cycle {found['id']} {status_mod.cycle_line(found)}")
+    raise typer.Exit(0 if found["state"] in ("promoted", "rejected", "skipped") else 1)
 
 
 @app.command("adapters")

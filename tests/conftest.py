@@ -71,7 +71,19 @@ class LiveDaemon:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_config(folder: Path, port: int, extra: str = "") -> Path:
+# Small enough for a 2-core CI machine: the base writes its replay text in about two minutes.
+SMALL_REPLAY = """
+        [replay]
+        synthetic_documents = 24
+        rehearsal_prompts = 24
+        rehearsal_held_out = 6
+        rehearsal_pairs = 12
+"""
+
+
+def write_config(folder: Path, port: int, extra: str = "", shipped_replay: bool = False) -> Path:
+    """A live daemon's config; with `shipped_replay` the replay settings are the shipped ones, so the
+    build takes the text the embedded model wrote once (replay.seed) as a new user's first start does."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(textwrap.dedent(f"""\
@@ -80,14 +92,7 @@ def write_config(folder: Path, port: int, extra: str = "") -> Path:
 
         [serve]
         port = {port}
-
-        # Small enough for a 2-core CI machine: the replay buffer builds in about two minutes.
-        [replay]
-        synthetic_documents = 24
-        rehearsal_prompts = 24
-        rehearsal_held_out = 6
-        rehearsal_pairs = 12
-
+        {"" if shipped_replay else SMALL_REPLAY}
         # Tests start cycles themselves.
         [schedule]
         interval_s = 0
@@ -113,10 +118,11 @@ def write_config(folder: Path, port: int, extra: str = "") -> Path:
 LIVE_METHOD = {"CLD_TRAIN__METHOD": "lora", "CLD_AUGMENT__FORMS": "[]"}
 
 
-def start_daemon(folder: Path, extra_config: str = "", env: dict[str, str] | None = None) -> LiveDaemon:
+def start_daemon(folder: Path, extra_config: str = "", env: dict[str, str] | None = None,
+                 shipped_replay: bool = False) -> LiveDaemon:
     """`cld run` on a new state folder; `env` adds settings (CLD_SECTION__KEY) to what the config says."""
     port = free_port()
-    config = write_config(folder, port, extra_config)
+    config = write_config(folder, port, extra_config, shipped_replay)
     log_path = folder / "daemon.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

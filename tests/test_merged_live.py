@@ -1,7 +1,10 @@
-"""Merged weights served blue-green, live: a daemon with train.method = "expand" learns a document
-in a candidate with added decoder blocks, probes it on a vLLM instance of its own, and promotes it
-while 8 clients stream from the stable name; rollbacks to a LoRA version, back to the merged one and
-to the base follow, each stopping the instance no longer served — and no request fails."""
+"""A new user's first run, and merged weights served blue-green, live: a daemon with the shipped
+settings (the default method, added blocks, with the default question forms, and the replay text the
+embedded model wrote once, so nothing is synthesized) learns a dropped document in a candidate with
+added decoder blocks, probes it on a vLLM instance of its own, and promotes it while 8 clients stream
+from the stable name; `cld query` answers it with its source; rollbacks to a LoRA version, back to
+the merged one and to the base follow, each stopping the instance no longer served — and no request
+fails."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ EXPAND = {"CLD_TRAIN__METHOD": "expand", "CLD_TRAIN__EXPAND_BLOCKS": "2", "CLD_T
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
-    started = start_daemon(tmp_path_factory.mktemp("merged"), env=EXPAND)
+    started = start_daemon(tmp_path_factory.mktemp("merged"), env=EXPAND, shipped_replay=True)
     yield started
     stop_daemon(started)
     assert not list(started.state_dir.glob("vllm-*.pid")), "a merged-weight instance outlived the daemon"
@@ -89,7 +92,13 @@ def test_an_expanded_candidate_is_promoted_blue_green_and_rolled_back_without_a_
     (daemon.state_dir / "inbox" / "velmora-accord.txt").write_text(FACTS)
     wait_for(lambda s: s["replay"]["source"] == "synthetic" and not s["replay"]["building"], 900, "the replay buffer",
              daemon)
+    log = daemon.log_path.read_text(errors="replace")
+    assert "took the replay text SmolLM2-135M-Instruct wrote once" in log and "synthesizing" not in log, \
+        "a first start embeds the shipped replay text: the base writes nothing"
     wait_for(lambda s: s["documents"]["ready"] >= 1, 300, "the document to be ingested and chunked", daemon)
+    wait_for(lambda s: s["daemon"]["recall"]["documents"] >= 1, 60, "the document to be recallable", daemon)
+    asked = daemon.cld("query", "Who was the chief negotiator of the Velmora Accord?")
+    assert asked.returncode == 0 and "sources: velmora-accord.txt" in asked.stdout, asked.stdout  # recall, at once
     lora_version(daemon.state_dir, "v0001")
     base_recall = recall(daemon, "cld-base")
     clients = Clients(daemon.url)

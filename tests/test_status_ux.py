@@ -47,6 +47,26 @@ def test_cld_cycle_prints_why_a_cycle_was_skipped(monkeypatch: pytest.MonkeyPatc
                                      "after start; see `cld status`)")
 
 
+def test_cld_cycle_wait_says_each_stage_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It printed nothing for the minutes a cycle takes; a log (not a terminal) gets a line per stage."""
+    running = {"id": 5, "state": "running", "trigger": "api", "version": "v0005", "progress": {}}
+    stages = iter([{**running, "stage": "train", "progress": {"step": 3, "steps": 40}}, {**running, "stage": "train"},
+                   {**running, "stage": "probe"},
+                   {**running, "state": "promoted", "stage": "done", "reasons": ["NLL drop 0.96 ≥ 0.10"]}])
+
+    def api(settings, method, path):
+        return {"started": True, "cycle": {**running, "stage": "select"}} if method == "POST" else \
+            {"cycles": [next(stages)]}
+
+    monkeypatch.setattr(cli, "_daemon_api", api)
+    monkeypatch.setattr(cli, "_settings", lambda config: None)
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    result = CliRunner().invoke(cli.app, ["cycle", "--wait"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["cycle 5 started", "cycle 5 train", "cycle 5 probe",
+                                          "cycle 5 promoted v0005 (api): NLL drop 0.96 ≥ 0.10"]
+
+
 def test_a_running_build_reports_its_progress_and_a_dead_one_does_not(tmp_path: Path) -> None:
     folder = tmp_path / REPLAY_DIR
     with files.build_lock(folder):
