@@ -274,23 +274,38 @@ def expansion_points(layers: int, blocks: int, every: int) -> list[int]:
     return sorted(points)
 
 
-def _renumber(model: Any) -> None:
+def _renumber(model: Any, layer_types: list[str] | None) -> None:
+    """Number the decoder blocks as they now stand, and give the config their attention types
+    (sliding-window or full, per block: Gemma 2/3, some Qwen configs) in the same order."""
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         attention = getattr(layer, "self_attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = index
     model.config.num_hidden_layers = len(layers)
+    if layer_types is not None:
+        assert len(layer_types) == len(layers), "one attention type per decoder block"
+        model.config.layer_types = list(layer_types)
+
+
+def _layer_types(model: Any, layers: int) -> list[str] | None:
+    """The base's attention type of each decoder block, when its config lists them."""
     types = getattr(model.config, "layer_types", None)
-    if types is not None and len(types) != len(layers):
-        model.config.layer_types = [types[0]] * len(layers)
+    if types is None:
+        return None
+    if len(types) != layers:
+        raise ValueError(f"the model's config lists {len(types)} layer_types for {layers} decoder blocks")
+    return list(types)
 
 
 class Expand(Method):
     merged = True
 
-    def __init__(self, added: list[int]):
+    def __init__(self, added: list[int], base_types: list[str] | None = None,
+                 grown_types: list[str] | None = None):
         self.added = added  # indices of the added blocks in the expanded model
+        # each block's attention type, before and after: an added block keeps the one it copies
+        self.base_types, self.grown_types = base_types, grown_types
 
     @classmethod
     def install(cls, model: Any, blocks: int, every: int, parent: Path | None) -> Expand:
@@ -302,9 +317,11 @@ class Expand(Method):
             points = {index - k - 1 for k, index in enumerate(added)}
         else:
             points = set(expansion_points(len(layers), blocks, every))
-        grown, added = [], []
+        base_types = _layer_types(model, len(layers))
+        grown, added, grown_types = [], [], []
         for index, layer in enumerate(layers):
             grown.append(layer)
+            grown_types.append(base_types[index] if base_types else "")
             if index in points:
                 block = copy.deepcopy(layer)
                 for projection in ("self_attn.o_proj", "mlp.down_proj"):
@@ -314,8 +331,9 @@ class Expand(Method):
                         nn.init.zeros_(out.bias)
                 added.append(len(grown))
                 grown.append(block)
+                grown_types.append(grown_types[-1])
         model.model.layers = nn.ModuleList(grown)
-        _renumber(model)
+        _renumber(model, grown_types if base_types else None)
         if parent is not None:
             with torch.no_grad():
                 saved = _load_weights(parent)
@@ -325,18 +343,18 @@ class Expand(Method):
         for index in added:
             for p in decoder_layers(model)[index].parameters():
                 p.requires_grad_(True)
-        return cls(added)
+        return cls(added, base_types, grown_types if base_types else None)
 
     @contextlib.contextmanager
     def base_view(self, model: Any) -> Iterator[Any]:
         grown = decoder_layers(model)
         model.model.layers = nn.ModuleList(layer for i, layer in enumerate(grown) if i not in self.added)
-        _renumber(model)
+        _renumber(model, self.base_types)
         try:
             yield model
         finally:
             model.model.layers = grown
-            _renumber(model)
+            _renumber(model, self.grown_types)
 
     def info(self) -> dict[str, Any]:
         return {"expand": {"added": self.added}}

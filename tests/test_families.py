@@ -1,0 +1,66 @@
+"""Added blocks on the model families users bring (issue 34): on tiny random configs of Llama, Qwen2,
+Qwen3, Mistral, Phi-3, Gemma 2 and Gemma 3, an expanded model with its added blocks at their initial
+(zeroed) output computes exactly what the base computes — each added block keeps the attention type
+(sliding-window or full) of the block it copies, so a model with mixed layers keeps its own attention
+pattern — the base view gives the base back, and the saved folder reloads with transformers as the
+same model. (Gemma 3's alternating layers were all made sliding-window: |Δlogit| 0.51 at insertion.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from daemon.learning.methods import Expand
+
+SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "mistral": ("MistralConfig", {"sliding_window": 4}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 4}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 2}),
+}
+TOLERANCE = 1e-4  # fp32
+
+
+def tiny(family: str) -> torch.nn.Module:
+    name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, name)(**SIZES, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_added_blocks_compute_what_the_base_computes_until_trained(family: str, tmp_path: Path) -> None:
+    model = tiny(family)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    base = logits(model, ids)
+    types = list(getattr(model.config, "layer_types", None) or [])
+    method = Expand.install(model, blocks=2, every=0, parent=None)
+    assert len(model.model.layers) == SIZES["num_hidden_layers"] + 2 and method.added
+    assert (logits(model, ids) - base).abs().max().item() <= TOLERANCE
+    if types:  # each added block has the type of the block it copies, the base's own stay in place
+        grown = model.config.layer_types
+        assert [t for i, t in enumerate(grown) if i not in method.added] == types
+        assert all(grown[i] == grown[i - 1] for i in method.added)
+    with method.base_view(model) as viewed:
+        assert (logits(viewed, ids) - base).abs().max().item() <= TOLERANCE
+        assert getattr(viewed.config, "layer_types", None) in (None, types)
+    for p in model.model.layers[method.added[0]].parameters():  # as training would move them
+        p.data.add_(0.05 * torch.randn_like(p))
+    trained = logits(model, ids)
+    model.save_pretrained(tmp_path / "expanded")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "expanded").eval()
+    assert (logits(reloaded, ids) - trained).abs().max().item() <= TOLERANCE
