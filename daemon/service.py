@@ -522,8 +522,10 @@ def status_line(serving: str | None, cycle: CycleRecord | None, replay: str | No
     if cycle is None:
         return f"{line}; replay: {replay}" if replay else line
     line += f"; cycle {cycle.id}: {cycle.stage}"
-    step, steps = cycle.progress.get("step"), cycle.progress.get("steps")
-    return line + (f" step {step}/{steps}" if cycle.stage == "train" and step is not None else "")
+    step, steps, eta = (cycle.progress.get(key) for key in ("step", "steps", "eta_s"))
+    if cycle.stage != "train" or step is None:
+        return line
+    return line + f" step {step}/{steps}" + (f", about {max(1, round(eta / 60))} min left" if eta is not None else "")
 
 
 async def _listening(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:

@@ -60,7 +60,7 @@ def write_history(settings: Settings) -> StateDir:
     store.finish(failed, FAILED, error=f"train: the trainer exited with code 1 {HOSTILE}")
     store.finish(store.begin("schedule"), SKIPPED, [f"no new documents {HOSTILE}"])
     running = store.begin("api")
-    running.version, running.progress = "v0006", {"step": 3, "steps": 40, "tokens_per_s": 250.0}
+    running.version, running.progress = "v0006", {"step": 3, "steps": 40, "tokens_per_s": 250.0, "eta_s": 610.0}
     running.enter("train")
     store.save(running)
     Router(settings.serve.model_name, settings.serve.base_name, state.serving).switch(

@@ -39,7 +39,7 @@ def test_status_at_a_glance(tmp_path: Path) -> None:
             "v0008 on its own server (slot 2, starting)") in text
     assert f"cld = {SERVING}" in text
     assert "7 ingested · 4 pending (3 ready) · 3 learned · 1 quarantined · 1 duplicates" in text
-    assert "cycle 7 running v0006: train step 3/40" in text
+    assert "cycle 7 running v0006: train step 3/40, about 10 min left" in text
     rows = {line.split()[0]: line for line in text.splitlines() if line.strip()[:1].isdigit()}
     assert rows["2"].split()[4:10] == ["rejected", "v0002", "+16.0%", "+42.0%", "+45.0%", "100%"]
     assert "forgetting vs base +16.0% > +2.0%" in text, "a rejected cycle says why"

@@ -162,6 +162,8 @@ async def test_status_changes_extensions_and_pings_are_sent_from_the_event_loop(
     (None, None, {}, "serving the base model"),
     ("v0003", None, {}, "serving v0003"),
     ("v0003", "train", {"step": 30, "steps": 120}, "serving v0003; cycle 4: train step 30/120"),
+    ("v0003", "train", {"step": 30, "steps": 120, "eta_s": 290.0},
+     "serving v0003; cycle 4: train step 30/120, about 5 min left"),
     ("v0003", "train", {}, "serving v0003; cycle 4: train"),
     (None, "probe", {"step": 120, "steps": 120}, "serving the base model; cycle 4: probe"),
 ])

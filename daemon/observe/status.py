@@ -227,6 +227,8 @@ def cycle_line(cycle: dict[str, Any]) -> str:
     if cycle["state"] == "running":
         progress = cycle.get("progress") or {}
         step = f" step {progress['step']}/{progress['steps']}" if "step" in progress else ""
-        return f"running{version}: {cycle['stage']}{step}"
+        eta = progress.get("eta_s") if cycle["stage"] == "train" else None
+        left = f", about {max(1, round(eta / 60))} min left" if eta is not None else ""
+        return f"running{version}: {cycle['stage']}{step}{left}"
     why = cycle.get("error") or "; ".join(cycle.get("reasons") or [])
     return f"{cycle['state']}{version} ({cycle['trigger']}){': ' + why if why else ''}"
