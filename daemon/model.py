@@ -105,6 +105,35 @@ def model_name(base: str) -> str:
         return base or EMBEDDED_NAME
 
 
+# The families whose decoder blocks the merged methods (expand, mora, full) are tested on
+# (tests/test_families.py: function-preserving added blocks, per-block attention types kept).
+TESTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                        "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# What added blocks zero at insertion (so the expanded model starts as the base), in block 0.
+EXPAND_NEEDS = ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight")
+
+
+def method_problem(model_dir: Path, method: str) -> str | None:
+    """Why `train.method` cannot train this prepared base model, naming what is missing; None when
+    it can. LoRA is peft's and vLLM's, for any model they take; the merged methods change decoder
+    blocks, and are only run on the families they are tested on."""
+    if method == "lora":
+        return None
+    try:
+        architectures = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError) as error:
+        return f"the base model's config.json cannot be read ({error})"
+    if not set(architectures) & set(TESTED_ARCHITECTURES):
+        return (f"train.method = {method!r} changes decoder blocks, and is tested on {', '.join(TESTED_ARCHITECTURES)}; "
+                f"the base model is {', '.join(architectures) or 'of no named architecture'}: set train.method = "
+                '"lora" (any model peft and vLLM take)')
+    tensors = {name for path in sorted(model_dir.glob("*.safetensors")) for name in _safetensors_header(path)}
+    missing = [name for name in EXPAND_NEEDS if name not in tensors] if method == "expand" else []
+    if missing:
+        return f"train.method = 'expand' zeroes {' and '.join(missing)} in each added block; the base model has no {missing[0]}"
+    return None
+
+
 def linear_modules(model_dir: Path) -> list[str]:
     """Names (last component) of the model's linear layers, from its safetensors headers alone:
     every 2-D `*.weight` except embeddings, the output head and norms. These are what a LoRA on

@@ -317,6 +317,8 @@ class Daemon:
             await asyncio.gather(preparing, return_exceptions=True)
             return
         model_dir = preparing.result()
+        if problem := model.method_problem(model_dir, self.settings.train.method):
+            raise StartupError(problem)
         self.recaller.specials = template_tokens(model_dir)  # recalled text must not spell them
         self.phase = "starting model server"
         assert self.vllm_socket is not None  # no serve.vllm_url: ours

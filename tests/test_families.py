@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from daemon import model
 from daemon.learning.methods import Expand
 
 SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
@@ -64,3 +65,25 @@ def test_added_blocks_compute_what_the_base_computes_until_trained(family: str, 
     model.save_pretrained(tmp_path / "expanded")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "expanded").eval()
     assert (logits(reloaded, ids) - trained).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_tested_family_may_be_trained_by_every_method(family: str, tmp_path: Path) -> None:
+    tiny(family).save_pretrained(tmp_path)
+    assert all(model.method_problem(tmp_path, method) is None for method in ("lora", "expand", "mora", "full"))
+
+
+def test_an_untested_architecture_is_refused_at_start_naming_what_is_missing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    problem = model.method_problem(tmp_path / "gpt2", "expand")
+    assert problem and "tested on LlamaForCausalLM" in problem and "the base model is GPT2LMHeadModel" in problem
+    assert 'set train.method = "lora"' in problem and model.method_problem(tmp_path / "gpt2", "lora") is None
+    tiny("llama").save_pretrained(tmp_path / "odd")  # a Llama whose blocks lack the projection expand zeroes
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "odd" / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "o_proj" not in k}, str(tmp_path / "odd" / "model.safetensors"))
+    assert "the base model has no model.layers.0.self_attn.o_proj.weight" in model.method_problem(tmp_path / "odd",
+                                                                                                  "expand")
