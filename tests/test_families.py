@@ -7,6 +7,7 @@ same model. (Gemma 3's alternating layers were all made sliding-window: |Δlogit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,26 +16,21 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from daemon import model
+from daemon.engine.merged import is_merged
+from daemon.learning import train
 from daemon.learning.methods import Expand
+from tests.test_methods import job, logits as text_logits
+from tests.tiny import FAMILIES, build_tiny_model
 
 SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
-FAMILIES = {
-    "llama": ("LlamaConfig", {}),
-    "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", {"head_dim": 8}),
-    "mistral": ("MistralConfig", {"sliding_window": 4}),
-    "phi3": ("Phi3Config", {"pad_token_id": 0}),
-    "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 4}),
-    "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 2}),
-}
 TOLERANCE = 1e-4  # fp32
 
 
 def tiny(family: str) -> torch.nn.Module:
     name, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, name)(**SIZES, **extra)
+    config = getattr(transformers, name)(**SIZES, pad_token_id=0, **extra)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -87,3 +83,36 @@ def test_an_untested_architecture_is_refused_at_start_naming_what_is_missing(tmp
     save_file({k: v for k, v in weights.items() if "o_proj" not in k}, str(tmp_path / "odd" / "model.safetensors"))
     assert "the base model has no model.layers.0.self_attn.o_proj.weight" in model.method_problem(tmp_path / "odd",
                                                                                                   "expand")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {family: build_tiny_model(tmp_path_factory.mktemp(family), family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("method", ["lora", "expand", "mora", "full"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_trains_saves_and_reloads_on_every_family(tiny_models: dict[str, Path], tmp_path: Path,
+                                                               family: str, method: str) -> None:
+    """cld's own trainer, as a cycle runs it: the loss falls, and the saved version, loaded back
+    with transformers (peft for a LoRA), computes what was trained."""
+    from peft import PeftModel
+
+    the_job = job(tiny_models[family], tmp_path / "versions", method, learning_rate=1e-2)
+    model, tokenizer, dtype = train.load_model(the_job)
+    dataset = train.build_dataset(the_job, tokenizer)
+    summary = train.train(the_job, model, dataset, tokenizer.pad_token_id, json_progress=False, stop=lambda: False)
+    folder = train.save(the_job, model, tokenizer, dataset, summary, dtype, 0.0)
+    assert summary["last_loss"] < summary["first_loss"], (family, method, summary["first_loss"], summary["last_loss"])
+    trained = text_logits(model, tokenizer)
+    if method == "lora":
+        base = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+        saved = PeftModel.from_pretrained(base, folder)
+    else:
+        assert is_merged(folder), "a complete model folder"
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        if method == "expand":
+            assert len(saved.model.layers) == json.loads((tiny_models[family] / "config.json").read_text())[
+                "num_hidden_layers"] + the_job.hyper.expand_blocks
+    assert (text_logits(saved, tokenizer) - trained).abs().max().item() <= TOLERANCE, "the saved version differs"
+

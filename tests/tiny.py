@@ -16,11 +16,26 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """Save a 2-layer Llama with a byte-level BPE tokenizer and a ChatML template in `folder`."""
+# Tiny configs of the model families cld's methods are tested on (tests/test_families.py): the
+# transformers config class, and what the family needs beyond the shared sizes.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "mistral": ("MistralConfig", {"sliding_window": 4}),
+    "phi3": ("Phi3Config", {}),
+    "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 4}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 2}),
+}
+
+
+def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2) -> Path:
+    """Save a tiny model of `family` (a 2-layer Llama by default) with a byte-level BPE tokenizer
+    and a ChatML template in `folder`."""
     import torch
+    import transformers
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS * 4, vocab_size=400, min_frequency=1,
@@ -29,10 +44,12 @@ def build_tiny_model(folder: Path) -> Path:
                                         bos_token="<|im_start|>")
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, name)(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        **extra)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
