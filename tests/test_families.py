@@ -19,7 +19,8 @@ from daemon import model
 from daemon.engine.merged import is_merged
 from daemon.learning import train
 from daemon.learning.methods import Expand
-from tests.test_methods import job, logits as text_logits
+from tests.test_methods import job
+from tests.test_methods import logits as text_logits
 from tests.tiny import FAMILIES, build_tiny_model
 
 SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
