@@ -445,6 +445,18 @@ class TrainSection(Section):
     gpu_memory_fraction: float = Field(
         0.35, gt=0, le=1, description="Most of the GPU memory the trainer may use (vLLM has serve.gpu_memory_utilization)."
     )
+    devices: int = Field(
+        1, ge=1, description="Processes the trainer runs as, one per GPU (or CPU process): more than 1 runs it under "
+        "PyTorch's torchrun, data-parallel: each takes its share of every step's train.grad_accum micro-batches and "
+        "their gradients are summed, so a step is the one a single process takes (train.grad_accum must be a "
+        "multiple of it). Each process holds the whole model."
+    )
+    torchrun_args: list[str] = Field(
+        default_factory=list, description="torchrun's own arguments when train.devices > 1 (empty: --standalone, this "
+        "machine). Across machines, torchrun's rendezvous: e.g. [\"--nnodes=2\", \"--rdzv-backend=c10d\", "
+        "\"--rdzv-endpoint=host0:29400\", \"--rdzv-id=cld\"], with the other machine running `torchrun` with the same "
+        "arguments on the same job file (README, GPU section)."
+    )
     expand_blocks: int = Field(2, ge=1, le=64, description="train.method = expand: decoder blocks added.")
     expand_every: int = Field(
         0, ge=0, description="train.method = expand: one added block after every this many base blocks, the last "
@@ -453,6 +465,13 @@ class TrainSection(Section):
     full_layers: list[int] = Field(
         default_factory=list, description="train.method = full: indices of the decoder blocks trained (empty = all)."
     )
+
+    @model_validator(mode="after")
+    def _devices_share_the_steps(self) -> TrainSection:
+        if self.grad_accum % self.devices:
+            raise ValueError(f"train.grad_accum ({self.grad_accum}) must be a multiple of train.devices "
+                             f"({self.devices}): each process takes an equal share of a step's micro-batches")
+        return self
 
     @property
     def vllm_max_lora_rank(self) -> int:

@@ -678,3 +678,15 @@ def test_a_record_written_by_another_version_is_read_and_a_broken_one_left_out(t
     (tmp_path / "000004.json").write_text(json.dumps({"id": "four", "trigger": "api"}))
     assert [record.id for record in store.all()] == [1, 2]
     assert store.begin("api").id == 5  # after every file: one it cannot read is not overwritten
+
+
+async def test_a_cycle_trains_on_two_processes_when_asked(state: StateDir, tiny: Path) -> None:
+    """train.devices = 2: the same cycle, its trainer under torchrun (2 gloo processes here)."""
+    vllm, journal = FakeVLLM(), FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, vllm, journal)
+    learner.settings.train.grad_accum, learner.settings.train.devices = 2, 2
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    meta = json.loads((state.adapters / "v0001" / "meta.json").read_text())
+    assert meta["training"]["processes"] == 2 and record.progress["steps"] == meta["training"]["steps"]

@@ -204,7 +204,8 @@ class Learner:
         atomic_write_text(job_file, job.model_dump_json(indent=1))
         self.state.logs.mkdir(parents=True, exist_ok=True)
         with open(self.state.logs / f"train-{job.version}.log", "ab") as train_log:
-            self.trainer = await start_trainer(job_file, train_log, self.thread_policy())
+            self.trainer = await start_trainer(job_file, train_log, self.thread_policy(), self.settings.train.devices,
+                                               self.settings.train.torchrun_args)
             try:
                 await self._follow(record, self.trainer)
                 code = await self.trainer.wait()
@@ -440,13 +441,25 @@ class Learner:
 
 
 
-async def start_trainer(job_file: Path, log: Any, policy: dict[str, str] = TRAINER_ENV) -> asyncio.subprocess.Process:
-    """`python -m daemon.learning.train JOB --json-progress`, below serving's CPU priority
-    (TRAIN_NICENESS), with its OpenMP threads waiting as `policy` says (TRAINER_ENV: sleep)."""
+async def start_trainer(job_file: Path, log: Any, policy: dict[str, str] = TRAINER_ENV, devices: int = 1,
+                        torchrun_args: list[str] | None = None) -> asyncio.subprocess.Process:
+    """`python -m daemon.learning.train JOB --json-progress` (under torchrun with `devices` > 1:
+    train.devices processes), below serving's CPU priority (TRAIN_NICENESS), with its OpenMP threads
+    waiting as `policy` says (TRAINER_ENV: sleep)."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon.learning.train", str(job_file), "--json-progress",
+        *trainer_command(job_file, devices, torchrun_args or []),
         stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
         env=trainer_env(policy=policy), preexec_fn=lambda: os.nice(TRAIN_NICENESS))
+
+
+def trainer_command(job_file: Path, devices: int, torchrun_args: list[str]) -> list[str]:
+    """The trainer's argv: one process, or torchrun starting `devices` of them (`--standalone`
+    unless `torchrun_args` say where the others are)."""
+    trainer = ["-m", "daemon.learning.train", str(job_file), "--json-progress"]
+    if devices == 1:
+        return [sys.executable, *trainer]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(devices),
+            *(torchrun_args or ["--standalone"]), *trainer]
 
 
 def trainer_env(base: dict[str, str] | None = None, policy: dict[str, str] = TRAINER_ENV) -> dict[str, str]:

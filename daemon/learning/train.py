@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -29,6 +30,7 @@ from typing import Any
 
 import peft
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
@@ -247,6 +249,9 @@ def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
     hp = job.hyper
     torch.manual_seed(hp.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world_size() > 1:  # one GPU per process under torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
     if device == "cuda" and hp.gpu_memory_fraction < 1:
         torch.cuda.set_per_process_memory_fraction(hp.gpu_memory_fraction)
     dtype = pick_dtype(hp.dtype) if hp.method == "lora" else torch.float32
@@ -270,14 +275,16 @@ def saved_dtype(model_dir: str) -> Any:
 class Progress:
     """Reports steps: JSON lines on stdout for the daemon, or a progress bar for a person."""
 
-    def __init__(self, total: int, json_lines: bool):
-        self.total, self.json_lines, self.started = total, json_lines, time.monotonic()
+    def __init__(self, total: int, json_lines: bool, quiet: bool = False):
+        self.total, self.json_lines, self.started, self.quiet = total, json_lines, time.monotonic(), quiet
         self.bar = None
-        if not json_lines:
+        if not json_lines and not quiet:
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
 
     def step(self, step: int, loss: float, tokens: int, lr: float) -> None:
+        if self.quiet:  # another process of a torchrun group reports
+            return
         elapsed = time.monotonic() - self.started
         rate = tokens / elapsed if elapsed else 0.0
         eta = elapsed / step * (self.total - step) if step else 0.0
@@ -297,12 +304,70 @@ def emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
+# ---- more than one process (torchrun; train.devices) ----------------------------------------------
+
+def world_size() -> int:
+    """Processes training together: torchrun's WORLD_SIZE (train.devices), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_distributed() -> int:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); this process's rank (0 alone)."""
+    if world_size() == 1:
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _summed(values: list[float], device: Any) -> list[float]:
+    """`values` summed over every process."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _sum_gradients(params: list[Any]) -> None:
+    """Each process backpropagated its share of the step's micro-batches: the gradient of the step
+    is their sum, as one process would have accumulated it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def _merged_parts(parts: dict[str, list[float]]) -> dict[str, list[float]]:
+    """An epoch's loss parts summed over every process (each saw its own micro-batches)."""
+    merged: dict[str, list[float]] = {}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, parts)
+    for found in gathered:
+        for name, (summed, count) in found.items():
+            total = merged.setdefault(name, [0.0, 0])
+            total[0], total[1] = total[0] + summed, total[1] + count
+    return merged
+
+
+def _agreed(value: float) -> float:
+    """Rank 0's `value`, so that every process takes the same decision from it."""
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progress: bool, stop: Any,
           on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
     """Run the optimisation; returns the loss summary. Raises Cancelled when `stop()` turns true.
-    After each epoch, `on_epoch(epoch, report)` may end training by returning true (benchmarks use it)."""
+    After each epoch, `on_epoch(epoch, report)` may end training by returning true (benchmarks use it).
+    Under torchrun (train.devices > 1) each process takes every world-th micro-batch of a step and
+    the gradients are summed, so the steps are the ones a single process takes, faster."""
 
     hp = job.hyper
+    rank, world = _rank_and_world()
     device = next(model.parameters()).device
     batches_per_epoch = math.ceil(len(dataset.train) / hp.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / hp.grad_accum)
@@ -311,7 +376,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
     rng = random.Random(hp.seed)
-    progress = Progress(total, json_progress)
+    progress = Progress(total, json_progress, quiet=rank > 0)
     budget = DistillBudget(hp.distill_weight, hp.distill_budget, total)
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
     best_state, epochs, stopped = None, [], None
@@ -332,14 +397,21 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 loss_sum = 0.0
                 chunk = batches[group : group + hp.grad_accum]
                 before = list(parts.get("distill_loss", (0.0, 0)))
-                for indices in chunk:
+                step_tokens = 0
+                for indices in chunk[rank::world]:
                     batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
                     loss = step_loss(model, batch, parts, budget.weight) / len(chunk)
                     loss.backward()
                     loss_sum += loss.item()
-                    tokens += int(batch["attention_mask"].sum())
+                    step_tokens += int(batch["attention_mask"].sum())
                 after = parts.get("distill_loss", (0.0, 0))
-                budget.update((after[0] - before[0]) / (after[1] - before[1]) if after[1] > before[1] else None)
+                distilled_sum, distilled_n = after[0] - before[0], after[1] - before[1]
+                if world > 1:
+                    _sum_gradients(params)
+                    loss_sum, step_tokens, distilled_sum, distilled_n = _summed(
+                        [loss_sum, step_tokens, distilled_sum, distilled_n], device)
+                tokens += int(step_tokens)
+                budget.update(distilled_sum / distilled_n if distilled_n > 0 else None)
                 torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -349,6 +421,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 progress.step(step, loss_sum, tokens, scheduler.get_last_lr()[0])
                 if step >= total:
                     break
+            parts = _merged_parts(parts) if world > 1 else parts
             epochs.append({name: round(summed / max(n, 1), 5) for name, (summed, n) in parts.items()}
                           | ({"distill_weight": round(budget.weight, 3)} if hp.distill_budget else {}))
             if on_epoch is not None and on_epoch(epoch + 1, epochs[-1]):
@@ -360,7 +433,8 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 stopped = "learned"
                 break
             if dataset.held_out:
-                evals.append(evaluate(model, dataset.held_out, pad_id, hp.batch_size))
+                held_out = evaluate(model, dataset.held_out, pad_id, hp.batch_size)
+                evals.append(_agreed(held_out) if world > 1 else held_out)
                 if evals[-1] < best - 1e-4:
                     best, bad_epochs = evals[-1], 0
                     best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -610,6 +684,7 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
+    rank = start_distributed()
     model, tokenizer, dtype = load_model(job)
     dataset = build_dataset(job, tokenizer)
     if not dataset.train:
@@ -619,8 +694,14 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
              job.hyper.seq_len, dataset.counts, dtype)
     summary = train(job, model, dataset, pad_id, json_progress, stop=lambda: stopping["flag"])
     summary["tokens_per_s"] = round(summary["tokens"] / max(time.time() - started, 1e-9), 1)
-    path = save(job, model, tokenizer, dataset, summary, dtype, started)
-    if json_progress:
+    summary["processes"] = world_size()
+    path = Path(job.output_dir) / job.version
+    if rank == 0:  # the processes of a torchrun group hold the same weights: one saves them
+        path = save(job, model, tokenizer, dataset, summary, dtype, started)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if json_progress and rank == 0:
         emit({"event": "done", "path": str(path), "summary": {k: v for k, v in summary.items() if k != "losses"}})
     return path
 

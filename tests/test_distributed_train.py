@@ -1,0 +1,71 @@
+"""Training on more than one device through PyTorch's own engine (issue 34): with train.devices > 1
+the trainer runs under torchrun, each process taking its share of every step's micro-batches and the
+gradients summed, so it takes the steps one process takes. Tested here with 2 gloo processes on the
+CPU against 1 process on the same job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from daemon.config import ConfigError, TrainSection, load_settings
+from daemon.learning.cycle import trainer_command
+from tests.conftest import REPO
+from tests.test_methods import job
+from tests.tiny import build_tiny_model
+
+TOLERANCE = 0.02  # final loss, relative
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def run_trainer(tiny: Path, folder: Path, method: str, devices: int) -> tuple[dict, list[dict]]:
+    """The trainer as a cycle starts it; (its version's meta.json, the progress events it printed)."""
+    the_job = job(tiny, folder / "versions", method, grad_accum=2, epochs=2, learning_rate=3e-3)
+    job_file = folder / "job.json"
+    job_file.write_text(the_job.model_dump_json())
+    done = subprocess.run(trainer_command(job_file, devices, []), capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads((folder / "versions" / "v0001" / "meta.json").read_text()), events
+
+
+@pytest.mark.parametrize("method", ["lora", "expand"])
+def test_two_processes_train_what_one_does(tiny: Path, tmp_path: Path, method: str) -> None:
+    one, _ = run_trainer(tiny, tmp_path / "one", method, 1)
+    two, events = run_trainer(tiny, tmp_path / "two", method, 2)
+    alone, together = one["training"], two["training"]
+    assert (alone["processes"], together["processes"]) == (1, 2)
+    assert together["steps"] == alone["steps"] and together["tokens"] == alone["tokens"]
+    assert abs(together["last_loss"] - alone["last_loss"]) <= TOLERANCE * alone["last_loss"], (alone, together)
+    assert together["losses"] == pytest.approx(alone["losses"], rel=TOLERANCE)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) == together["steps"] and [e["event"] for e in events].count("done") == 1, \
+        "one process reports"
+
+
+def test_trainer_command_and_its_settings(tmp_path: Path) -> None:
+    assert trainer_command(Path("j.json"), 1, [])[1:] == ["-m", "daemon.learning.train", "j.json", "--json-progress"]
+    assert trainer_command(Path("j.json"), 2, [])[1:7] == ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                                           "--standalone", "-m"]
+    across = ["--nnodes=2", "--rdzv-endpoint=host0:29400"]
+    assert trainer_command(Path("j.json"), 4, across)[5:7] == across
+    assert TrainSection(devices=2, grad_accum=4).devices == 2
+    config = tmp_path / "config.toml"
+    config.write_text("[train]\ndevices = 2\ngrad_accum = 3\n")
+    with pytest.raises(ConfigError, match=r"train.grad_accum \(3\) must be a multiple of train.devices \(2\)"):
+        load_settings(config)
+
+
+def test_gloo_is_there() -> None:
+    assert torch.distributed.is_available() and torch.distributed.is_gloo_available()
+    assert sys.executable
