@@ -12,7 +12,7 @@ SHELL   := /bin/bash
 CHROMIUM := /usr/bin/chromium
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 
-.PHONY: install run test test-unit bench bench-learning bench-lifelong bench-recall clean
+.PHONY: install run test test-unit bench bench-first-run bench-learning bench-lifelong bench-recall clean
 
 install: $(VENV)/.installed-$(FLAVOUR)
 
@@ -55,6 +55,10 @@ test-unit: install $(CHROMIUM) $(SYSTEMD_ANALYZE)
 
 bench: install
 	$(BIN)/python bench/front_overhead.py
+
+# A newcomer's first run: `cld run` on a fresh state to a first document learned (~10 min on 2 cores).
+bench-first-run: install
+	$(BIN)/python bench/first_run.py
 
 # What recall adds to the weights and what it costs: latency, QA, general QA, overhead (~20 min on 2 cores).
 bench-recall: install
