@@ -77,8 +77,9 @@ def prepare(config: ConfigOption = None) -> None:
     """Make the base model and the replay buffer ready (`run` does both when they are missing).
 
     The base model is converted once (the embedded GGUF) or checked (a Hugging Face folder). The
-    replay buffer is built from replay.corpus; with no corpus the base model writes one, which
-    needs the model server, so `cld run` builds it in the background instead.
+    replay buffer is built from replay.corpus, or, for the embedded model, from the replay text it
+    wrote once (shipped); otherwise the base model writes one, which needs the model server, so
+    `cld run` builds it in the background instead.
     """
     from daemon import model
 
@@ -89,7 +90,10 @@ def prepare(config: ConfigOption = None) -> None:
     except model.ModelError as error:
         _fail(str(error), code=1)
     typer.echo(f"base model ready: {path}")
-    if not settings.replay.corpus:
+    from daemon.learning import replay_plan
+    from replay import seed
+
+    if not settings.replay.corpus and not seed.matches(replay_plan.build_job(settings, None)):
         typer.echo("replay.corpus is empty: `cld run` has the base model write the replay corpus once it serves")
         return
     replay_build(config)
@@ -436,6 +440,7 @@ def replay_build(config: ConfigOption = None) -> None:
     """
     from daemon.learning import replay_plan
     from daemon.observe import status as status_mod
+    from replay import seed
     from replay.build import BuildError, run
     from replay.corpus import CorpusError
     from replay.files import BuildLocked
@@ -446,13 +451,15 @@ def replay_build(config: ConfigOption = None) -> None:
     record = status_mod.running_daemon(StateDir(settings.state.dir))
     spec = replay_plan.generator(settings, record["url"], settings.serve.base_name, settings.security.api_key) \
         if record else None
-    if spec is None and not settings.replay.corpus:
+    job = replay_plan.build_job(settings, spec)
+    shipped = seed.matches(job)  # the embedded model's own text ships with cld: no model server needed
+    if spec is None and not settings.replay.corpus and not shipped:
         _fail("replay.corpus is empty, so the base model writes the corpus, and no daemon is running: "
               "start it with `cld run` (it builds the buffer itself) or set replay.corpus", code=1)
-    if spec is None:
+    if spec is None and not shipped:
         typer.echo("no daemon is running: behaviour rehearsal pairs will be made when it runs", err=True)
     try:
-        built = run(replay_plan.build_job(settings, spec), progress=True)
+        built = run(job, progress=True)
     except (BuildError, CorpusError, GeneratorUnavailable, BuildLocked, ValueError) as error:
         _fail(str(error), code=1)
     except KeyboardInterrupt:

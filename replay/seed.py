@@ -25,11 +25,17 @@ MADE_WITH_KEYS = ("model_id", "synthetic_documents", "synthetic_temperature", "r
                   "rehearsal_held_out", "seed")
 
 
+def matches(job: BuildJob, seed_text: Path = SEED_TEXT) -> bool:
+    """Whether the build would ask the model what the shipped text answers (so it needs no model server)."""
+    made_with = json.loads((seed_text / MADE_WITH_FILE).read_text(encoding="utf-8"))
+    return all(made_with[key] == getattr(job, key) for key in MADE_WITH_KEYS)
+
+
 def plant(job: BuildJob, seed_text: Path = SEED_TEXT) -> list[str]:
     """Copy the shipped text into `job.folder` where the build would write the same; the paths copied."""
-    made_with = json.loads((seed_text / MADE_WITH_FILE).read_text(encoding="utf-8"))
-    if any(made_with[key] != getattr(job, key) for key in MADE_WITH_KEYS):
+    if not matches(job, seed_text):
         return []
+    made_with = json.loads((seed_text / MADE_WITH_FILE).read_text(encoding="utf-8"))
     wanted = [seed_text / files.REHEARSAL_FILE]
     if not job.corpus:  # the synthetic corpus stands in for a corpus only when none is configured
         wanted += sorted((seed_text / files.SYNTHETIC_DIR).iterdir())

@@ -67,7 +67,9 @@ def test_build_then_query_with_the_default_embedder(tmp_path: Path) -> None:
 
 
 def test_build_without_corpus_or_daemon_says_what_to_do(tmp_path: Path) -> None:
-    result = cld(write_config(tmp_path, corpus=False), "replay", "build")
+    config = write_config(tmp_path, corpus=False)  # and not the shipped settings: the base must write its text
+    config.write_text(config.read_text() + "synthetic_documents = 24\n")
+    result = cld(config, "replay", "build")
     assert result.returncode == 1
     assert "replay.corpus is empty" in result.stderr and "cld run" in result.stderr
 

@@ -53,3 +53,15 @@ def test_the_shipped_text_is_package_data() -> None:
     assert '"replay" = ["seed_text/*.json", "seed_text/synthetic/*"]' in pyproject
     assert {p.name for p in seed.SEED_TEXT.rglob("*") if p.is_file()} == {"made_with.json", "rehearsal.json",
                                                                            "corpus.jsonl", "meta.json"}
+
+
+def test_a_build_with_the_shipped_text_needs_no_model_server(tmp_path: Path) -> None:
+    """So `cld prepare` (and `cld replay build`) make the embedded model's buffer before `cld run`."""
+    from tests.replay_helpers import BagOfWords, use_embedder
+
+    embedder = use_embedder(BagOfWords())
+    job = BuildJob(folder=tmp_path / "replay", model_id=EMBEDDED_NAME, embedder=embedder.name, passage_tokens=200)
+    assert seed.matches(job) and job.generator is None
+    built = build.run(job)
+    assert built["source"] == "synthetic" and built["passages"] > 400
+    assert build.check(job) is None, "up to date"
