@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.learning.decide import ProbeResults, Thresholds, decide, wilson_bound
+from daemon.learning.decide import RULE_OF, ProbeResults, Thresholds, decide, judged, wilson_bound
+from daemon.learning.probes import increase_error
 
 LIMITS = Thresholds(max_forgetting=0.02, max_behaviour_increase=0.15, min_drift_agreement=0.6, min_nll_drop=0.1,
                     min_knowledge_kept=0.75, min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0,
@@ -92,3 +93,46 @@ def test_a_check_with_few_items_fails_only_when_surely_past_its_limit() -> None:
 
     assert [promoted(k, 3) for k in range(4)] == [False, True, True, True]
     assert [k for k in range(31) if promoted(k, 30)][0] == 11
+
+
+# ---- NLL increases judged at their standard error over the texts -----------------------------------------------
+
+# A newcomer's first 60-word document (bench/first_run.py, 2026-12-05): its candidate was refused at
+# forgetting +2.03 % > +2.0 %, its 32 held-out passages' increases between +0.5 % and +7.7 %.
+FIRST_RUN_BASE = [[414.7, 167], [195.3, 79], [592.5, 198], [506.9, 200], [393.4, 163], [307.3, 136], [469.6, 286],
+                  [367.4, 174], [254.3, 140], [312.4, 203], [118.8, 41], [152.9, 97], [321.9, 145], [485.1, 159],
+                  [379.8, 178], [94.1, 57], [267.8, 99], [419.7, 152], [276.3, 158], [437.2, 175], [397.7, 137],
+                  [547.9, 204], [494.7, 186], [376.3, 194], [395.1, 212], [271.9, 126], [163.9, 84], [293.6, 172],
+                  [454.9, 157], [303.9, 126], [347.4, 199], [194.8, 93]]
+FIRST_RUN_CANDIDATE = [[421.3, 167], [196.7, 79], [607.0, 198], [519.3, 200], [404.1, 163], [313.8, 136],
+                       [484.0, 286], [373.3, 174], [263.8, 140], [323.6, 203], [120.3, 41], [164.7, 97], [328.1, 145],
+                       [493.8, 159], [387.2, 178], [95.8, 57], [272.7, 99], [426.8, 152], [278.6, 158], [450.9, 175],
+                       [399.7, 137], [562.2, 204], [498.4, 186], [381.3, 194], [398.1, 212], [280.9, 126],
+                       [165.8, 84], [302.3, 172], [459.2, 157], [307.6, 126], [354.9, 199], [197.7, 93]]
+
+
+def first_run(candidate: list[list[float]]) -> ProbeResults:
+    items = {"base": {"held_out_nll": FIRST_RUN_BASE}, "candidate": {"held_out_nll": candidate}}
+    pooled = sum(c[0] for c in candidate) / sum(b[0] for b in FIRST_RUN_BASE) - 1
+    return ProbeResults(forgetting_vs_base=pooled, forgetting_vs_base_se=increase_error(items, "held_out_nll", "base"))
+
+
+def test_a_forgetting_just_over_the_limit_but_within_its_spread_passes() -> None:
+    results = first_run(FIRST_RUN_CANDIDATE)
+    assert 0.0203 < results.forgetting_vs_base < 0.0204 and 0.001 < results.forgetting_vs_base_se < 0.004
+    found = judged(RULE_OF["forgetting_vs_base"], results, LIMITS)
+    assert found.passed and found.reason.startswith("forgetting vs base +2.0% (at least +1.")
+    assert found.reason.endswith("at 95% confidence) ≤ +2.0%")
+
+
+def test_a_forgetting_surely_over_the_limit_is_refused() -> None:
+    worse = [[c[0] * 1.01, c[1]] for c in FIRST_RUN_CANDIDATE]  # every passage 1 % further: +3.1 %
+    found = judged(RULE_OF["forgetting_vs_base"], first_run(worse), LIMITS)
+    assert not found.passed and found.reason == "forgetting vs base +3.1% > +2.0%"
+
+
+def test_without_texts_to_spread_over_the_value_decides() -> None:
+    assert increase_error({"base": {"held_out_nll": [[1.0, 1]] * 2}, "candidate": {"held_out_nll": [[1.1, 1]] * 2}},
+                          "held_out_nll", "base") is None
+    found = judged(RULE_OF["forgetting_vs_base"], ProbeResults(forgetting_vs_base=0.0203), LIMITS)
+    assert not found.passed and found.reason == "forgetting vs base +2.0% > +2.0%"

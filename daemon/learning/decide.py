@@ -6,11 +6,13 @@ of every check (probe, value, limit, passed, a human-readable reason kept with t
 Status views render these; none re-derives them. Knows nothing of how the numbers were measured
 (`daemon.learning.probes`) or what happens next.
 
-Two kinds of evidence. Continuous signals (NLLs over many tokens) are judged by their value.
-Shares of a few discrete items (cloze probes: a 300-word README yields a handful) are judged at a
-confidence bound (Wilson's score interval, `probes.confidence`): a candidate fails such a rule only
-when even the bound on the side of the candidate is past the limit, so one item more or less
-(noise, or which sentences happened to be probed) does not decide. Retention is relative to what
+Every rule with evidence of its spread is judged at a confidence bound on the candidate's side
+(`probes.confidence`): a candidate fails it only when even that bound is past the limit, so which
+items happened to be probed does not decide. Shares of a few discrete items (cloze probes: a
+300-word README yields a handful) take Wilson's score interval; the forgetting and behaviour NLL
+increases, pooled over a few dozen texts, take their jackknife standard error over those texts
+(a first document refused at +2.03 % > +2.0 %, its 32 passages between +0.5 and +7.7 %, is not
+evidence of more than 2 %). Retention is relative to what
 serves: the candidate is held only to the earlier items the serving version itself completes.
 """
 
@@ -51,6 +53,9 @@ class ProbeResults:
     forgetting_vs_base: Optional[float] = None       # (candidate - base) / base, held-out passages
     forgetting_vs_incumbent: Optional[float] = None  # (candidate - incumbent) / incumbent
     behaviour_increase: Optional[float] = None       # (candidate - base) / base, base answers
+    forgetting_vs_base_se: Optional[float] = None     # their standard errors over the texts (jackknife)
+    forgetting_vs_incumbent_se: Optional[float] = None
+    behaviour_increase_se: Optional[float] = None
     drift_agreement: Optional[float] = None
     nll_drop: Optional[float] = None                 # (base - candidate) / base, new chunks
     nll_drop_vs_incumbent: Optional[float] = None    # (incumbent - candidate) / incumbent, new chunks
@@ -77,6 +82,7 @@ class Rule:
     percent: bool      # shown as a percentage
     items: Optional[str] = None  # field of ProbeResults with the item count: judged at the confidence bound
     scale: Optional[str] = None  # field of ProbeResults the limit is a share of (the limit is limit × its value)
+    error: Optional[str] = None  # field of ProbeResults with the value's standard error: judged at the bound
 
 
 # The candidate must learn (required rules) and every measured forgetting probe must be within its
@@ -91,11 +97,12 @@ RULES = (
          percent=True),
     Rule("retention", "earlier facts the serving version recalls kept", "min_retention", at_most=False,
          required=False, percent=False, items="retention_items"),
-    Rule("forgetting_vs_base", "forgetting vs base", "max_forgetting", at_most=True, required=False, percent=True),
+    Rule("forgetting_vs_base", "forgetting vs base", "max_forgetting", at_most=True, required=False, percent=True,
+         error="forgetting_vs_base_se"),
     Rule("forgetting_vs_incumbent", "forgetting vs incumbent", "max_forgetting", at_most=True, required=False,
-         percent=True),
+         percent=True, error="forgetting_vs_incumbent_se"),
     Rule("behaviour_increase", "behaviour NLL increase", "max_behaviour_increase", at_most=True, required=False,
-         percent=True),
+         percent=True, error="behaviour_increase_se"),
     Rule("drift_agreement", "drift agreement", "min_drift_agreement", at_most=False, required=False, percent=False),
     Rule("qa_drop", "QA accuracy drop", "max_qa_drop", at_most=True, required=False, percent=True),
     Rule("answered", "questions about the new documents answered", "min_answered", at_most=False, required=False,
@@ -152,19 +159,23 @@ def judged(rule: Rule, results: ProbeResults, limits: Thresholds) -> Check:
     limit = getattr(limits, rule.limit)
     scale = getattr(results, rule.scale) if rule.scale else None
     found = check(rule, getattr(results, rule.probe), limit * (1.0 if scale is None else scale),
-                  getattr(results, rule.items) if rule.items else None, limits.confidence)
+                  getattr(results, rule.items) if rule.items else None, limits.confidence,
+                  getattr(results, rule.error) if rule.error else None)
     if scale is None or found.value is None:
         return found
     return replace(found, reason=f"{found.reason} ({limit:.2f} × {scale:.2f} answered open book by the base)")
 
 
 def check(rule: Rule, value: Optional[float], limit: float, items: Optional[int] = None,
-          confidence: float = 0.95) -> Check:
-    """`rule` applied to `value`; a share of `items` discrete items is judged at its confidence
-    bound on the candidate's side (the upper bound for an at-least rule, the lower for an at-most one)."""
+          confidence: float = 0.95, error: Optional[float] = None) -> Check:
+    """`rule` applied to `value`; a share of `items` discrete items, or a value with a standard
+    `error`, is judged at its confidence bound on the candidate's side (the upper bound for an
+    at-least rule, the lower for an at-most one)."""
     if value is None:
         reason = f"{rule.title}: not measured" + (" (required)" if rule.required else "")
         return Check(rule.probe, None, limit, not rule.required, reason)
+    if error:
+        return _with_error(rule, value, limit, error, confidence)
     bound = wilson_bound(value, items, confidence, upper=not rule.at_most) if items else None
     judged = value if bound is None else bound
     passed = judged <= limit if rule.at_most else judged >= limit
@@ -178,6 +189,20 @@ def check(rule: Rule, value: Optional[float], limit: float, items: Optional[int]
         return Check(rule.probe, value, limit, True, f"{rule.title} {count} {sign} {shown(limit)}", items, bound)
     return Check(rule.probe, value, limit, passed, f"{rule.title} {count} ({side} {shown(bound)} at "
                  f"{confidence:.0%} confidence) {sign} {shown(limit)}", items, bound)
+
+
+def _with_error(rule: Rule, value: float, limit: float, error: float, confidence: float) -> Check:
+    z = NormalDist().inv_cdf(confidence)
+    bound = value - z * error if rule.at_most else value + z * error
+    passed = bound <= limit if rule.at_most else bound >= limit
+    sign = ("≤" if passed else ">") if rule.at_most else ("≥" if passed else "<")
+    shown = _shown(rule)
+    if passed == (value <= limit if rule.at_most else value >= limit):
+        return Check(rule.probe, value, limit, passed, f"{rule.title} {shown(value)} {sign} {shown(limit)}",
+                     bound=bound)
+    side = "at least" if rule.at_most else "at most"
+    return Check(rule.probe, value, limit, passed, f"{rule.title} {shown(value)} ({side} {shown(bound)} at "
+                 f"{confidence:.0%} confidence) {sign} {shown(limit)}", bound=bound)
 
 
 def wilson_bound(share: float, items: int, confidence: float, upper: bool) -> float:
@@ -199,7 +224,7 @@ def passes(probe: str, measured: dict[str, Any], limits: dict[str, float]) -> Op
     scale = measured.get(rule.scale) if rule.scale else None
     limit = limits[rule.limit] * (scale if scale is not None else 1.0)
     return check(rule, value, limit, measured.get(rule.items) if rule.items else None,
-                 limits.get("confidence", 0.95)).passed
+                 limits.get("confidence", 0.95), measured.get(rule.error) if rule.error else None).passed
 
 
 def _shown(rule: Rule) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import math
 import re
 import statistics
 import unicodedata
@@ -503,6 +504,9 @@ def compare(values: dict[str, dict[str, Optional[float]]], items: Optional[Items
         forgetting_vs_base=_relative(cand["held_out_nll"], base["held_out_nll"]),
         forgetting_vs_incumbent=_relative(cand["held_out_nll"], inc["held_out_nll"]) if inc else None,
         behaviour_increase=_relative(cand["behaviour_nll"], base["behaviour_nll"]),
+        forgetting_vs_base_se=increase_error(items, "held_out_nll", "base"),
+        forgetting_vs_incumbent_se=increase_error(items, "held_out_nll", "incumbent") if inc else None,
+        behaviour_increase_se=increase_error(items, "behaviour_nll", "base"),
         drift_agreement=cand["drift_agreement"],
         nll_drop=_relative(base["new_nll"], cand["new_nll"], over=base["new_nll"]),
         nll_drop_vs_incumbent=_relative(inc["new_nll"], cand["new_nll"], over=inc["new_nll"]) if inc else None,
@@ -539,6 +543,21 @@ def retained(items: Items) -> tuple[int, int]:
         return 0, 0
     known = [kept for knew, kept in zip(incumbent, candidate) if knew]
     return sum(known), len(known)
+
+
+def increase_error(items: Items, measure: str, reference: str) -> Optional[float]:
+    """The jackknife standard error, over the texts, of the candidate's pooled NLL increase on
+    `measure` against `reference` (None without at least 3 texts of both): how much which texts
+    were probed moves the number."""
+    pairs = list(zip(items.get(reference, {}).get(measure) or [], items.get("candidate", {}).get(measure) or []))
+    if len(pairs) < 3 or any(not (isinstance(r, list) and isinstance(c, list)) for r, c in pairs):
+        return None
+    ref_sum, cand_sum = sum(r[0] for r, _ in pairs), sum(c[0] for _, c in pairs)
+    left_out = [(cand_sum - c[0]) / (ref_sum - r[0]) - 1 for r, c in pairs if ref_sum - r[0] > 0]
+    if len(left_out) < 3:
+        return None
+    mean = sum(left_out) / len(left_out)
+    return math.sqrt((len(left_out) - 1) / len(left_out) * sum((x - mean) ** 2 for x in left_out))
 
 
 def _relative(value: Optional[float], reference: Optional[float], over: Optional[float] = None) -> Optional[float]:
