@@ -153,6 +153,8 @@ class Daemon:
         told = self._tell_systemd()
         try:
             self.watcher.start()
+            if self.replay_build.needs_no_server():  # e.g. the shipped replay text: ready while vLLM starts
+                self.replay_build.start(None)
             if self.settings.recall.enabled:
                 self.recall_keeper = asyncio.create_task(self._keep_recall(), name="recall-keeper")
             await self._start_model_server()

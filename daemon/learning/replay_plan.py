@@ -21,6 +21,7 @@ from typing import Any
 from daemon.config import Settings
 from daemon.layout import REPLAY_DIR
 from daemon.model import model_name
+from replay import seed
 from replay.durable import atomic_write_text
 from replay.files import STOPPED_EXIT_CODE, read_manifest, read_progress
 from replay.job import BuildJob
@@ -91,20 +92,34 @@ class BackgroundBuild:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.task: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
-    def start(self, spec: GeneratorSpec) -> None:
-        """Start bringing the buffer up to date, asking the base model served as `spec` for text."""
-        self.task = asyncio.create_task(self._run(build_job(self.settings, spec)), name="replay-build")
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self.tasks[-1] if self.tasks else None
+
+    def needs_no_server(self) -> bool:
+        """Whether the buffer can be built before the model serves: from replay.corpus (the rehearsal
+        pairs follow once it serves), or from the replay text the embedded model shipped with."""
+        return bool(self.settings.replay.corpus) or seed.matches(build_job(self.settings, None))
+
+    def start(self, spec: GeneratorSpec | None) -> None:
+        """Bring the buffer up to date, asking the base model served as `spec` for text (None: no
+        server yet); after a build started before, if one is still under way."""
+        self.tasks.append(asyncio.create_task(self._run(build_job(self.settings, spec), self.task),
+                                              name="replay-build"))
 
     async def stop(self) -> None:
-        """Stop the build (it resumes at the next start) and wait for it."""
-        if self.task is not None:
-            self.task.cancel()
+        """Stop the builds (they resume at the next start) and wait for them."""
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+                await task
 
-    async def _run(self, job: BuildJob) -> None:
+    async def _run(self, job: BuildJob, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
         try:
             code = await _build_in_subprocess(job)
         except Exception:  # the daemon serves on without replay; the next start tries again
