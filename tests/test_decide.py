@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.learning.decide import RULE_OF, ProbeResults, Thresholds, decide, judged, wilson_bound
-from daemon.learning.probes import increase_error
+from daemon.learning.probes import increase_error, mean_error
 
 LIMITS = Thresholds(max_forgetting=0.02, max_behaviour_increase=0.15, min_drift_agreement=0.6, min_nll_drop=0.1,
                     min_knowledge_kept=0.75, min_cloze_pass=0.5, min_retention=0.8, max_qa_drop=0.0,
@@ -136,3 +136,21 @@ def test_without_texts_to_spread_over_the_value_decides() -> None:
                           "held_out_nll", "base") is None
     found = judged(RULE_OF["forgetting_vs_base"], ProbeResults(forgetting_vs_base=0.0203), LIMITS)
     assert not found.passed and found.reason == "forgetting vs base +2.0% > +2.0%"
+
+
+
+# A later first run of the same document (2026-12-05): refused at drift agreement 0.34 < 0.40, its 20
+# prompts' similarities spread between 0 and 1 (the run before had 0.44 and was promoted).
+FIRST_RUN_DRIFT = [0.32, 1.0, 1.0, 0.0, 0.04, 0.6, 0.04, 0.68, 0.1, 0.34, 0.0, 0.31, 0.58, 0.06, 0.82, 0.0, 0.24,
+                   0.39, 0.22, 0.0]
+
+
+def test_a_drift_agreement_within_its_spread_of_the_limit_passes_and_a_sure_one_does_not() -> None:
+    limits = Thresholds(**{**LIMITS.__dict__, "min_drift_agreement": 0.4})
+    close = ProbeResults(drift_agreement=sum(FIRST_RUN_DRIFT) / 20, drift_agreement_se=mean_error(FIRST_RUN_DRIFT))
+    found = judged(RULE_OF["drift_agreement"], close, limits)
+    assert found.passed and found.reason.startswith("drift agreement 0.34 (at most 0.4") and "≥ 0.40" in found.reason
+    drifted = [x / 4 for x in FIRST_RUN_DRIFT]
+    away = ProbeResults(drift_agreement=sum(drifted) / 20, drift_agreement_se=mean_error(drifted))
+    assert not judged(RULE_OF["drift_agreement"], away, limits).passed
+    assert mean_error([0.5, 0.5]) is None

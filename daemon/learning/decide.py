@@ -12,7 +12,8 @@ items happened to be probed does not decide. Shares of a few discrete items (clo
 300-word README yields a handful) take Wilson's score interval; the forgetting and behaviour NLL
 increases, pooled over a few dozen texts, take their jackknife standard error over those texts
 (a first document refused at +2.03 % > +2.0 %, its 32 passages between +0.5 and +7.7 %, is not
-evidence of more than 2 %). Retention is relative to what
+evidence of more than 2 %); the drift agreement, a mean over 20 prompts each between 0 and 1, its
+standard error over the prompts. Retention is relative to what
 serves: the candidate is held only to the earlier items the serving version itself completes.
 """
 
@@ -57,6 +58,7 @@ class ProbeResults:
     forgetting_vs_incumbent_se: Optional[float] = None
     behaviour_increase_se: Optional[float] = None
     drift_agreement: Optional[float] = None
+    drift_agreement_se: Optional[float] = None       # its standard error over the prompts
     nll_drop: Optional[float] = None                 # (base - candidate) / base, new chunks
     nll_drop_vs_incumbent: Optional[float] = None    # (incumbent - candidate) / incumbent, new chunks
     knowledge_kept: Optional[float] = None           # (base - candidate) / (base - incumbent), earlier documents' chunks
@@ -103,7 +105,8 @@ RULES = (
          percent=True, error="forgetting_vs_incumbent_se"),
     Rule("behaviour_increase", "behaviour NLL increase", "max_behaviour_increase", at_most=True, required=False,
          percent=True, error="behaviour_increase_se"),
-    Rule("drift_agreement", "drift agreement", "min_drift_agreement", at_most=False, required=False, percent=False),
+    Rule("drift_agreement", "drift agreement", "min_drift_agreement", at_most=False, required=False, percent=False,
+         error="drift_agreement_se"),
     Rule("qa_drop", "QA accuracy drop", "max_qa_drop", at_most=True, required=False, percent=True),
     Rule("answered", "questions about the new documents answered", "min_answered", at_most=False, required=False,
          percent=False),

@@ -508,6 +508,7 @@ def compare(values: dict[str, dict[str, Optional[float]]], items: Optional[Items
         forgetting_vs_incumbent_se=increase_error(items, "held_out_nll", "incumbent") if inc else None,
         behaviour_increase_se=increase_error(items, "behaviour_nll", "base"),
         drift_agreement=cand["drift_agreement"],
+        drift_agreement_se=mean_error(items.get("candidate", {}).get("drift_agreement")),
         nll_drop=_relative(base["new_nll"], cand["new_nll"], over=base["new_nll"]),
         nll_drop_vs_incumbent=_relative(inc["new_nll"], cand["new_nll"], over=inc["new_nll"]) if inc else None,
         knowledge_kept=knowledge_kept(base.get("retention_nll"), inc.get("retention_nll") if inc else None,
@@ -543,6 +544,12 @@ def retained(items: Items) -> tuple[int, int]:
         return 0, 0
     known = [kept for knew, kept in zip(incumbent, candidate) if knew]
     return sum(known), len(known)
+
+
+def mean_error(values: Optional[list[Any]]) -> Optional[float]:
+    """The standard error of the mean of `values` (None with fewer than 3 numbers)."""
+    numbers = [v for v in values or [] if isinstance(v, (int, float))]
+    return statistics.stdev(numbers) / math.sqrt(len(numbers)) if len(numbers) >= 3 else None
 
 
 def increase_error(items: Items, measure: str, reference: str) -> Optional[float]:
