@@ -25,17 +25,21 @@ MADE_WITH_KEYS = ("model_id", "synthetic_documents", "synthetic_temperature", "r
                   "rehearsal_held_out", "seed")
 
 
-def matches(job: BuildJob, seed_text: Path = SEED_TEXT) -> bool:
+def _made_with(seed_text: Path) -> dict:
+    return json.loads((seed_text / MADE_WITH_FILE).read_text(encoding="utf-8"))
+
+
+def matches(job: BuildJob, seed_text: Path = SEED_TEXT, made_with: dict | None = None) -> bool:
     """Whether the build would ask the model what the shipped text answers (so it needs no model server)."""
-    made_with = json.loads((seed_text / MADE_WITH_FILE).read_text(encoding="utf-8"))
+    made_with = made_with or _made_with(seed_text)
     return all(made_with[key] == getattr(job, key) for key in MADE_WITH_KEYS)
 
 
 def plant(job: BuildJob, seed_text: Path = SEED_TEXT) -> list[str]:
     """Copy the shipped text into `job.folder` where the build would write the same; the paths copied."""
-    if not matches(job, seed_text):
+    made_with = _made_with(seed_text)
+    if not matches(job, seed_text, made_with):
         return []
-    made_with = json.loads((seed_text / MADE_WITH_FILE).read_text(encoding="utf-8"))
     wanted = [seed_text / files.REHEARSAL_FILE]
     if not job.corpus:  # the synthetic corpus stands in for a corpus only when none is configured
         wanted += sorted((seed_text / files.SYNTHETIC_DIR).iterdir())

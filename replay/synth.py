@@ -51,12 +51,18 @@ class GeneratorSpec:
     timeout_s: float = 300.0
 
     def client(self, connections: int = 1) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        limits = httpx.Limits(max_connections=connections)
-        if self.base_url.startswith("unix:"):
-            transport = httpx.HTTPTransport(uds=self.base_url.removeprefix("unix:"), limits=limits)
-            return httpx.Client(base_url="http://model", transport=transport, headers=headers, timeout=self.timeout_s)
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s, limits=limits)
+        return http_client(self.base_url, self.timeout_s, self.api_key, connections)
+
+
+def http_client(address: str, timeout: float | httpx.Timeout, key: str = "", connections: int = 100) -> httpx.Client:
+    """A blocking client of an OpenAI-compatible server at `address`: an http(s) URL, or
+    unix:/path for one listening on a UNIX socket (the vLLM cld starts)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=connections)
+    if address.startswith("unix:"):
+        transport = httpx.HTTPTransport(uds=address.removeprefix("unix:"), limits=limits)
+        return httpx.Client(base_url="http://vllm", transport=transport, headers=headers, timeout=timeout)
+    return httpx.Client(base_url=address, headers=headers, timeout=timeout, limits=limits)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import httpx
 
 from daemon.config import VLLM_RESERVED_ARGS, Settings, reserved_args_message
 from daemon.model import linear_modules
+from replay.synth import http_client
 
 SAMPLE_TIMEOUT_S = 600.0  # a teacher writing several samples on a busy CPU
 SOCKET_SCHEME = "unix:"  # an address "unix:/path/vllm.sock" is a vLLM listening on a UNIX socket
@@ -77,11 +78,8 @@ def async_client(address: str, timeout: httpx.Timeout, key: str = "",
 
 
 def client(address: str, timeout: float | httpx.Timeout, key: str = "") -> httpx.Client:
-    """`async_client`'s blocking twin (for tools and benchmarks)."""
-    if address.startswith(SOCKET_SCHEME):
-        transport = httpx.HTTPTransport(uds=address.removeprefix(SOCKET_SCHEME))
-        return httpx.Client(base_url=SOCKET_HOST_URL, transport=transport, timeout=timeout, headers=auth_headers(key))
-    return httpx.Client(base_url=address, timeout=timeout, headers=auth_headers(key))
+    """`async_client`'s blocking twin (for tools and benchmarks): replay's, which the replay build uses."""
+    return http_client(address, timeout, key)
 
 
 def server_command(model_dir: Path, settings: Settings, socket: Path, *, served_name: str | None = None,
