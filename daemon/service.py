@@ -231,6 +231,7 @@ class Daemon:
         if model_dir is None:
             log.error("the base model folder is not ready: learning is off (set model.base to a Hugging Face folder)")
             return
+        self.vllm.stop = list(model.answer_stop(model_dir))
         self.learner = Learner(self.settings, self.state, self.fleet, self.router, self.journal, model_dir,
                                on_swap=self.metrics.swap_duration.observe)
         for record in self.learner.cycles.resolve_interrupted(self.router.current and self.router.current.version):
@@ -252,7 +253,7 @@ class Daemon:
             client_timeout_s=self.settings.serve.client_timeout_s,
             min_body_rate=self.settings.serve.min_body_kb_s * 1000,
             limits=app.GenerationLimits(self.settings.serve.max_n, self.settings.serve.max_generated_tokens),
-            recaller=self.recaller,
+            recaller=self.recaller, chat_stop=lambda: self.vllm.stop,
         )
 
     async def _cycle(self) -> dict[str, Any]:
@@ -322,6 +323,7 @@ class Daemon:
         if problem := model.method_problem(model_dir, self.settings.train.method):
             raise StartupError(problem)
         self.recaller.specials = template_tokens(model_dir)  # recalled text must not spell them
+        self.vllm.stop = list(model.answer_stop(model_dir))
         self.phase = "starting model server"
         assert self.vllm_socket is not None  # no serve.vllm_url: ours
         self.supervisor = Supervisor(

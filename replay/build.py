@@ -298,7 +298,7 @@ def make_synthetic_corpus(job: BuildJob, stop: threading.Event) -> None:
     if job.generator is None:
         raise BuildError("replay.corpus is empty, so the corpus is synthesized from the base model, "
                          "and no model server is given: start the daemon (`cld run`) or set replay.corpus")
-    chat = synth.supports_chat(job.generator)
+    chat = job.generator.own_chat and synth.supports_chat(job.generator)
     folder = job.folder / files.SYNTHETIC_DIR
     so_far = _synthesis_so_far(folder / files.SYNTHETIC_PARTIAL_FILE, job, chat)
     log.info("no replay.corpus configured: synthesizing %d documents from %s (%s)%s", job.synthetic_documents,

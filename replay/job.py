@@ -40,7 +40,8 @@ class BuildJob:
         data = json.loads(text)
         data["folder"] = Path(data["folder"])
         data["corpus"] = [Path(path) for path in data["corpus"]]
-        data["generator"] = GeneratorSpec(**data["generator"]) if data["generator"] else None
+        if generator := data["generator"]:
+            data["generator"] = GeneratorSpec(**generator | {"stop": tuple(generator.get("stop", ()))})
         return cls(**data)
 
     @property

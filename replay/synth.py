@@ -49,6 +49,8 @@ class GeneratorSpec:
     api_key: str = ""
     concurrency: int = 16
     timeout_s: float = 300.0
+    stop: tuple[str, ...] = ()  # where the model's chat answers end (a pretrained model's completion form)
+    own_chat: bool = True  # False: its chat template is cld's completion form, so its text starts from plain text
 
     def client(self, connections: int = 1) -> httpx.Client:
         return http_client(self.base_url, self.timeout_s, self.api_key, connections)
@@ -85,6 +87,8 @@ def endpoint(spec: GeneratorSpec, chat: bool) -> Generate:
         body = {"model": spec.model, "temperature": ask.temperature, "top_p": TOP_P if ask.temperature else 1.0,
                 "max_tokens": ask.max_tokens, "seed": ask.seed}
         body |= {"messages": [{"role": "user", "content": ask.prompt}]} if chat else {"prompt": ask.prompt}
+        if chat and spec.stop:
+            body["stop"] = list(spec.stop)
         try:
             reply = client.post(path, json=body)
             reply.raise_for_status()

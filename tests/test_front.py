@@ -69,14 +69,15 @@ def router(tmp_path: Path) -> Router:
 
 
 def front(router: Router, upstream: httpx.AsyncClient, healthy: bool = True, api_key: str = "",
-          ready: bool = True) -> httpx.AsyncClient:
+          ready: bool = True, **extra: Any) -> httpx.AsyncClient:
     async def is_healthy() -> bool:
         return healthy
 
     async def status() -> dict[str, Any]:
         return {"model": {"served_name": "cld"}}
 
-    app = create_app(router, upstream, healthy=is_healthy, status=status, api_key=api_key, ready=lambda: ready)
+    app = create_app(router, upstream, healthy=is_healthy, status=status, api_key=api_key, ready=lambda: ready,
+                     **extra)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front")
 
 

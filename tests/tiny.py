@@ -29,9 +29,9 @@ FAMILIES = {
 }
 
 
-def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2) -> Path:
+def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2, chat: bool = True) -> Path:
     """Save a tiny model of `family` (a 2-layer Llama by default) with a byte-level BPE tokenizer
-    and a ChatML template in `folder`."""
+    and a ChatML template (none with `chat=False`: a pretrained model) in `folder`."""
     import torch
     import transformers
     from tokenizers import ByteLevelBPETokenizer
@@ -42,7 +42,7 @@ def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2) -> Pa
                             special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         bos_token="<|im_start|>")
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = CHATML if chat else None
     torch.manual_seed(0)
     name, extra = FAMILIES[family]
     config = getattr(transformers, name)(

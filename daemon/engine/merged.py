@@ -27,6 +27,7 @@ import httpx
 from daemon.config import Settings
 from daemon.engine import vllm
 from daemon.engine.supervisor import Supervisor
+from daemon.model import answer_stop
 
 log = logging.getLogger(__name__)
 SLOTS = 2  # the served version and one candidate
@@ -78,7 +79,7 @@ class MergedServers:
             socket = self.socket(slot)
             http = vllm.async_client(vllm.socket_address(socket), httpx.Timeout(serve.request_timeout_s, connect=5),
                                      self.key, httpx.Limits(max_connections=256, max_keepalive_connections=64))
-            client = vllm.VLLMClient(vllm.socket_address(socket), http)
+            client = vllm.VLLMClient(vllm.socket_address(socket), http, stop=answer_stop(folder))
             supervisor = Supervisor(
                 f"vllm:{folder.name}",
                 vllm.server_command(folder, self.settings, socket, served_name=served_name, lora=False),

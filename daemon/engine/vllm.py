@@ -20,12 +20,13 @@ import stat
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
 from daemon.config import VLLM_RESERVED_ARGS, Settings, reserved_args_message
-from daemon.model import linear_modules
+from daemon.model import COMPLETION_TEMPLATE_FILE, linear_modules, own_chat_template
 from replay.synth import http_client
 
 SAMPLE_TIMEOUT_S = 600.0  # a teacher writing several samples on a busy CPU
@@ -96,6 +97,8 @@ def server_command(model_dir: Path, settings: Settings, socket: Path, *, served_
         "--max-model-len", str(serve.max_model_len),
         "--disable-uvicorn-access-log",
     ]
+    if not own_chat_template(model_dir):  # a pretrained model is asked in completion form
+        argv += ["--chat-template", str(COMPLETION_TEMPLATE_FILE)]
     if lora:
         argv += ["--enable-lora", "--max-loras", str(serve.max_loras),
                  "--max-lora-rank", str(settings.train.vllm_max_lora_rank)]
@@ -191,9 +194,11 @@ def vllm_installed() -> bool:
 class VLLMClient:
     """Async client for the vLLM server's own endpoints (the front proxies the OpenAI ones)."""
 
-    def __init__(self, address: str, http: httpx.AsyncClient | None = None, key: str = ""):
+    def __init__(self, address: str, http: httpx.AsyncClient | None = None, key: str = "",
+                 stop: Sequence[str] = ()):
         self.base_url = address.rstrip("/")  # an http(s) URL, or unix:PATH
         self.http = http or async_client(self.base_url, httpx.Timeout(30, connect=2), key)
+        self.stop = list(stop)  # where the model's chat answers end (model.answer_stop)
 
     async def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -254,7 +259,7 @@ class VLLMClient:
 
     async def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
         """The greedy chat answer of `model`."""
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0} | self._stop()
         response = await self.http.post("/v1/chat/completions", json=body)
         if response.status_code != 200:
             raise RuntimeError(f"vLLM could not answer with {model}: {response.text}")
@@ -263,7 +268,8 @@ class VLLMClient:
     async def sample(self, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                      n: int) -> list[str]:
         """`n` sampled chat answers of `model` (any OpenAI-compatible server: the augmentation's teacher)."""
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "n": n}
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                "n": n} | self._stop()
         response = await self.http.post("/v1/chat/completions", json=body, timeout=SAMPLE_TIMEOUT_S)
         if response.status_code != 200:
             raise RuntimeError(f"{self.base_url} could not answer with {model}: {response.text[:300]}")
@@ -276,6 +282,9 @@ class VLLMClient:
         if response.status_code != 200:
             raise RuntimeError(f"vLLM could not complete with {model}: {response.text}")
         return response.json()["choices"][0]["text"]
+
+    def _stop(self) -> dict[str, list[str]]:
+        return {"stop": self.stop} if self.stop else {}
 
     async def aclose(self) -> None:
         await self.http.aclose()

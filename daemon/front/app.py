@@ -89,10 +89,12 @@ def create_app(
     limits: Optional[GenerationLimits] = None,
     metrics: Optional[Metrics] = None,
     recaller: Optional[Recaller] = None,
+    chat_stop: Optional[Callable[[], list[str]]] = None,
 ) -> FastAPI:
     """Build the front app. `upstream` is an httpx client whose base_url is the vLLM server (the
     router's `endpoints` name the instances of merged-weight versions); `recaller` puts passages of
-    the documents cld holds in front of requests to the stable name (daemon.recall)."""
+    the documents cld holds in front of requests to the stable name (daemon.recall); `chat_stop`
+    says where a chat answer ends when the client does not (a pretrained base: daemon.model.answer_stop)."""
     # No /docs, /redoc or /openapi.json: they would describe the API to anyone, key or not.
     app = FastAPI(title="cld", openapi_url=None, docs_url=None, redoc_url=None)
     require_key = key_checker(api_key)
@@ -168,6 +170,8 @@ def create_app(
             recalled = await recaller.apply(request.url.path, payload)
             payload = recalled.payload
         payload["model"] = served
+        if chat_stop is not None and request.url.path == frame.CHAT and "stop" not in payload and (stop := chat_stop()):
+            payload["stop"] = stop
         router.begin(served)  # until the answer is complete, `served` must stay loaded
         try:
             # a merged-weight version has a vLLM instance of its own (daemon.engine.merged)

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 from daemon.learning import methods
 from daemon.learning.adapters import META_FILE, check_adapter, check_model
 from daemon.learning.jobs import Record, TrainJob, load_job
+from daemon.model import completion_template
 from replay.durable import atomic_write_json, publish_dir
 
 log = logging.getLogger("cld.train")
@@ -256,6 +257,8 @@ def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
         torch.cuda.set_per_process_memory_fraction(hp.gpu_memory_fraction)
     dtype = pick_dtype(hp.dtype) if hp.method == "lora" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
+    if not tokenizer.chat_template:  # a pretrained model: chats as vLLM serves them to it (completion form)
+        tokenizer.chat_template = completion_template()
     model = AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype).to(device)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable()
