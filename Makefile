@@ -12,7 +12,7 @@ SHELL   := /bin/bash
 CHROMIUM := /usr/bin/chromium
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 
-.PHONY: install run test test-unit bench bench-first-run bench-learning bench-lifelong bench-recall clean
+.PHONY: install run test test-unit bench bench-first-run bench-learning bench-lifelong bench-recall gpu-wheels clean
 
 install: $(VENV)/.installed-$(FLAVOUR)
 
@@ -72,6 +72,14 @@ bench-learning: install
 # 2 cores; stopped, it continues with `$(BIN)/python bench/learning/lifelong.py --resume`.
 bench-lifelong: install
 	$(BIN)/python bench/learning/lifelong.py --naive --plot docs/lifelong.png
+
+# For a lent GPU machine without network (torch, transformers, peft there): the pure-Python packages
+# cld's trainer needs beyond those, for the Pythons it may have. See bench/gpu_train.py.
+gpu-wheels: install
+	for version in 3.10 3.11 3.12 3.13; do \
+		$(PIP) download -q -d var/wheels --only-binary=:all: --python-version $$version \
+			--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 'pydantic-settings>=2.3' $(QUIET); \
+	done
 
 clean:
 	rm -rf $(VENV) var
