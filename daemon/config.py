@@ -449,7 +449,8 @@ class TrainSection(Section):
         1, ge=1, description="Processes the trainer runs as, one per GPU (or CPU process): more than 1 runs it under "
         "PyTorch's torchrun, data-parallel: each takes its share of every step's train.grad_accum micro-batches and "
         "their gradients are summed, so a step is the one a single process takes (train.grad_accum must be a "
-        "multiple of it). Each process holds the whole model."
+        "multiple of it). Each process holds the whole model, except with train.method = \"full\": then the "
+        "weights, gradients and optimizer state are sharded over the processes (PyTorch FSDP)."
     )
     torchrun_args: list[str] = Field(
         default_factory=list, description="torchrun's own arguments when train.devices > 1 (empty: --standalone, this "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from daemon.config import ConfigError, TrainSection, load_settings
 from daemon.learning.cycle import trainer_command
@@ -29,7 +30,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_trainer(tiny: Path, folder: Path, method: str, devices: int) -> tuple[dict, list[dict]]:
     """The trainer as a cycle starts it; (its version's meta.json, the progress events it printed)."""
-    the_job = job(tiny, folder / "versions", method, grad_accum=2, epochs=2, learning_rate=3e-3)
+    # sharded (full), the base's side of distillation is precomputed (top-k): so it is alone too
+    top_k = {"distill_top_k": 64} if method == "full" else {}
+    the_job = job(tiny, folder / "versions", method, grad_accum=2, epochs=2, learning_rate=3e-3, **top_k)
     job_file = folder / "job.json"
     job_file.write_text(the_job.model_dump_json())
     done = subprocess.run(trainer_command(job_file, devices, []), capture_output=True, text=True, cwd=REPO,
@@ -39,15 +42,21 @@ def run_trainer(tiny: Path, folder: Path, method: str, devices: int) -> tuple[di
     return json.loads((folder / "versions" / "v0001" / "meta.json").read_text()), events
 
 
-@pytest.mark.parametrize("method", ["lora", "expand"])
+@pytest.mark.parametrize("method", ["lora", "expand", "full"])
 def test_two_processes_train_what_one_does(tiny: Path, tmp_path: Path, method: str) -> None:
     one, _ = run_trainer(tiny, tmp_path / "one", method, 1)
     two, events = run_trainer(tiny, tmp_path / "two", method, 2)
     alone, together = one["training"], two["training"]
     assert (alone["processes"], together["processes"]) == (1, 2)
+    assert (alone["sharded"], together["sharded"]) == (False, method == "full"), "full is sharded (FSDP)"
     assert together["steps"] == alone["steps"] and together["tokens"] == alone["tokens"]
     assert abs(together["last_loss"] - alone["last_loss"]) <= TOLERANCE * alone["last_loss"], (alone, together)
     assert together["losses"] == pytest.approx(alone["losses"], rel=TOLERANCE)
+    for saved in sorted((tmp_path / "one" / "versions" / "v0001").glob("*.safetensors")):
+        first, second = load_file(saved), load_file(tmp_path / "two" / "versions" / "v0001" / saved.name)
+        assert first.keys() == second.keys()
+        for name, tensor in first.items():  # the weights rank 0 saved (sharded: gathered from both)
+            assert (second[name].float() - tensor.float()).norm() <= TOLERANCE * tensor.float().norm() + 1e-6, name
     progress = [e for e in events if e["event"] == "progress"]
     assert len(progress) == together["steps"] and [e["event"] for e in events].count("done") == 1, \
         "one process reports"
@@ -69,3 +78,12 @@ def test_trainer_command_and_its_settings(tmp_path: Path) -> None:
 def test_gloo_is_there() -> None:
     assert torch.distributed.is_available() and torch.distributed.is_gloo_available()
     assert sys.executable
+
+
+def test_sharded_processes_make_as_many_passes_as_each_other() -> None:
+    from daemon.learning.train import _share, shards
+
+    chunk = [[0, 1], [2, 3], [4]]  # a step's micro-batches: one process takes two, the other one
+    assert _share(chunk, 0, 2, sharded=False) == [[0, 1], [4]] and _share(chunk, 1, 2, sharded=False) == [[2, 3]]
+    assert _share(chunk, 1, 2, sharded=True) == [[2, 3], None], "a pass that adds nothing, so the gathers pair up"
+    assert shards("full", 2) and not shards("full", 1) and not shards("lora", 4) and not shards("expand", 2)

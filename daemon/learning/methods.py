@@ -406,5 +406,5 @@ class Full(Method):
         blocks = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in self.trained})
         return {"full": {"blocks": blocks}}
 
-    def save(self, model: Any, tokenizer: Any, folder: Path, dtype: Any) -> None:
-        _save_merged(model, tokenizer, folder, dtype, model.state_dict())
+    def save(self, model: Any, tokenizer: Any, folder: Path, dtype: Any, state: dict[str, Any] | None = None) -> None:
+        _save_merged(model, tokenizer, folder, dtype, model.state_dict() if state is None else state)

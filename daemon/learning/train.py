@@ -334,6 +334,44 @@ def _summed(values: list[float], device: Any) -> list[float]:
     return tensor.tolist()
 
 
+def shards(method: str, world: int) -> bool:
+    """Whether the processes shard the model (FSDP) rather than each holding all of it: for the
+    method that trains every weight (`full`: its gradients and optimizer state are 3 times the
+    model again), when there is more than one process. The others train a small part, and each
+    process holding the frozen model is simpler and as fast (their gradients are summed)."""
+    return method == "full" and world > 1
+
+
+def shard(model: Any) -> None:
+    """PyTorch's FSDP (fully_shard) on each decoder block and the whole: each process keeps 1/world
+    of the weights, gradients and optimizer state, and gathers a block's weights as it computes it.
+    The base copy `full` keeps for its base view is dropped: the base's targets were computed."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in methods.decoder_layers(model):
+        fully_shard(block)
+    fully_shard(model)
+    method = methods.of(model)
+    if hasattr(method, "base"):
+        method.base.clear()
+
+
+def full_state(model: Any) -> dict[str, Any]:
+    """The sharded model's whole state on rank 0 (in CPU memory; empty elsewhere): every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _share(chunk: list[list[int]], rank: int, world: int, sharded: bool) -> list[list[int] | None]:
+    """This process's micro-batches of a step: every world-th. Sharded, each process makes as many
+    passes (None: a pass that adds nothing), since a pass gathers weights from all of them."""
+    mine: list[list[int] | None] = list(chunk[rank::world])
+    if sharded:
+        mine += [None] * (math.ceil(len(chunk) / world) - len(mine))
+    return mine
+
+
 def _sum_gradients(params: list[Any]) -> None:
     """Each process backpropagated its share of the step's micro-batches: the gradient of the step
     is their sum, as one process would have accumulated it."""
@@ -375,6 +413,13 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     batches_per_epoch = math.ceil(len(dataset.train) / hp.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / hp.grad_accum)
     total = min(hp.max_steps or sys.maxsize, steps_per_epoch * hp.epochs)
+    started = time.monotonic()
+    sharded = shards(hp.method, world)  # then the base's side of distillation is precomputed: no live base view
+    if hp.distill_top_k or any(example.context or (sharded and example.distill) for example in dataset.train):
+        teacher_targets(model, dataset.train, pad_id, hp.distill_top_k or CONTEXT_TOP_K)
+    teacher_s = time.monotonic() - started
+    if sharded:
+        shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
@@ -383,10 +428,6 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     budget = DistillBudget(hp.distill_weight, hp.distill_budget, total)
     losses, evals, step, tokens, best, bad_epochs = [], [], 0, 0, math.inf, 0
     best_state, epochs, stopped = None, [], None
-    started = time.monotonic()
-    if hp.distill_top_k or any(example.context for example in dataset.train):
-        teacher_targets(model, dataset.train, pad_id, hp.distill_top_k or CONTEXT_TOP_K)
-    teacher_s = time.monotonic() - started
     model.train()
     try:
         for epoch in range(hp.epochs):
@@ -401,16 +442,22 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 chunk = batches[group : group + hp.grad_accum]
                 before = list(parts.get("distill_loss", (0.0, 0)))
                 step_tokens = 0
-                for indices in chunk[rank::world]:
+                for indices in _share(chunk, rank, world, sharded):
+                    if indices is None:  # sharded: every process runs as many passes (their collectives pair up)
+                        batch = {k: v.to(device) for k, v in collate([dataset.train[chunk[0][0]]], pad_id).items()}
+                        (step_loss(model, batch) * 0).backward()
+                        continue
                     batch = {k: v.to(device) for k, v in collate([dataset.train[i] for i in indices], pad_id).items()}
                     loss = step_loss(model, batch, parts, budget.weight) / len(chunk)
-                    loss.backward()
+                    # FSDP averages the processes' gradients; the step's is their sum
+                    (loss * world if sharded else loss).backward()
                     loss_sum += loss.item()
                     step_tokens += int(batch["attention_mask"].sum())
                 after = parts.get("distill_loss", (0.0, 0))
                 distilled_sum, distilled_n = after[0] - before[0], after[1] - before[1]
-                if world > 1:
+                if world > 1 and not sharded:
                     _sum_gradients(params)
+                if world > 1:
                     loss_sum, step_tokens, distilled_sum, distilled_n = _summed(
                         [loss_sum, step_tokens, distilled_sum, distilled_n], device)
                 tokens += int(step_tokens)
@@ -457,7 +504,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
             "last_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
             "losses": [round(x, 5) for x in losses], "held_out_losses": [round(x, 5) for x in evals],
             "best_held_out_loss": None if best == math.inf else round(best, 5),
-            "epochs": epochs, "stopped": stopped, "teacher_s": round(teacher_s, 2)}
+            "epochs": epochs, "stopped": stopped, "teacher_s": round(teacher_s, 2), "sharded": sharded}
 
 
 class DistillBudget:
@@ -631,15 +678,19 @@ def evaluate(model: Any, examples: list[Example], pad_id: int, batch_size: int) 
 # ---- save -------------------------------------------------------------------------------------
 
 def save(job: TrainJob, model: Any, tokenizer: Any, dataset: Dataset, summary: dict[str, Any], dtype: Any,
-         started: float) -> Path:
-    """Write the version folder in a hidden staging folder, check it, and rename it into place."""
+         started: float, state: dict[str, Any] | None = None) -> Path:
+    """Write the version folder in a hidden staging folder, check it, and rename it into place
+    (`state`: a sharded model's whole weights, `full_state`)."""
     final = Path(job.output_dir) / job.version
     if final.exists():
         raise FileExistsError(f"{final} already exists: adapter versions are immutable")
     staging = Path(tempfile.mkdtemp(prefix=f".{job.version}.", dir=job.output_dir))
     try:
         method = methods.of(model)
-        method.save(model, tokenizer, staging, saved_dtype(job.base_model))
+        if state is not None:
+            method.save(model, tokenizer, staging, saved_dtype(job.base_model), state)
+        else:
+            method.save(model, tokenizer, staging, saved_dtype(job.base_model))
         atomic_write_json(staging / META_FILE, _meta(job, model, dataset, summary, dtype, started))
         if method.merged:
             check_model(staging)
@@ -699,8 +750,9 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
     summary["tokens_per_s"] = round(summary["tokens"] / max(time.time() - started, 1e-9), 1)
     summary["processes"] = world_size()
     path = Path(job.output_dir) / job.version
+    state = full_state(model) if shards(job.hyper.method, world_size()) else None
     if rank == 0:  # the processes of a torchrun group hold the same weights: one saves them
-        path = save(job, model, tokenizer, dataset, summary, dtype, started)
+        path = save(job, model, tokenizer, dataset, summary, dtype, started, state)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
