@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +39,7 @@ class Embedder(Protocol):
 
 # `replay.embedder = name` loads the embedder registered as `name` (a function with no arguments).
 EMBEDDERS: Registry[Callable[[], Embedder]] = Registry("embedder")
+_LOADING = threading.Lock()
 register_embedder = EMBEDDERS.register
 
 
@@ -68,14 +70,18 @@ class HFEmbedder:
 
     def __init__(self, folder: Path, name: str, batch_size: int = BATCH_SIZE):
         # Deliberately lazy: the daemon imports this package's job and names, never an encoder.
-        import torch
-        import transformers
+        # One load at a time: transformers' lazy first import is not thread-safe (two threads loading
+        # an embedder at once, recall's and a cycle's, got "module 'transformers' has no attribute
+        # 'AutoTokenizer'" in one of them).
+        with _LOADING:
+            import torch
+            import transformers
 
-        transformers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+            self.model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
         self.name = name
         self.batch_size = batch_size
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-        self.model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = _window(folder, self.tokenizer.model_max_length)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from replay import build, files, index
 from replay.buffer import BufferMissing, ReplayBuffer
 from replay.job import BuildJob
+from tests.conftest import REPO
 from tests.replay_helpers import (
     BagOfWords,
     topic_text,
@@ -201,3 +205,26 @@ def test_unknown_embedder_names_the_valid_ones_and_the_folder_option(tmp_path: P
 
     with pytest.raises(ValueError, match=f"unknown embedder 'nope' \\(valid: .*{DEFAULT_EMBEDDER}.*encoder folder"):
         load_embedder("nope")
+
+
+def test_embedders_loaded_by_threads_at_once_all_load() -> None:
+    """Recall's embedder and a cycle's load in threads of the daemon, at times together. In a fresh
+    process (transformers not yet imported) four threads loading at once: transformers' lazy import
+    is not thread-safe, and one of them failed with "no attribute 'AutoTokenizer'" before loads took
+    turns."""
+    script = textwrap.dedent("""
+        import threading
+        from replay.embed import load_embedder
+        errors = []
+        def load():
+            try:
+                load_embedder("all-MiniLM-L6-v2")
+            except Exception as error:
+                errors.append(repr(error))
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(errors)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", (done.stdout, done.stderr[-2000:])
