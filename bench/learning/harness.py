@@ -35,6 +35,7 @@ from daemon.engine.merged import is_merged  # noqa: E402
 from daemon.engine.vllm import VLLMClient  # noqa: E402
 from daemon.ingestion.chunking import Chunker, load_tokenizer  # noqa: E402
 from daemon.learning.jobs import JobData, TrainJob  # noqa: E402
+from daemon.model import answer_stop  # noqa: E402
 from daemon.service import spare_port  # noqa: E402
 
 WORKDIR = REPO / "var" / "bench-learning"
@@ -128,7 +129,8 @@ class Daemon:
         """A client of the daemon's own vLLM (or of another instance it started, at `address`: its
         socket), with the key cld gave it."""
         key, address = (self.state / "vllm.key").read_text(), address or self.vllm_url
-        return VLLMClient(address, vllm_engine.async_client(address, httpx.Timeout(600), key))
+        return VLLMClient(address, vllm_engine.async_client(address, httpx.Timeout(600), key),
+                          stop=answer_stop(self.state / "model"))  # a pretrained base answers in completion form
 
 
 def _settings_with(config: Path, env: dict[str, str]) -> Any:
