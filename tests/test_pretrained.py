@@ -140,3 +140,16 @@ def test_the_replay_build_asks_a_pretrained_model_in_completion_form(pretrained:
     assert asked.stop == model.ANSWER_STOP and not asked.own_chat
     assert BuildJob.from_json(BuildJob(folder=tmp_path, model_id="m", generator=asked).to_json()).generator == asked
     assert spec(chat_model).stop == () and spec(chat_model).own_chat
+
+
+def test_a_text_starts_with_the_bos_the_tokenizer_gives_it_as_served(pretrained: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    plain = train.encode({"text": "Quux has three moons."}, tokenizer, mask_prompt=True)
+    assert train.opening_tokens(tokenizer) == [] and plain.labels == plain.input_ids, "no BOS of its own: as before"
+    tokenizer.add_bos_token = True  # as Gemma's tokenizer (and vLLM's prompts to it) start every text
+    bos = tokenizer.bos_token_id
+    for record in ({"text": "Quux has three moons."}, {"prompt": "Moons of Quux:", "completion": " three"}):
+        example = train.encode(record, tokenizer, mask_prompt=True)
+        assert example.input_ids[0] == bos and example.input_ids.count(bos) == 1
+        assert example.labels[0] == train.IGNORE, "the BOS is given, not learned"
+    assert train.encode({"text": "Quux has three moons."}, tokenizer, True).input_ids[1:] == plain.input_ids

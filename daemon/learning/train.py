@@ -92,13 +92,22 @@ def encode(record: Record, tokenizer: Any, mask_prompt: bool) -> Example:
         return _encode_open_book(record, tokenizer)
     if "messages" in record:
         return _encode_chat(record["messages"], tokenizer, mask_prompt)
+    opening = opening_tokens(tokenizer)
     if "prompt" in record:
         prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prompt_labels = [IGNORE] * len(prompt) if mask_prompt else list(prompt)
-        return Example(prompt + completion, prompt_labels + completion)
+        return Example(opening + prompt + completion, [IGNORE] * len(opening) + prompt_labels + completion)
     ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Example(ids, list(ids))
+    return Example(opening + ids, [IGNORE] * len(opening) + ids)
+
+
+def opening_tokens(tokenizer: Any) -> list[int]:
+    """What the tokenizer puts before a text of its own accord, as vLLM does to a prompt: the BOS
+    token for Gemma or Llama 3, nothing for SmolLM2 or Qwen. A text is trained as it is served (Gemma
+    without its BOS babbles); the BOS itself is not learned."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
 
 
 def _encode_chat(messages: list[dict[str, str]], tokenizer: Any, mask_prompt: bool) -> Example:
