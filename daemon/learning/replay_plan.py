@@ -20,7 +20,7 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.layout import REPLAY_DIR, StateDir
-from daemon.model import ANSWER_STOP, model_name, own_chat_template, prepared
+from daemon.model import ANSWER_STOP, ModelError, model_name, own_chat_template, prepared
 from replay import seed
 from replay.durable import atomic_write_text
 from replay.files import STOPPED_EXIT_CODE, read_manifest, read_progress
@@ -63,7 +63,10 @@ def progress_line(building: dict[str, Any] | None) -> str | None:
 def generator(settings: Settings, base_url: str, model: str, api_key: str = "") -> GeneratorSpec:
     """The base model, served as `model` at `base_url` (vLLM or the front), as writer of replay text;
     a pretrained model (no chat template) is asked in completion form (daemon.model.answer_stop)."""
-    folder = prepared(settings.model.base, StateDir(settings.state.dir))
+    try:
+        folder = prepared(settings.model.base, StateDir(settings.state.dir))
+    except ModelError:  # not there: the build then fails on what it asks, and says so
+        folder = None
     own_chat = folder is None or own_chat_template(folder)
     return GeneratorSpec(base_url.rstrip("/"), model, api_key, timeout_s=settings.serve.request_timeout_s,
                          stop=() if own_chat else ANSWER_STOP, own_chat=own_chat)
