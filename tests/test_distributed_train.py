@@ -81,9 +81,9 @@ def test_gloo_is_there() -> None:
 
 
 def test_sharded_processes_make_as_many_passes_as_each_other() -> None:
-    from daemon.learning.train import _share, shards
+    from daemon.learning.distributed import share, shards
 
     chunk = [[0, 1], [2, 3], [4]]  # a step's micro-batches: one process takes two, the other one
-    assert _share(chunk, 0, 2, sharded=False) == [[0, 1], [4]] and _share(chunk, 1, 2, sharded=False) == [[2, 3]]
-    assert _share(chunk, 1, 2, sharded=True) == [[2, 3], None], "a pass that adds nothing, so the gathers pair up"
+    assert share(chunk, 0, 2, sharded=False) == [[0, 1], [4]] and share(chunk, 1, 2, sharded=False) == [[2, 3]]
+    assert share(chunk, 1, 2, sharded=True) == [[2, 3], None], "a pass that adds nothing, so the gathers pair up"
     assert shards("full", 2) and not shards("full", 1) and not shards("lora", 4) and not shards("expand", 2)

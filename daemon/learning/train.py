@@ -30,13 +30,12 @@ from typing import Any
 
 import peft
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from daemon.learning import methods
+from daemon.learning import distributed, methods
 from daemon.learning.adapters import META_FILE, check_adapter, check_model
 from daemon.learning.jobs import Record, TrainJob, load_job
 from daemon.model import completion_template
@@ -259,7 +258,7 @@ def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
     hp = job.hyper
     torch.manual_seed(hp.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world_size() > 1:  # one GPU per process under torchrun
+    if device == "cuda" and distributed.world_size() > 1:  # one GPU per process under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     if device == "cuda" and hp.gpu_memory_fraction < 1:
@@ -316,99 +315,6 @@ def emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
-# ---- more than one process (torchrun; train.devices) ----------------------------------------------
-
-def world_size() -> int:
-    """Processes training together: torchrun's WORLD_SIZE (train.devices), else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def start_distributed() -> int:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); this process's rank (0 alone)."""
-    if world_size() == 1:
-        return 0
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank()
-
-
-def _rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _summed(values: list[float], device: Any) -> list[float]:
-    """`values` summed over every process."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def shards(method: str, world: int) -> bool:
-    """Whether the processes shard the model (FSDP) rather than each holding all of it: for the
-    method that trains every weight (`full`: its gradients and optimizer state are 3 times the
-    model again), when there is more than one process. The others train a small part, and each
-    process holding the frozen model is simpler and as fast (their gradients are summed)."""
-    return method == "full" and world > 1
-
-
-def shard(model: Any) -> None:
-    """PyTorch's FSDP (fully_shard) on each decoder block and the whole: each process keeps 1/world
-    of the weights, gradients and optimizer state, and gathers a block's weights as it computes it.
-    The base copy `full` keeps for its base view is dropped: the base's targets were computed."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in methods.decoder_layers(model):
-        fully_shard(block)
-    fully_shard(model)
-    method = methods.of(model)
-    if hasattr(method, "base"):
-        method.base.clear()
-
-
-def full_state(model: Any) -> dict[str, Any]:
-    """The sharded model's whole state on rank 0 (in CPU memory; empty elsewhere): every process calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _share(chunk: list[list[int]], rank: int, world: int, sharded: bool) -> list[list[int] | None]:
-    """This process's micro-batches of a step: every world-th. Sharded, each process makes as many
-    passes (None: a pass that adds nothing), since a pass gathers weights from all of them."""
-    mine: list[list[int] | None] = list(chunk[rank::world])
-    if sharded:
-        mine += [None] * (math.ceil(len(chunk) / world) - len(mine))
-    return mine
-
-
-def _sum_gradients(params: list[Any]) -> None:
-    """Each process backpropagated its share of the step's micro-batches: the gradient of the step
-    is their sum, as one process would have accumulated it."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-
-
-def _merged_parts(parts: dict[str, list[float]]) -> dict[str, list[float]]:
-    """An epoch's loss parts summed over every process (each saw its own micro-batches)."""
-    merged: dict[str, list[float]] = {}
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, parts)
-    for found in gathered:
-        for name, (summed, count) in found.items():
-            total = merged.setdefault(name, [0.0, 0])
-            total[0], total[1] = total[0] + summed, total[1] + count
-    return merged
-
-
-def _agreed(value: float) -> float:
-    """Rank 0's `value`, so that every process takes the same decision from it."""
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
 def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progress: bool, stop: Any,
           on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
     """Run the optimisation; returns the loss summary. Raises Cancelled when `stop()` turns true.
@@ -417,18 +323,18 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     the gradients are summed, so the steps are the ones a single process takes, faster."""
 
     hp = job.hyper
-    rank, world = _rank_and_world()
+    rank, world = distributed.rank_and_world()
     device = next(model.parameters()).device
     batches_per_epoch = math.ceil(len(dataset.train) / hp.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / hp.grad_accum)
     total = min(hp.max_steps or sys.maxsize, steps_per_epoch * hp.epochs)
     started = time.monotonic()
-    sharded = shards(hp.method, world)  # then the base's side of distillation is precomputed: no live base view
+    sharded = distributed.shards(hp.method, world)  # then the base's side of distillation is precomputed: no live base view
     if hp.distill_top_k or any(example.context or (sharded and example.distill) for example in dataset.train):
         teacher_targets(model, dataset.train, pad_id, hp.distill_top_k or CONTEXT_TOP_K)
     teacher_s = time.monotonic() - started
     if sharded:
-        shard(model)
+        distributed.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
@@ -451,7 +357,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 chunk = batches[group : group + hp.grad_accum]
                 before = list(parts.get("distill_loss", (0.0, 0)))
                 step_tokens = 0
-                for indices in _share(chunk, rank, world, sharded):
+                for indices in distributed.share(chunk, rank, world, sharded):
                     if indices is None:  # sharded: every process runs as many passes (their collectives pair up)
                         batch = {k: v.to(device) for k, v in collate([dataset.train[chunk[0][0]]], pad_id).items()}
                         (step_loss(model, batch) * 0).backward()
@@ -465,9 +371,9 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 after = parts.get("distill_loss", (0.0, 0))
                 distilled_sum, distilled_n = after[0] - before[0], after[1] - before[1]
                 if world > 1 and not sharded:
-                    _sum_gradients(params)
+                    distributed.sum_gradients(params)
                 if world > 1:
-                    loss_sum, step_tokens, distilled_sum, distilled_n = _summed(
+                    loss_sum, step_tokens, distilled_sum, distilled_n = distributed.summed(
                         [loss_sum, step_tokens, distilled_sum, distilled_n], device)
                 tokens += int(step_tokens)
                 budget.update(distilled_sum / distilled_n if distilled_n > 0 else None)
@@ -480,7 +386,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 progress.step(step, loss_sum, tokens, scheduler.get_last_lr()[0])
                 if step >= total:
                     break
-            parts = _merged_parts(parts) if world > 1 else parts
+            parts = distributed.merged_parts(parts) if world > 1 else parts
             epochs.append({name: round(summed / max(n, 1), 5) for name, (summed, n) in parts.items()}
                           | ({"distill_weight": round(budget.weight, 3)} if hp.distill_budget else {}))
             if on_epoch is not None and on_epoch(epoch + 1, epochs[-1]):
@@ -493,7 +399,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
                 break
             if dataset.held_out:
                 held_out = evaluate(model, dataset.held_out, pad_id, hp.batch_size)
-                evals.append(_agreed(held_out) if world > 1 else held_out)
+                evals.append(distributed.agreed(held_out) if world > 1 else held_out)
                 if evals[-1] < best - 1e-4:
                     best, bad_epochs = evals[-1], 0
                     best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -747,7 +653,7 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    rank = start_distributed()
+    rank = distributed.start()
     model, tokenizer, dtype = load_model(job)
     dataset = build_dataset(job, tokenizer)
     if not dataset.train:
@@ -757,14 +663,12 @@ def run(job: TrainJob, json_progress: bool = False) -> Path:
              job.hyper.seq_len, dataset.counts, dtype)
     summary = train(job, model, dataset, pad_id, json_progress, stop=lambda: stopping["flag"])
     summary["tokens_per_s"] = round(summary["tokens"] / max(time.time() - started, 1e-9), 1)
-    summary["processes"] = world_size()
+    summary["processes"] = distributed.world_size()
     path = Path(job.output_dir) / job.version
-    state = full_state(model) if shards(job.hyper.method, world_size()) else None
+    state = distributed.full_state(model) if distributed.shards(job.hyper.method, distributed.world_size()) else None
     if rank == 0:  # the processes of a torchrun group hold the same weights: one saves them
         path = save(job, model, tokenizer, dataset, summary, dtype, started, state)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.finish()
     if json_progress and rank == 0:
         emit({"event": "done", "path": str(path), "summary": {k: v for k, v in summary.items() if k != "losses"}})
     return path
