@@ -118,12 +118,13 @@ def measure(name: str, method: str, args: argparse.Namespace, device: str) -> di
         _sync(device)
         seconds = time.perf_counter() - started
         tokens_s = summary["tokens"] / seconds
-        achieved = tokens_s * flops_per_token(model, config, args.seq_len)
+        per_token = flops_per_token(model, config, args.seq_len)
+        achieved = tokens_s * per_token
         peak = peak_flops(device, args.peak_tflops)
         memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"model": name, "method": method, "device": device, "tokens_s": round(tokens_s, 1),
-            "tflops": round(achieved / 1e12, 3), "mfu": round(achieved / peak, 4) if peak else None,
+            "flops_per_token": per_token, "tflops": round(achieved / 1e12, 3), "mfu": round(achieved / peak, 4) if peak else None,
             "peak_gib": round(memory, 2) if memory is not None else None, "trained_params": trained,
             "steps": summary["steps"], "seconds": round(seconds, 2), "loss": summary["last_loss"]}
 
