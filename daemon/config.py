@@ -45,6 +45,8 @@ VLLM_RESERVED_ARGS = {
     "--model": "model.base",
     "--served-model-name": "serve.base_name",
     "--max-model-len": "serve.max_model_len",
+    "--chat-template": "the model folder's template (chat_template in tokenizer_config.json, or chat_template.jinja), "
+    "which vLLM and the trainer both read; a model without one is asked in completion form",
 }
 MIN_PUBLIC_KEY_CHARS = 16  # an API key guarding a non-loopback bind is at least this long
 # Environment variables with the CLD_ prefix that are not settings.
@@ -142,7 +144,8 @@ class ServeSection(Section):
     vllm_args: list[str] = Field(
         default_factory=list, description="Extra command-line arguments for the vLLM server. Options cld sets itself "
         "are refused, in any form vLLM's parser accepts (--host, --port, --uds, --api-key, --model, "
-        "--served-model-name, --max-model-len, --config): vLLM listens only on a socket cld gives it."
+        "--served-model-name, --max-model-len, --chat-template, --config): vLLM listens only on a socket cld gives "
+        "it, and serves chats as the trainer renders them."
     )
     max_n: int = Field(
         8, ge=1, description="Most completions one request may ask for (n, best_of); more get 400, so that one "

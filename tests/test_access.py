@@ -209,9 +209,11 @@ def test_cld_run_on_a_public_address_without_a_key_exits_before_anything_starts(
                                   ["--enforce-eager", "--port=80"], ["--ho=0.0.0.0"], ["--hos", "0.0.0.0"],
                                   ["--por=80"], ["--ud", "/tmp/v"], ["--api-key", "mine"], ["--api-k=mine"],
                                   ["--api_key", "x"], ["--api_k=x"], ["--config", "x.yaml"], ["--config=x.yaml"],
-                                  ["--served_model_name", "x"], ["--max-model-len=99"], ["--model", "other"]])
+                                  ["--served_model_name", "x"], ["--max-model-len=99"], ["--model", "other"],
+                                  ["--chat-template", "t.jinja"], ["--chat_template=t.jinja"]])
 def test_vllm_args_that_set_what_cld_sets_are_refused(tmp_path: Path, args: list[str]) -> None:
-    with pytest.raises(ConfigError, match=r"serve.vllm_args: serve.vllm_args may not set --(ho|po|ud|api|con|ser|max|mod)"):
+    with pytest.raises(ConfigError,
+                       match=r"serve.vllm_args: serve.vllm_args may not set --(ho|po|ud|api|con|ser|max|mod|chat)"):
         load_settings(write_config(tmp_path, f"vllm_args = {args!r}\n".replace("'", '"')))
 
 
@@ -221,6 +223,8 @@ def test_abbreviations_are_named_with_the_option_they_mean(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"may not set --api_k=x \(--api-key\)"):
         load_settings(write_config(tmp_path, 'vllm_args = ["--api_k=x"]\n'))
     assert load_settings(write_config(tmp_path, 'vllm_args = ["--enforce-eager", "--max-num-seqs=8"]\n'))
+    # a neighbour of a reserved option is not it
+    assert load_settings(write_config(tmp_path, 'vllm_args = ["--chat-template-content-format=openai"]\n'))
 
 
 @pytest.mark.parametrize("args, problem", [

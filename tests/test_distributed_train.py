@@ -81,7 +81,7 @@ def test_gloo_is_there() -> None:
 
 
 def test_sharded_processes_make_as_many_passes_as_each_other() -> None:
-    from daemon.learning.distributed import share, shards
+    from daemon.learning.distributed import shards, share
 
     chunk = [[0, 1], [2, 3], [4]]  # a step's micro-batches: one process takes two, the other one
     assert share(chunk, 0, 2, sharded=False) == [[0, 1], [4]] and share(chunk, 1, 2, sharded=False) == [[2, 3]]
