@@ -79,7 +79,9 @@ async def run_bench(args: argparse.Namespace, daemon: Daemon, results: dict[str,
         record = daemon.cycle(doc)
         version = record.get("version")
         folder = daemon.state / "adapters" / version if version else None
-        candidate = await bench.measure_adapter(folder, docs[:k]) if folder and folder.is_dir() else None
+        # a refused merged candidate keeps its record, not its weights (they are pruned at once)
+        candidate = await bench.measure_adapter(folder, docs[:k]) \
+            if folder and any(folder.glob("*.safetensors")) else None
         promoted = record["state"] == "promoted"
         if promoted:
             serving_eval, serving = candidate, version
