@@ -20,7 +20,7 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.layout import REPLAY_DIR, StateDir
-from daemon.model import ANSWER_STOP, ModelError, model_name, own_chat_template, prepared
+from daemon.model import ModelError, answer_stop, model_name, prepared
 from replay import seed
 from replay.durable import atomic_write_text
 from replay.files import STOPPED_EXIT_CODE, read_manifest, read_progress
@@ -67,9 +67,9 @@ def generator(settings: Settings, base_url: str, model: str, api_key: str = "") 
         folder = prepared(settings.model.base, StateDir(settings.state.dir))
     except ModelError:  # not there: the build then fails on what it asks, and says so
         folder = None
-    own_chat = folder is None or own_chat_template(folder)
+    stop = answer_stop(folder) if folder is not None else ()
     return GeneratorSpec(base_url.rstrip("/"), model, api_key, timeout_s=settings.serve.request_timeout_s,
-                         stop=() if own_chat else ANSWER_STOP, own_chat=own_chat)
+                         stop=stop, own_chat=not stop)
 
 
 def build_job(settings: Settings, spec: GeneratorSpec | None) -> BuildJob:
