@@ -156,7 +156,8 @@ def model_name(base: str) -> str:
 # (tests/test_families.py: function-preserving added blocks, per-block attention types kept).
 TESTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                         "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-# What added blocks zero at insertion (so the expanded model starts as the base), in block 0.
+# Where added blocks end (zeroed at insertion so the expanded model starts as the base, unless the
+# block normalises its sublayers' outputs: then those norms' gains are), in block 0.
 EXPAND_NEEDS = ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight")
 
 

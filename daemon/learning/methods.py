@@ -8,9 +8,12 @@
             side, cut or repeated to the output width). r̂ = sqrt((d_in + d_out) · train.rank),
             rounded down to even: as many trainable numbers as a LoRA of that rank, at high rank.
     expand  added decoder blocks (LLaMA Pro, arXiv 2401.02415): `train.expand_blocks` copies of the
-            block before them, with their attention and MLP output projections zeroed so the model
-            is unchanged at step 0, one after every `train.expand_every` base blocks (0 = spread
-            evenly, the last after the top block); only they train, the base stays frozen.
+            block before them, silent at step 0 so the model is unchanged, one after every
+            `train.expand_every` base blocks (0 = spread evenly, the last after the top block);
+            only they train, the base stays frozen. A block is silenced where its sublayers'
+            outputs end: their output projections zeroed, or, in a block that normalises each
+            sublayer's output before adding it (Gemma 2/3), those norms' gains set to give zero (a
+            norm would blow a zeroed projection's first small step up to full size).
     full    every weight of the decoder blocks (or only those of `train.full_layers`); embeddings,
             the head and the final norm stay frozen.
 
@@ -298,6 +301,44 @@ def _layer_types(model: Any, layers: int) -> list[str] | None:
     return list(types)
 
 
+OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # in a block that has the second
+OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _silence(block: nn.Module) -> None:
+    """Make a copied decoder block add nothing to the residual stream, so that the expanded model
+    computes what the base computes, in a way training moves smoothly. Where each sublayer's output
+    is normalised before it is added (Gemma 2/3: `post_feedforward_layernorm` beside a
+    `post_attention_layernorm` that is then a post-norm, not Llama's pre-MLP norm), a zeroed
+    projection would not do: the norm scales its first small step up to unit size (by 1/sqrt(eps)
+    below it), so the block's gains are set to give zero instead (0 for `x * w`, -1 for Gemma's
+    `x * (1 + w)`), found by trying; elsewhere the output projections are zeroed."""
+    if isinstance(getattr(block, OUTPUT_NORMS[1], None), nn.Module):
+        for name in OUTPUT_NORMS:
+            _zero_gain(name, block.get_submodule(name))
+        return
+    for projection in OUTPUT_PROJECTIONS:
+        out = block.get_submodule(projection)
+        nn.init.zeros_(out.weight)
+        if out.bias is not None:
+            nn.init.zeros_(out.bias)
+
+
+def _zero_gain(name: str, norm: nn.Module) -> None:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, nn.Parameter) or getattr(norm, "bias", None) is not None:
+        raise ValueError(f"{type(norm).__name__} {name} has no plain gain to set: train.method 'expand' cannot "
+                         "add a silent block to this model; use 'lora'")
+    probe = torch.randn(2, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        for gain in (0.0, -1.0):
+            weight.fill_(gain)
+            if norm(probe).abs().max().item() == 0.0:
+                return
+    raise ValueError(f"{type(norm).__name__} {name} gives no zero output at a gain of 0 or -1: train.method "
+                     "'expand' cannot add a silent block to this model; use 'lora'")
+
+
 class Expand(Method):
     merged = True
 
@@ -324,11 +365,7 @@ class Expand(Method):
             grown_types.append(base_types[index] if base_types else "")
             if index in points:
                 block = copy.deepcopy(layer)
-                for projection in ("self_attn.o_proj", "mlp.down_proj"):
-                    out = block.get_submodule(projection)
-                    nn.init.zeros_(out.weight)
-                    if out.bias is not None:
-                        nn.init.zeros_(out.bias)
+                _silence(block)
                 added.append(len(grown))
                 grown.append(block)
                 grown_types.append(grown_types[-1])
