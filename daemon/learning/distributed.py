@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,18 +58,51 @@ def shards(method: str, world: int) -> bool:
     return method == "full" and world > 1
 
 
-def shard(model: Any) -> None:
-    """PyTorch's FSDP (fully_shard) on each decoder block and the whole: each process keeps 1/world
-    of the weights, gradients and optimizer state, and gathers a block's weights as it computes it.
-    The base copy `full` keeps for its base view is dropped: the base's targets were computed."""
+def empty_model(folder: str) -> Any:
+    """The model of `folder` with no weights in memory (meta tensors; its computed buffers, such as
+    rotary frequencies, are real): each process shards it before any weight is read, so none holds
+    the whole model, and rank 0 alone reads the weights (`fill`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+
+
+def shard(model: Any, device: Any) -> None:
+    """PyTorch's FSDP (fully_shard) on each decoder block and the whole of an `empty_model`: each
+    process keeps 1/world of the weights, gradients and optimizer state, and gathers a block's
+    weights as it computes it. Its shard is then made on `device` (uninitialised until `fill`)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in methods.decoder_layers(model):
         fully_shard(block)
     fully_shard(model)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def fill(model: Any, folder: str | Path) -> None:
+    """Every process's shard of the weights of `folder` (a complete model folder), read by rank 0
+    alone (in CPU memory, fp32) and sent to the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def warm_start(model: Any) -> None:
+    """Once the base's targets are taken from a sharded `full` model: its parent's weights, on a warm
+    start; either way the model is no longer the base from here on."""
     method = methods.of(model)
-    if hasattr(method, "base"):
-        method.base.clear()
+    if method.parent is not None:
+        model.reshard()  # FSDP's root keeps its own weights gathered after a forward pass (the targets')
+        fill(model, method.parent)
+    method.at_base = False
 
 
 def full_state(model: Any) -> dict[str, Any]:

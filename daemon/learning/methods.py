@@ -88,9 +88,11 @@ def base_view(model: Any) -> contextlib.AbstractContextManager[Any]:
     return of(model).base_view(model)
 
 
-def attach(model: Any, job: Any) -> Any:
+def attach(model: Any, job: Any, empty: bool = False) -> Any:
     """The model with the job's method in place (and its parent's weights on a warm start); only
-    the method's weights require grad."""
+    the method's weights require grad. `empty`: the model's weights are not there yet (`full`
+    sharded over processes: daemon.learning.distributed fills them in, the parent's after the base's
+    targets are taken)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     hp = job.hyper
@@ -116,7 +118,7 @@ def attach(model: Any, job: Any) -> Any:
     elif hp.method == "expand":
         method = Expand.install(model, hp.expand_blocks, hp.expand_every, parent)
     elif hp.method == "full":
-        method = Full.install(model, hp.full_layers, parent)
+        method = Full.install(model, hp.full_layers, parent, empty)
     else:
         raise ValueError(f"train.method {hp.method!r} is not one of {', '.join(METHODS)}")
     model.cld_method = method
@@ -405,11 +407,14 @@ class Expand(Method):
 class Full(Method):
     merged = True
 
-    def __init__(self, trained: dict[str, nn.Parameter], base: dict[str, torch.Tensor]):
+    def __init__(self, trained: dict[str, nn.Parameter], base: dict[str, torch.Tensor], parent: Path | None = None):
         self.trained, self.base = trained, base
+        # `empty` (sharded): no base copy is kept; the model is the base until the parent's weights
+        # (`parent`) or training move it, and only then is its base view taken
+        self.parent, self.at_base = parent, not base
 
     @classmethod
-    def install(cls, model: Any, only: list[int], parent: Path | None) -> Full:
+    def install(cls, model: Any, only: list[int], parent: Path | None, empty: bool = False) -> Full:
         layers = decoder_layers(model)
         bad = [i for i in only if not 0 <= i < len(layers)]
         if bad:
@@ -421,6 +426,8 @@ class Full(Method):
             for p in block.parameters():
                 p.requires_grad_(True)
                 trained[names[id(p)]] = p
+        if empty:
+            return cls(trained, {}, parent)
         base = {name: p.detach().clone() for name, p in trained.items()}
         if parent is not None:  # the base's weights were loaded: continue from the parent's
             saved = _load_weights(parent)
@@ -431,6 +438,12 @@ class Full(Method):
 
     @contextlib.contextmanager
     def base_view(self, model: Any) -> Iterator[Any]:
+        if not self.base:
+            if not self.at_base:
+                raise RuntimeError("a sharded full fine-tune keeps no copy of the base: its base view is only "
+                                   "there before the parent's weights and training")
+            yield model
+            return
         for name, p in self.trained.items():  # swap the tensors, not their values: O(1) each way
             p.data, self.base[name] = self.base[name], p.data
         try:

@@ -267,11 +267,19 @@ def load_model(job: TrainJob) -> tuple[Any, Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
     if not tokenizer.chat_template:  # a pretrained model: chats as vLLM serves them to it (completion form)
         tokenizer.chat_template = completion_template()
-    model = AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype).to(device)
+    sharded = distributed.shards(hp.method, distributed.world_size())
+    if sharded:  # FSDP: no process holds the whole model, rank 0 reads it
+        model = distributed.empty_model(job.base_model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(job.base_model, dtype=dtype).to(device)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    return methods.attach(model, job), tokenizer, dtype
+    model = methods.attach(model, job, empty=sharded)
+    if sharded:
+        distributed.shard(model, device)
+        distributed.fill(model, job.base_model)
+    return model, tokenizer, dtype
 
 
 def saved_dtype(model_dir: str) -> Any:
@@ -334,7 +342,7 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
         teacher_targets(model, dataset.train, pad_id, hp.distill_top_k or CONTEXT_TOP_K)
     teacher_s = time.monotonic() - started
     if sharded:
-        distributed.shard(model)
+        distributed.warm_start(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
