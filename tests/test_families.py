@@ -20,6 +20,7 @@ from daemon import model
 from daemon.engine.merged import is_merged
 from daemon.learning import train
 from daemon.learning.methods import Expand
+from tests.conftest import REPO
 from tests.test_methods import job
 from tests.test_methods import logits as text_logits
 from tests.tiny import FAMILIES, build_tiny_model
@@ -81,6 +82,21 @@ def test_an_added_blocks_first_small_step_moves_the_model_a_little(family: str) 
             for p in model.model.layers[index].parameters():
                 p.add_(1e-4 * torch.randn_like(p))
     assert (logits(model, ids) - base).abs().max().item() <= 0.005
+
+
+def test_the_first_step_bench_compares_both_ways_of_silencing(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("expand_first_step", REPO / "bench" / "expand_first_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for family in ("llama", "gemma3"):
+        build_tiny_model(tmp_path / family, family, layers=4)
+    rows = bench.main([str(tmp_path / "llama"), str(tmp_path / "gemma3"), "--steps", "1e-3"])
+    ways = {(row["model"], row["silenced by"]): row["max_dlogit"] for row in rows}
+    assert set(ways) == {("LlamaForCausalLM", "projections (cld's)"), ("Gemma3ForCausalLM", "projections"),
+                         ("Gemma3ForCausalLM", "norm gains (cld's)")}
+    assert ways["Gemma3ForCausalLM", "norm gains (cld's)"] < ways["Gemma3ForCausalLM", "projections"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
