@@ -323,6 +323,12 @@ class ReplaySection(Section):
         description="Most knowledge-replay tokens per new-document token that knowledge_floor may ask for "
         "(bounds how much a cycle grows with all it has learned).",
     )
+    corpus_floor: float = Field(
+        0.0, ge=0, le=0.9,
+        description="Least share of a cycle's training tokens given to the base's original text (corpus "
+        "passages): replay.ratio counts new chunks only, so as a document's forms and earlier documents' "
+        "replay grow, more passages are added to keep this share (0 = off: the ratio alone).",
+    )
     rehearsal_pairs: int = Field(
         20, ge=0,
         description="Behaviour-rehearsal pairs (a chat prompt and the base model's own answer) in each cycle's "

@@ -1,8 +1,8 @@
 """What is replayed in a cycle: selection strategies over the replay buffer, mixed to a token budget.
 
 Owns the strategy registry (a name maps to a function: `nearest`, `random`, `diverse`, `mix`; a
-bad name fails listing the valid ones), the budget (replay tokens = ratio × new tokens),
-deduplication, knowledge replay (a sample of earlier learned documents' chunks) and behaviour
+bad name fails listing the valid ones), the budget (replay tokens = ratio × new tokens, the
+corpus raised to its floor's share of all the cycle trains when one is set), deduplication, knowledge replay (a sample of earlier learned documents' chunks) and behaviour
 rehearsal (a sample of the base model's own chat answers). Strategies only ever see the training
 index, so held-out passages and pairs are never selected. Knows nothing of the journal or the
 trainer: earlier chunks arrive as plain texts, and the result is plain training records.
@@ -11,6 +11,7 @@ trainer: earlier chunks arrive as plain texts, and the result is plain training 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,8 @@ class ReplayPlan:
     rehearsal_pairs: int
     knowledge_floor: float  # least share of all learned tokens replayed (0 = off) ...
     knowledge_cap: float  # ... up to this many knowledge tokens per new token
+    knowledge_forms: float  # earlier documents' form tokens replayed per knowledge chunk token
+    corpus_floor: float  # least share of the cycle's training tokens that is corpus passages (0 = off)
 
 
 @dataclass
@@ -166,8 +169,9 @@ class Selection:
 
 
 def select_replay(buffer: ReplayBuffer, new_texts: list[str], learned_texts: list[str],
-                  rehearsal: list[RehearsalPair], plan: ReplayPlan, seed: int = 0) -> Selection:
-    """The replay for a cycle that learns `new_texts`; `learned_texts` are earlier documents' chunks."""
+                  rehearsal: list[RehearsalPair], plan: ReplayPlan, seed: int = 0, form_tokens: int = 0) -> Selection:
+    """The replay for a cycle that learns `new_texts`; `learned_texts` are earlier documents' chunks;
+    `form_tokens`: the new documents' other forms, trained beside their chunks (for the corpus floor)."""
     strategy = get_strategy(plan.strategy)
     check_mix(plan.mix)
     rng = np.random.default_rng(seed)
@@ -180,6 +184,9 @@ def select_replay(buffer: ReplayBuffer, new_texts: list[str], learned_texts: lis
     used = sum(buffer.count_tokens(text) for text in knowledge)
     # the corpus gets what knowledge leaves of the budget, and never less than its own share
     corpus_budget = budget - used if wanted <= shared else budget - shared
+    if plan.corpus_floor > 0 and new_tokens:
+        corpus_budget = max(corpus_budget, corpus_floor_tokens(plan, new_tokens + form_tokens, used, rehearsal,
+                                                               buffer.count_tokens))
     pool = Pool(buffer, buffer.embed(new_texts), rng, dict(plan.mix))
     seen = new_digests | {digest(text) for text in knowledge}
     passages = [p for p in fill(buffer.passages(strategy(pool, corpus_budget)), corpus_budget)
@@ -187,6 +194,19 @@ def select_replay(buffer: ReplayBuffer, new_texts: list[str], learned_texts: lis
     pairs = [rehearsal[i] for i in rng.permutation(len(rehearsal))[:plan.rehearsal_pairs]]
     replay_tokens = sum(p.tokens for p in passages) + used
     return Selection(passages, knowledge, pairs, new_tokens, replay_tokens)
+
+
+def corpus_floor_tokens(plan: ReplayPlan, new_tokens: int, knowledge_tokens: int, rehearsal: list[RehearsalPair],
+                        count_tokens: Callable[[str], int]) -> int:
+    """The corpus tokens that make `plan.corpus_floor` of the cycle's training tokens: beside the new
+    documents (chunks and forms), earlier documents' chunks and their forms (`plan.knowledge_forms`
+    per chunk token) and the rehearsal pairs (their mean length, as many as are taken). The ratio
+    alone counts only new chunks, so a cycle whose forms and knowledge replay grow gives the base's
+    own text an ever smaller share."""
+    pairs = min(len(rehearsal), plan.rehearsal_pairs)
+    mean_pair = statistics.fmean(count_tokens("\n".join((p.prompt, p.answer))) for p in rehearsal) if pairs else 0.0
+    others = new_tokens + knowledge_tokens * (1 + plan.knowledge_forms) + pairs * mean_pair
+    return int(plan.corpus_floor / (1 - plan.corpus_floor) * others)
 
 
 def knowledge_wanted(learned_texts: list[str], exclude: set[str], count_tokens: Callable[[str], int],

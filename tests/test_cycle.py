@@ -14,6 +14,7 @@ import pytest
 from daemon.cli import adapter_line
 from daemon.config import Settings
 from daemon.engine.router import Router
+from daemon.ingestion.chunking import record_text
 from daemon.layout import StateDir
 from daemon.learning.adapters import adapters_view
 from daemon.learning.cycle import CannotServe, Learner, retention_probes
@@ -242,6 +243,20 @@ async def test_augmented_forms_of_the_new_documents_are_trained_on(state: StateD
     assert made["title"] == "d1" and made["held_out_questions"] == len(learner.forms.of(journal.docs[1]).questions) > 0
     stored = json.loads((state.forms / "h1.json").read_text())
     assert stored["records"] == augmented, "the forms trained are kept with the document for later cycles"
+
+
+async def test_a_corpus_floor_gives_the_base_text_its_share_beside_the_forms(state: StateDir, tiny: Path) -> None:
+    journal = FakeJournal()
+    journal.add(FACTS)
+    learner = make(state, tiny, FakeVLLM(), journal)
+    learner.settings.augment.forms = ["titled", "notes", "questions"]
+    learner.settings.replay.corpus_floor = 0.6
+    record = await learner.run_cycle("api")
+    assert record.state == "promoted", (record.reasons, record.error)
+    data = json.loads((state.root / "jobs" / "v0001.json").read_text())["data"]
+    words = {kind: sum(len(record_text(r).split()) for r in records) for kind, records in data.items()}
+    corpus = sum(len(r["text"].split()) for r in data["replay"] if r["kind"] == "corpus")
+    assert corpus / sum(words.values()) >= 0.5, words
 
 
 async def test_an_earlier_document_is_replayed_with_its_augmented_forms(state: StateDir, tiny: Path) -> None:

@@ -112,7 +112,7 @@ def test_a_cycle_gets_ratio_times_new_tokens_knowledge_and_rehearsal(buffer: Rep
     learned = [new_document("chess", 10 + i) for i in range(10)] + [new[0], new_document("chess", 10)]
     pairs = [RehearsalPair(f"q{i}", f"a{i}") for i in range(30)]
     plan = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25, rehearsal_pairs=20,
-                      knowledge_floor=0.0, knowledge_cap=0.0)
+                      knowledge_floor=0.0, knowledge_cap=0.0, knowledge_forms=0.5, corpus_floor=0.0)
     chosen = select_replay(buffer, new, learned, pairs, plan, seed=0)
     assert chosen.new_tokens == 120
     # 25 % of 240 tokens = 60: chunks of 40 tokens are taken until that is reached.
@@ -130,7 +130,7 @@ def test_a_knowledge_floor_replays_a_share_of_everything_learned_up_to_its_cap(b
     new = [new_document("bread", seed) for seed in range(3)]  # 120 tokens
     learned = [new_document("chess", 10 + i) for i in range(30)] + [new[0]]  # 30 × 40 tokens + a new chunk
     plain = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25,
-                       rehearsal_pairs=0, knowledge_floor=0.0, knowledge_cap=0.0)
+                       rehearsal_pairs=0, knowledge_floor=0.0, knowledge_cap=0.0, knowledge_forms=0.5, corpus_floor=0.0)
     before = select_replay(buffer, new, learned, [], plain, seed=0)
     floor = select_replay(buffer, new, learned, [], dataclasses.replace(plain, knowledge_floor=0.5, knowledge_cap=100), seed=0)
     # the floor: half of the 1,200 learned tokens (the new chunk not counted) instead of 25 % of 240
@@ -145,9 +145,34 @@ def test_a_knowledge_floor_replays_a_share_of_everything_learned_up_to_its_cap(b
     assert below == select_replay(buffer, new, learned[:2], [], plain, seed=0)  # under the share: as without a floor
 
 
+def test_a_corpus_floor_keeps_the_base_texts_share_of_everything_trained(buffer: ReplayBuffer) -> None:
+    """The ratio counts new chunks only: a document trained with forms four times its chunks, with
+    earlier documents and rehearsal beside it, leaves the corpus a small share; the floor tops it up."""
+    new = [new_document("bread", seed) for seed in range(3)]  # 120 tokens
+    learned = [new_document("chess", 10 + i) for i in range(10)]  # 10 × 40 tokens
+    pairs = [RehearsalPair(f"q{i} " * 5, f"a{i} " * 15) for i in range(30)]
+    plain = ReplayPlan(strategy="mix", mix=dict(select.DEFAULT_MIX), ratio=2.0, knowledge_share=0.25,
+                       rehearsal_pairs=10, knowledge_floor=0.0, knowledge_cap=0.0, knowledge_forms=0.5, corpus_floor=0.0)
+    before = select_replay(buffer, new, learned, pairs, plain, seed=0, form_tokens=480)
+    floor = select_replay(buffer, new, learned, pairs, dataclasses.replace(plain, corpus_floor=0.4), seed=0,
+                          form_tokens=480)
+    assert before == select_replay(buffer, new, learned, pairs, plain, seed=0), "form tokens alone change nothing"
+    assert floor.knowledge == before.knowledge and len(floor.rehearsal) == len(before.rehearsal) == 10
+    pair_tokens = sum(buffer.count_tokens(f"{p.prompt}\n{p.answer}") for p in floor.rehearsal)
+    knowledge = sum(buffer.count_tokens(text) for text in floor.knowledge)
+    others = 120 + 480 + knowledge * 1.5 + pair_tokens  # chunks, forms, knowledge with its forms, rehearsal
+
+    def share(chosen):
+        corpus = sum(p.tokens for p in chosen.corpus)
+        return corpus / (corpus + others)
+
+    assert share(before) < 0.3 and 0.37 <= share(floor) <= 0.45, (share(before), share(floor))
+
+
 def test_no_new_tokens_means_no_corpus_replay(buffer: ReplayBuffer) -> None:
     chosen = select_replay(buffer, [], ["x y z"], [], ReplayPlan("random", dict(select.DEFAULT_MIX), ratio=8.0, knowledge_share=0.5,
-                                                                 rehearsal_pairs=0, knowledge_floor=0.5, knowledge_cap=12.0), seed=0)
+                                                                 rehearsal_pairs=0, knowledge_floor=0.5, knowledge_cap=12.0,
+                                                                 knowledge_forms=0.5, corpus_floor=0.4), seed=0)
     assert chosen.corpus == [] and chosen.knowledge == [] and chosen.replay_tokens == 0
 
 

@@ -174,10 +174,13 @@ class Learner:
         except BufferMissing:
             raise Skip("the replay buffer is not built yet (cld builds it after start; see `cld status`)") from None
         rehearsal, _ = load_rehearsal(self.state.root / REPLAY_DIR)
+        made |= {doc["hash"]: self.forms.of(doc) for doc in relearned}
+        forms_trained = [r for doc in [*documents, *relearned] for r in made[doc["hash"]].records]
         try:
             chosen = select_replay(buffer, [record_text(chunk) for chunk in new],
                                    [record_text(chunk) for chunk in self.journal.chunks([doc["id"] for doc in earlier])],
-                                   rehearsal, replay_plan.plan(self.settings), seed=record.id)
+                                   rehearsal, replay_plan.plan(self.settings), seed=record.id,
+                                   form_tokens=sum(buffer.count_tokens(record_text(r)) for r in forms_trained))
             # earlier documents come back in the forms they were trained in too, in proportion to their chunks
             budget = int(self.settings.replay.knowledge_forms * sum(map(buffer.count_tokens, chosen.knowledge)))
             replayed = self.forms.replayed(earlier, budget, buffer.count_tokens, seed=record.id)
@@ -186,13 +189,12 @@ class Learner:
         record.version = adapters.next_version(self.state.adapters, [r.version for r in self.cycles.all() if r.version])
         record.parent = parent.version if parent else None
         self.cycles.save(record)
-        made |= {doc["hash"]: self.forms.of(doc) for doc in relearned}
         return TrainJob(
             version=record.version, base_model=str(self.model_dir), output_dir=str(self.state.adapters),
             parent_version=record.parent, parent_path=str(parent.path) if parent else None,
             documents=[doc["hash"] for doc in documents], relearned=[doc["hash"] for doc in relearned],
             data=JobData.mixed(new, chosen.records() + [{"kind": "knowledge", **r} for r in replayed],
-                               [r for doc in [*documents, *relearned] for r in made[doc["hash"]].records]),
+                               forms_trained),
             hyper=self.settings.train,
             augmentation={doc["hash"]: made[doc["hash"]].report for doc in documents if made[doc["hash"]].records},
         )

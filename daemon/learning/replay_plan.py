@@ -87,7 +87,8 @@ def plan(settings: Settings) -> ReplayPlan:
     replay = settings.replay
     return ReplayPlan(strategy=replay.strategy, mix=dict(replay.mix), ratio=replay.ratio,
                       knowledge_share=replay.knowledge_share, rehearsal_pairs=replay.rehearsal_pairs,
-                      knowledge_floor=replay.knowledge_floor, knowledge_cap=replay.knowledge_cap)
+                      knowledge_floor=replay.knowledge_floor, knowledge_cap=replay.knowledge_cap,
+                      knowledge_forms=replay.knowledge_forms, corpus_floor=replay.corpus_floor)
 
 
 class BackgroundBuild:
