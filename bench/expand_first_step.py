@@ -7,8 +7,9 @@ normalises its sublayers' outputs (Gemma 2/3), by those norms' gains (cld's way 
 For each model folder (a prepared base: `state/model`) and each step size, the added blocks
 (`train.expand_blocks`' default, 2, spread evenly) are inserted, checked to leave the model's NLL
 unchanged, and every weight of theirs moved by ±step (the size of AdamW's first step at that learning
-rate); then the NLL of a plain English paragraph and the largest logit change are printed, as
-Markdown rows for docs/BENCHMARKS.md.
+rate; a gain that silences a block, its learning-rate multiple of it, as the trainer gives it); then
+the NLL of a plain English paragraph and the largest logit change are printed, as Markdown rows
+for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def measure(folder: Path, silence: str, step: float) -> dict | None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         before = model(ids, labels=ids)
-    added = Expand.install(model, blocks=2, every=0, parent=None).added
+    method = Expand.install(model, blocks=2, every=0, parent=None)
+    added, scaled = method.added, method.lr_scales()
     layers = model.model.layers
     normed = isinstance(getattr(layers[0], OUTPUT_NORMS[1], None), torch.nn.Module)
     if silence == "projections" and not normed:
@@ -55,8 +57,9 @@ def measure(folder: Path, silence: str, step: float) -> dict | None:
     with torch.no_grad():
         assert abs(model(ids, labels=ids).loss.item() - before.loss.item()) < 1e-4, "not silent at insertion"
         for index in added:
-            for p in layers[index].parameters():
-                p.add_(step * torch.sign(torch.randn(p.shape, generator=generator)))
+            for p in layers[index].parameters():  # a gain that silences a block takes its multiple of the step
+                size = step * scaled.get(p, 1.0) if silence != "projections" else step
+                p.add_(size * torch.sign(torch.randn(p.shape, generator=generator)))
         after = model(ids, labels=ids)
     return {"model": model.config.architectures[0], "silenced by": silence,
             "step": step, "nll": (before.loss.item(), after.loss.item()),

@@ -152,3 +152,26 @@ def test_every_method_trains_saves_and_reloads_on_every_family(tiny_models: dict
                 "num_hidden_layers"] + the_job.hyper.expand_blocks
     assert (text_logits(saved, tokenizer) - trained).abs().max().item() <= TOLERANCE, "the saved version differs"
 
+
+
+def test_a_silencing_gain_learns_at_its_own_scale(tmp_path: Path) -> None:
+    """A gain that silences an added block trains at the learning rate times its natural size (the
+    copied gain's median): Gemma 3 270M's upper gains are 150-340, and at the plain learning rate a
+    cycle's steps moved them by a thousandth of that (nothing learned). Llama's blocks have none."""
+    folder = build_tiny_model(tmp_path / "gemma3", "gemma3", layers=4)
+    weights = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():  # natural gains of 40, as in a real model's upper blocks
+        for layer in weights.model.layers:
+            for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                layer.get_submodule(name).weight.fill_(39.0)  # Gemma's norm multiplies by 1 + w
+    weights.save_pretrained(folder)
+    the_job = job(folder, tmp_path / "versions", "expand", learning_rate=1e-3, epochs=2)
+    loaded, tokenizer, _ = train.load_model(the_job)
+    method = train.methods.of(loaded)
+    assert sorted(method.lr_scales().values()) == pytest.approx([40.0] * 4)
+    summary = train.train(the_job, loaded, train.build_dataset(the_job, tokenizer), tokenizer.pad_token_id,
+                          json_progress=False, stop=lambda: False)
+    moved = max((1 + p.detach()).abs().max().item() for p in method.lr_scales())
+    assert moved > 3 * summary["steps"] * 1e-3, "beyond what the plain learning rate could move it"
+    llama = Expand.install(tiny("llama"), blocks=2, every=0, parent=None)
+    assert llama.lr_scales() == {}

@@ -75,6 +75,10 @@ class Method:
         """What meta.json records about the method beyond the job's hyperparameters."""
         return {}
 
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        """Trained parameters that take a multiple of the learning rate (and no weight decay)."""
+        return getattr(self, "scaled", {})
+
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: Any) -> None:
         model.save_pretrained(folder, safe_serialization=True)
 
@@ -307,23 +311,42 @@ OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # in 
 OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def _silence(block: nn.Module) -> None:
+def _silence(block: nn.Module) -> dict[str, float]:
     """Make a copied decoder block add nothing to the residual stream, so that the expanded model
     computes what the base computes, in a way training moves smoothly. Where each sublayer's output
     is normalised before it is added (Gemma 2/3: `post_feedforward_layernorm` beside a
     `post_attention_layernorm` that is then a post-norm, not Llama's pre-MLP norm), a zeroed
     projection would not do: the norm scales its first small step up to unit size (by 1/sqrt(eps)
     below it), so the block's gains are set to give zero instead (0 for `x * w`, -1 for Gemma's
-    `x * (1 + w)`), found by trying; elsewhere the output projections are zeroed."""
+    `x * (1 + w)`), found by trying; elsewhere the output projections are zeroed.
+
+    Returns the learning-rate multiplier of each silenced gain (by parameter name in the block):
+    AdamW moves every weight about `lr` a step, so a gain whose natural size |g| is large (Gemma
+    3 270M's upper blocks: 150-340) would take |g|/lr steps to grow back (a cycle's 190 steps at 1e-3
+    learned nothing: NLL drop 7 %, cloze 0/16). Its multiplier |g| (the copied gain's median) moves it
+    the same share of its size a step as a unit-sized weight; its first step then moves the model
+    about as far as a zeroed projection's first step moves a Llama (bench/expand_first_step.py)."""
     if isinstance(getattr(block, OUTPUT_NORMS[1], None), nn.Module):
+        scales = {}
         for name in OUTPUT_NORMS:
+            scales[f"{name}.weight"] = max(1.0, _gain_size(block.get_submodule(name)))
             _zero_gain(name, block.get_submodule(name))
-        return
+        return scales
     for projection in OUTPUT_PROJECTIONS:
         out = block.get_submodule(projection)
         nn.init.zeros_(out.weight)
         if out.bias is not None:
             nn.init.zeros_(out.bias)
+    return {}
+
+
+def _gain_size(norm: nn.Module) -> float:
+    """The median size of a norm's per-channel gain, however it stores it (`w` or `1 + w`): its
+    output over the normalised input."""
+    width = norm.weight.shape[-1]
+    probe = torch.ones(1, width, dtype=norm.weight.dtype, device=norm.weight.device)  # already unit RMS
+    with torch.no_grad():
+        return norm(probe).abs().median().item()
 
 
 def _zero_gain(name: str, norm: nn.Module) -> None:
@@ -347,6 +370,7 @@ class Expand(Method):
     def __init__(self, added: list[int], base_types: list[str] | None = None,
                  grown_types: list[str] | None = None):
         self.added = added  # indices of the added blocks in the expanded model
+        self.scaled: dict[nn.Parameter, float] = {}  # learning-rate multipliers (gains that silence a block)
         # each block's attention type, before and after: an added block keeps the one it copies
         self.base_types, self.grown_types = base_types, grown_types
 
@@ -361,13 +385,13 @@ class Expand(Method):
         else:
             points = set(expansion_points(len(layers), blocks, every))
         base_types = _layer_types(model, len(layers))
-        grown, added, grown_types = [], [], []
+        grown, added, grown_types, scales = [], [], [], {}
         for index, layer in enumerate(layers):
             grown.append(layer)
             grown_types.append(base_types[index] if base_types else "")
             if index in points:
                 block = copy.deepcopy(layer)
-                _silence(block)
+                scales[len(grown)] = _silence(block)
                 added.append(len(grown))
                 grown.append(block)
                 grown_types.append(grown_types[-1])
@@ -379,10 +403,13 @@ class Expand(Method):
                 for name, p in model.named_parameters():
                     if any(f".layers.{i}." in name for i in added):
                         p.copy_(saved[name])
+        method = cls(added, base_types, grown_types if base_types else None)
         for index in added:
-            for p in decoder_layers(model)[index].parameters():
+            block = decoder_layers(model)[index]
+            for p in block.parameters():
                 p.requires_grad_(True)
-        return cls(added, base_types, grown_types if base_types else None)
+            method.scaled.update({block.get_parameter(name): scale for name, scale in scales[index].items()})
+        return method
 
     @contextlib.contextmanager
     def base_view(self, model: Any) -> Iterator[Any]:

@@ -344,7 +344,10 @@ def train(job: TrainJob, model: Any, dataset: Dataset, pad_id: int, json_progres
     if sharded:
         distributed.warm_start(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scaled = methods.of(model).lr_scales()
+    groups = [{"params": [p for p in params if p not in scaled]}]
+    groups += [{"params": [p], "lr": hp.learning_rate * scale, "weight_decay": 0.0} for p, scale in scaled.items()]
+    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
     rng = random.Random(hp.seed)
     progress = Progress(total, json_progress, quiet=rank > 0)
