@@ -77,7 +77,7 @@ class Method:
 
     def lr_scales(self) -> dict[nn.Parameter, float]:
         """Trained parameters that take a multiple of the learning rate (and no weight decay)."""
-        return getattr(self, "scaled", {})
+        return {}
 
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: Any) -> None:
         model.save_pretrained(folder, safe_serialization=True)
@@ -424,6 +424,9 @@ class Expand(Method):
 
     def info(self) -> dict[str, Any]:
         return {"expand": {"added": self.added}}
+
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        return self.scaled
 
     def save(self, model: Any, tokenizer: Any, folder: Path, dtype: Any) -> None:
         _save_merged(model, tokenizer, folder, dtype, model.state_dict())
