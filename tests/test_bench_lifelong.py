@@ -101,3 +101,31 @@ def test_the_benchmark_waits_for_a_slow_replay_build_while_it_moves_and_not_when
     monkeypatch.setattr(daemon, "status", lambda: next(stalled))
     with pytest.raises(SystemExit, match="timed out waiting for vLLM and the replay buffer"):
         daemon.wait_ready()
+
+
+def test_a_document_handed_in_again_after_a_stop_is_not_waited_for_twice(tmp_path, monkeypatch) -> None:
+    """A run stopped just after handing a document in finds it ingested at the restart (one document
+    ready); the second copy is a duplicate, ready stays 1, and the hand-in must end all the same."""
+    harness = sys.modules["harness"]
+    daemon = harness.Daemon(tmp_path, tmp_path / "state", [])
+    inbox = tmp_path / "state" / "inbox"
+    inbox.mkdir(parents=True)
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(harness.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 60))
+    polls = []
+
+    def status() -> dict:  # the daemon takes the file in (a duplicate) at its second poll
+        polls.append(1)
+        if len(polls) == 2:
+            for path in inbox.iterdir():
+                path.unlink()
+        return {"documents": {"ready": 1}}
+    monkeypatch.setattr(daemon, "status", status)
+    doc = SimpleNamespace(name="notes.md", text="Some notes.")
+    daemon.hand_in(doc)
+    assert not list(inbox.iterdir()) and len(polls) == 2
+
+    monkeypatch.setattr(daemon, "status", lambda: {"documents": {"ready": 1}})  # never taken in
+    with pytest.raises(SystemExit, match="timed out waiting for the document to be ingested"):
+        daemon.hand_in(doc)
